@@ -1,0 +1,61 @@
+// pybind11 bindings of the mdkernels CUDA module. Every function takes raw device pointers (uintptr_t),
+// sizes, strides in elements, a dtype code and the caller's CUDA stream; the Python side
+// (mdkernels/_cuda_ext.py) validates tensors and wraps each op as a torch.library custom op.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime.h>
+
+#include <string>
+#include <vector>
+
+#include "l2norm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename P>
+P* ptr(std::uintptr_t p) {
+  return reinterpret_cast<P*>(p);
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error so later calls are not poisoned
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "mdkernels CUDA C++ kernels (raw pointers + stream; see mdkernels/_cuda_ext.py)";
+  m.attr("archs") = std::string(MDK_CUDA_ARCHS_STR);
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.attr("kernels") = std::vector<std::string>{"l2norm_forward", "l2norm_backward"};
+  m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without a driver)");
+
+  m.def(
+      "l2norm_forward",
+      [](int dtype, std::uintptr_t x, std::uintptr_t y, std::uintptr_t rnorm, int64_t rows, int64_t dim,
+         int64_t xs, int64_t ys, float eps, std::uintptr_t stream) {
+        mdk::l2norm_forward(static_cast<mdk::DType>(dtype), ptr<const void>(x), ptr<void>(y), ptr<float>(rnorm),
+                            rows, dim, xs, ys, eps, mdk::as_stream(stream));
+      },
+      py::arg("dtype"), py::arg("x"), py::arg("y"), py::arg("rnorm"), py::arg("rows"), py::arg("dim"),
+      py::arg("x_row_stride"), py::arg("y_row_stride"), py::arg("eps"), py::arg("stream"));
+
+  m.def(
+      "l2norm_backward",
+      [](int dtype, bool dy_f32, std::uintptr_t x, std::uintptr_t dy, std::uintptr_t dx, int64_t rows,
+         int64_t dim, int64_t xs, int64_t dys, int64_t dxs, float eps, std::uintptr_t stream) {
+        mdk::l2norm_backward(static_cast<mdk::DType>(dtype), dy_f32, ptr<const void>(x), ptr<const void>(dy),
+                             ptr<void>(dx), rows, dim, xs, dys, dxs, eps, mdk::as_stream(stream));
+      },
+      py::arg("dtype"), py::arg("dy_is_float32"), py::arg("x"), py::arg("dy"), py::arg("dx"), py::arg("rows"),
+      py::arg("dim"), py::arg("x_row_stride"), py::arg("dy_row_stride"), py::arg("dx_row_stride"), py::arg("eps"),
+      py::arg("stream"));
+}

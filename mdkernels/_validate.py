@@ -1,0 +1,112 @@
+"""Host-side argument checks shared by every backend.
+
+Each check raises ``ValueError`` naming the argument, what it must be and what it was, so a user sees
+the fix instead of a NaN or a CUDA illegal-memory-access much later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_matrix(t: torch.Tensor, name: str, *, cols: int | None = None, rows: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if cols is not None and t.shape[1] != cols:
+        raise ValueError(f"{name} must have {cols} columns (the embedding size), got shape {tuple(t.shape)}")
+    if rows is not None and t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (the batch size), got shape {tuple(t.shape)}")
+
+
+def check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}: move both to one device")
+    if a.dtype != b.dtype:
+        raise ValueError(
+            f"{name_a} is {a.dtype} but {name_b} is {b.dtype}: cast one (e.g. {name_b}.to({name_a}.dtype))"
+        )
+
+
+def check_labels(labels: torch.Tensor, batch: int, device: torch.device, name: str = "labels") -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 class indices, got {type(labels).__name__}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},) to match the embeddings, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be int64 (or int32) class indices, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the embeddings are on {device}")
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
+    """Value check (one device sync): every label is in [0, num_classes) or equals ignore_index."""
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"{name} must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
+        )
+
+
+def check_scale(s: float) -> None:
+    if not math.isfinite(float(s)) or float(s) <= 0:
+        raise ValueError(f"s (the logit scale) must be a positive finite number, got {s}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def check_grad_mode(grad: str) -> None:
+    if grad not in ("exact", "straight_through"):
+        raise ValueError(f"grad must be 'exact' or 'straight_through', got {grad!r}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf; check the model output feeding it")
+
+
+def check_margin_tensor(m2, batch: int, device: torch.device, name: str = "m2") -> None:
+    if isinstance(m2, torch.Tensor):
+        if m2.dim() != 1 or m2.shape[0] != batch:
+            raise ValueError(f"{name} as a tensor must have shape ({batch},) (one margin per row), got {tuple(m2.shape)}")
+        if m2.device != device:
+            raise ValueError(f"{name} is on {m2.device} but the embeddings are on {device}")
+        if not m2.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor, got {m2.dtype}")
+    elif not math.isfinite(float(m2)):
+        raise ValueError(f"{name} must be finite, got {m2}")
+
+
+def check_margin_ce_args(
+    embeddings: torch.Tensor,
+    centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    s: float,
+    m2,
+    grad: str,
+    reduction: str,
+    emb_name: str = "embeddings",
+    centers_name: str = "centers",
+) -> None:
+    check_matrix(embeddings, emb_name)
+    check_matrix(centers, centers_name, cols=embeddings.shape[1])
+    check_same(embeddings, centers, emb_name, centers_name)
+    check_labels(labels, embeddings.shape[0], embeddings.device)
+    check_margin_tensor(m2, embeddings.shape[0], embeddings.device)
+    check_scale(s)
+    check_grad_mode(grad)
+    check_reduction(reduction)

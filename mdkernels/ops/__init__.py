@@ -1,0 +1,1 @@
+"""Fused ops: Triton kernels, chunked-torch paths, CUDA-module wrappers and their autograd wiring."""

@@ -1,0 +1,128 @@
+"""Build mdkernels: pure Python + Triton, plus an optional CUDA C++ module built by CMake.
+
+Environment flags (read at build time, printed so a build log says what happened):
+
+    MDK_BUILD_CUDA   AUTO (default): build csrc/ when a working nvcc exists, skip it cleanly otherwise
+                     ON: fail loudly when the CUDA module cannot be built
+                     OFF: pure Python; any stale compiled module is removed from the build tree
+    MDK_CUDA_ARCHS   CMake CUDA architectures, default "80;90" (A100 and H100/H200)
+    MAX_JOBS         parallel compile jobs; default derived from cores and free memory
+    CUDA_HOME        where to look for nvcc when it is not on PATH
+
+The CUDA module has no torch headers (raw device pointers + stream through pybind11), so it
+compiles wherever nvcc is, with or without a GPU, and never needs torch at build time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _log(msg: str) -> None:
+    print(f"[mdkernels setup] {msg}", flush=True)
+
+
+def _find_nvcc() -> str | None:
+    candidates = [shutil.which("nvcc")]
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            candidates.append(os.path.join(os.environ[env], "bin", "nvcc"))
+    candidates.append("/usr/local/cuda/bin/nvcc")
+    for cand in candidates:
+        if not cand or not os.path.isfile(cand):
+            continue
+        try:
+            subprocess.run([cand, "--version"], check=True, capture_output=True, timeout=60)
+            return cand
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def _max_jobs() -> int:
+    if os.environ.get("MAX_JOBS"):
+        return max(1, int(os.environ["MAX_JOBS"]))
+    cores = os.cpu_count() or 1
+    try:  # nvcc takes ~2 GB per job at worst; do not let a small machine swap
+        avail_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        by_mem = max(1, int(avail_gb // 2))
+    except (ValueError, OSError, AttributeError):
+        by_mem = cores
+    return max(1, min(cores, by_mem))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def run(self) -> None:
+        mode = os.environ.get("MDK_BUILD_CUDA", "AUTO").strip().upper()
+        if mode not in ("AUTO", "ON", "OFF"):
+            raise SystemExit(f"MDK_BUILD_CUDA must be AUTO, ON or OFF, got {mode!r}")
+        for ext in self.extensions:
+            self._remove_stale(ext)
+        if mode == "OFF":
+            _log("MDK_BUILD_CUDA=OFF: building pure Python (no CUDA module)")
+            return
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            if mode == "ON":
+                raise SystemExit("MDK_BUILD_CUDA=ON but no working nvcc was found (set CUDA_HOME or PATH)")
+            _log("no working nvcc found: skipping the CUDA module (MDK_BUILD_CUDA=AUTO)")
+            return
+        for ext in self.extensions:
+            try:
+                self._build_cmake(ext, nvcc)
+            except (subprocess.CalledProcessError, OSError) as err:
+                if mode == "ON":
+                    raise SystemExit(f"MDK_BUILD_CUDA=ON and the CUDA module failed to build: {err}") from err
+                # AUTO: a broken toolchain must not break a pure-Python install, but it must be visible.
+                _log(f"WARNING: CUDA module build failed ({err}); installing without it")
+                self._remove_stale(ext)
+
+    def _remove_stale(self, ext: Extension) -> None:
+        """Drop compiled modules left by an earlier build, in build/ and (for --inplace) in the tree."""
+        out = Path(self.get_ext_fullpath(ext.name))
+        for folder in {out.parent, ROOT / "mdkernels"}:
+            for stale in folder.glob("_cuda*.so"):
+                _log(f"removing stale {stale}")
+                stale.unlink()
+
+    def _build_cmake(self, ext: Extension, nvcc: str) -> None:
+        import pybind11
+
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("MDK_CUDA_ARCHS", "80;90")
+        jobs = _max_jobs()
+        build_temp = Path(self.build_temp).resolve() / "cmake"
+        build_temp.mkdir(parents=True, exist_ok=True)
+        _log(f"building CUDA module with {nvcc}, archs={archs}, MAX_JOBS={jobs}")
+        cfg = [
+            "cmake", str(ROOT), "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DMDK_CUDA_ARCHS={archs}",
+            f"-DMDK_OUTPUT_DIR={out.parent}",
+            f"-DMDK_OUTPUT_NAME={out.name}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        ]
+        subprocess.run(cfg, cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "--parallel", str(jobs)], cwd=build_temp, check=True)
+        if not out.exists():
+            raise OSError(f"CMake finished but {out} was not produced")
+
+
+setup(ext_modules=[CMakeExtension("mdkernels._cuda")], cmdclass={"build_ext": CMakeBuild})
