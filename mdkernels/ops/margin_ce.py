@@ -317,8 +317,7 @@ def _target_cos(x, w, labels, rx, rw, ignore_index):
     return valid, safe, raw
 
 
-@torch.library.custom_op("mdkernels::margin_ce_forward", mutates_args=())
-def margin_ce_forward(
+def forward_impl(
     x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
     s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
     ignore_index: int, backend: str,
@@ -342,6 +341,16 @@ def margin_ce_forward(
     return loss_rows, lse, cos_t, rx, rw
 
 
+@torch.library.custom_op("mdkernels::margin_ce_forward", mutates_args=())
+def margin_ce_forward(
+    x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
+    s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
+    ignore_index: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused forward as a torch.library op (see :func:`forward_impl`)."""
+    return forward_impl(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_index, backend)
+
+
 @margin_ce_forward.register_fake
 def _(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_index, backend):
     cd = compute_dtype(x)
@@ -349,8 +358,7 @@ def _(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_ind
     return row, torch.empty_like(row), torch.empty_like(row), torch.empty_like(row), x.new_empty(w.shape[0], dtype=cd)
 
 
-@torch.library.custom_op("mdkernels::margin_ce_backward", mutates_args=())
-def margin_ce_backward(
+def backward_impl(
     grad_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
     lse: torch.Tensor, cos_t: torch.Tensor, rx: torch.Tensor, rw: torch.Tensor,
     s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
@@ -381,6 +389,18 @@ def margin_ce_backward(
     dxh += coef[:, None] * (w[safe].to(cd) * rw[safe, None])
     dx = normalize_backward(x, dxh)
     return dx, (dw if need_dw else w.new_empty(0))
+
+
+@torch.library.custom_op("mdkernels::margin_ce_backward", mutates_args=())
+def margin_ce_backward(
+    grad_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
+    lse: torch.Tensor, cos_t: torch.Tensor, rx: torch.Tensor, rw: torch.Tensor,
+    s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
+    ignore_index: int, need_dw: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused backward as a torch.library op (see :func:`backward_impl`)."""
+    return backward_impl(grad_rows, x, w, labels, m2, lse, cos_t, rx, rw, s, m1, m3, fallback, grad,
+                         interclass_filter, ignore_index, need_dw, backend)
 
 
 @margin_ce_backward.register_fake

@@ -1,0 +1,289 @@
+"""Fused margin cross-entropy (torch and Triton backends) against mdkernels.reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import FUSED_BACKENDS, HAS_CUDA, TRITON_RUNS, assert_close, assert_close_to_truth, device_for
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mdkernels
+from mdkernels import reference as R
+from mdkernels.ops import margin_ce as mce
+
+CONFIGS = {
+    "arcface": dict(m2=0.5),
+    "arcface_literal": dict(m2=0.5, fallback=False),
+    "cosface": dict(m1=1.0, m2=0.0, m3=0.35),
+    "sphereface": dict(m1=1.35, m2=0.0),
+    "combined": dict(m1=1.0, m2=0.3, m3=0.2),
+    "straight_through": dict(m2=0.5, grad="straight_through"),
+    "filter": dict(m2=0.5, interclass_filter=0.05),
+}
+SHAPES = [(1, 500, 1017), (37, 500, 1017), (64, 64, 300)]  # (B, D, C): odd D and C, B = 1
+
+
+def make(B, D, C, dtype, device="cpu", seed=0, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64)
+    # pull some rows towards their centers so targets are not all near 90 degrees
+    y = torch.randint(0, C, (B,), generator=g)
+    x = x + 2.0 * w[y] * torch.rand(B, 1, generator=g, dtype=torch.float64)
+    if ignore and B > 2:
+        y[B // 2] = -1
+    return (x.to(device=device, dtype=dtype).requires_grad_(), w.to(device=device, dtype=dtype).requires_grad_(),
+            y.to(device))
+
+
+def run(fn, x, w, y, **kw):
+    loss = fn(x, w, y, **kw)
+    gx, gw = torch.autograd.grad(loss.sum(), (x, w))
+    return loss.detach(), gx, gw
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, dtype, config, shape):
+    kw = CONFIGS[config]
+    x, w, y = make(*shape, dtype, device_for(backend))
+    ref = run(R.margin_cross_entropy, x, w, y, **kw)
+    out = run(mdkernels.margin_cross_entropy, x, w, y, backend=backend, **kw)
+    for name, a, b in zip(("loss", "d_embeddings", "d_centers"), out, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert_close(a, b, dtype, f"{config} {name}")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_row_margin_and_reductions(backend, reduction):
+    x, w, y = make(19, 500, 1017, torch.float64, device_for(backend))
+    m2 = torch.linspace(0.1, 0.6, 19, dtype=torch.float64, device=x.device)
+    weights = torch.rand(19, dtype=torch.float64, device=x.device)  # exercises grad_output of 'none'
+
+    def fn(f, **extra):
+        loss = f(x, w, y, m2=m2, reduction=reduction, fallback=False, **extra)
+        return loss * weights if reduction == "none" else loss
+
+    ref = run(lambda x, w, y, **k: fn(R.margin_cross_entropy), x, w, y)
+    out = run(lambda x, w, y, **k: fn(mdkernels.margin_cross_entropy, backend=backend), x, w, y)
+    for a, b in zip(out, ref, strict=True):
+        assert_close(a, b, torch.float64, reduction)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_all_rows_ignored(backend):
+    x, w, _ = make(5, 64, 300, torch.float32, device_for(backend))
+    y = torch.full((5,), -1, device=x.device)
+    loss, gx, gw = run(mdkernels.margin_cross_entropy, x, w, y, backend=backend)
+    assert loss.item() == 0.0 and torch.all(gx == 0) and torch.all(gw == 0)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_custom_ignore_index(backend):
+    x, w, y = make(9, 64, 300, torch.float64, device_for(backend), ignore=False)
+    y[3] = 999
+    ref = run(R.margin_cross_entropy, x, w, y, ignore_index=999)
+    out = run(mdkernels.margin_cross_entropy, x, w, y, ignore_index=999, backend=backend)
+    for a, b in zip(out, ref, strict=True):
+        assert_close(a, b, torch.float64, "ignore_index=999")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_stats(backend):
+    x, w, y = make(11, 500, 1017, torch.float64, device_for(backend))
+    loss, stats = mdkernels.margin_cross_entropy(x, w, y, backend=backend, return_stats=True)
+    logits, z_t, valid = R.margin_logits(x, w, y)
+    assert_close(stats.lse[valid], torch.logsumexp(logits, 1)[valid].detach(), torch.float64, "lse")
+    cos = R.normalize(x) @ R.normalize(w).T
+    safe = y.clamp_min(0)
+    assert_close(stats.cos_target[valid], cos[valid, safe[valid]].detach(), torch.float64, "cos_target")
+    assert_close(stats.loss_rows, R.margin_cross_entropy(x, w, y, reduction="none").detach(), torch.float64, "rows")
+    assert not stats.lse.requires_grad
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_frozen_centers_skip_the_dw_gemm(backend, monkeypatch):
+    x, w, y = make(13, 500, 1017, torch.float64, device_for(backend))
+    w = w.detach()
+    seen = []
+    name = "_grad_hat_triton" if backend == "triton" else "_grad_hat_torch"
+    real = getattr(mce, name)
+
+    def spy(*args, **kwargs):
+        seen.append(args[9])  # need_dw
+        out = real(*args, **kwargs)
+        assert out[1] is None
+        return out
+
+    monkeypatch.setattr(mce, name, spy)
+    loss = mdkernels.margin_cross_entropy(x, w, y, backend=backend)
+    (gx,) = torch.autograd.grad(loss, x)
+    assert seen == [False]
+    ref = R.margin_cross_entropy(x, w, y)
+    assert_close(gx, torch.autograd.grad(ref, x)[0], torch.float64, "dx with frozen centers")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("config", ["arcface", "sphereface", "filter"])
+def test_gradcheck(backend, config):
+    x, w, y = make(3, 5, 7, torch.float64, device_for(backend), ignore=False)
+    kw = dict(CONFIGS[config], s=4.0)
+    fn = lambda x, w: mdkernels.margin_cross_entropy(x, w, y, backend=backend, **kw)
+    assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(), w.detach().requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    x, w, y = make(8, 128, 301, torch.float64, device_for(backend))
+    xs = torch.stack([x.detach(), torch.zeros_like(x)], 2).flatten(1)[:, ::2].requires_grad_()  # column stride 2
+    assert torch.equal(xs, x)
+    wt = w.detach().T.contiguous().T.requires_grad_()  # a transposed view
+    assert not xs.is_contiguous() and not wt.is_contiguous()
+    out = run(mdkernels.margin_cross_entropy, xs, wt, y, backend=backend)
+    ref = run(R.margin_cross_entropy, x.detach().requires_grad_(), w.detach().requires_grad_(), y)
+    for a, b in zip(out, ref, strict=True):
+        assert_close(a, b, torch.float64, "non-contiguous")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_opcheck(backend):
+    x, w, y = make(6, 40, 50, torch.float32, device_for(backend))
+    m2 = torch.full((6,), 0.5, device=x.device)
+    args = (x, w, y, m2, 16.0, 1.0, 0.0, True, "exact", None, -1, backend)
+    torch.library.opcheck(mce.margin_ce_forward, args)
+
+
+def test_torch_compile_fullgraph():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(16, 32)
+            self.head = mdkernels.nn.ArcFace(32, 101, backend="torch")
+
+        def forward(self, x, y):
+            return self.head(torch.relu(self.body(x)), y)
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 101, (8,))
+    eager = net(x, y)
+    eager.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-12)
+    for p, g in zip(net.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest floating tensor any aten op produces while active (the Triton interpreter's
+    own uint8 storage copies of kernel arguments are not ours and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.set_:  # the interpreter re-viewing argument storage
+            return out
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("need_dw", [True, False])
+def test_no_batch_by_classes_allocation(backend, need_dw):
+    """The memory contract: nothing of B x C elements in forward or backward (here C*D << B*C)."""
+    B, D, C = 128, 16, 200_000 if backend == "torch" else 20_000
+    dev = device_for(backend)
+    x, w, y = (t.detach() for t in make(B, D, C, torch.float32, dev))
+    m2 = torch.full((B,), 0.5, device=dev)
+    args = (16.0, 1.0, 0.0, True)
+    with _LargestAllocation() as mode:
+        loss_rows, lse, cos_t, rx, rw = mce.forward_impl(x, w, y, m2, *args, "exact", None, -1, backend)
+        mce.backward_impl(torch.ones_like(lse), x, w, y, m2, lse, cos_t, rx, rw, *args, "exact", None, -1,
+                          need_dw, backend)
+    limit = max(C * D if need_dw else B * D, B * C // 16)
+    assert 0 < mode.largest <= limit, f"largest allocation {mode.largest} elements, B*C = {B * C}"
+
+
+def test_bad_input_through_the_fused_api():
+    x, w, y = make(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="cudnn")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        mdkernels.margin_cross_entropy(x, w, torch.tensor([0, 1, 10, 2]), backend="torch")
+    bad = x.detach().clone()
+    bad[1, 2] = math.nan
+    with pytest.raises(ValueError, match="embeddings contains NaN"):
+        mdkernels.margin_cross_entropy(bad, w, y, check_finite=True)
+    with pytest.raises(ValueError, match="at least one row"):
+        mdkernels.margin_cross_entropy(x, w[:0], y)
+    with pytest.raises(ValueError, match="return_stats"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="reference", return_stats=True)
+    with pytest.warns(UserWarning, match="not monotone"):
+        mdkernels.margin_cross_entropy(x, w, y, m2=0.5, fallback=False, backend="torch")
+
+
+@pytest.mark.skipif(TRITON_RUNS and not HAS_CUDA, reason="checks the error raised when Triton cannot run")
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    x, w, y = make(4, 8, 10, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match="triton"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="triton")
+
+
+# --- GPU: low precision against the fp64 truth, 2x plain PyTorch's error ---------------------------------
+def eager_same_dtype(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=True, grad="exact",
+                     interclass_filter=None):
+    """What users run today, entirely in the input dtype: normalise, F.linear, margin, cross-entropy."""
+    cos = torch.nn.functional.linear(torch.nn.functional.normalize(x), torch.nn.functional.normalize(w))
+    cos = cos.clamp(-1, 1)
+    valid = y != -1
+    safe = y.clamp_min(0)
+    ct = cos.gather(1, safe[:, None]).squeeze(1)
+    g = R.margin_target(ct, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad)
+    if interclass_filter is not None:
+        hot = torch.nn.functional.one_hot(safe, w.shape[0]).bool()
+        cos = torch.where((cos > interclass_filter) & ~hot, torch.zeros_like(cos), cos)
+    logits = torch.where(torch.nn.functional.one_hot(safe, w.shape[0]).bool(), g[:, None], cos) * s
+    return torch.nn.functional.cross_entropy(logits[valid], y[valid])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("config", ["arcface", "cosface", "filter", "straight_through"])
+def test_gpu_low_precision(backend, dtype, config):
+    kw = CONFIGS[config]
+    x, w, y = make(67, 500, 4099, dtype, "cuda")
+    truth = run(R.margin_cross_entropy, x.detach().double().requires_grad_(), w.detach().double().requires_grad_(),
+                y, **kw)
+    plain = run(eager_same_dtype, x, w, y, **kw)
+    fast = run(mdkernels.margin_cross_entropy, x, w, y, backend=backend, **kw)
+    for name, f, p, t in zip(("loss", "dx", "dw"), fast, plain, truth, strict=True):
+        assert f.shape == t.shape
+        assert_close_to_truth(f, p, t, f"{config} {dtype} {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_large_classes_bf16_runs_and_matches_fp32():
+    x, w, y = make(256, 512, 100_003, torch.bfloat16, "cuda")
+    out = run(mdkernels.margin_cross_entropy, x, w, y, backend="triton")
+    ref = run(mdkernels.margin_cross_entropy, x.detach().float().requires_grad_(), w.detach().float().requires_grad_(),
+              y, backend="torch")
+    assert abs(out[0].item() - ref[0].item()) < 2e-2 * max(1.0, abs(ref[0].item()))
+    for a, b in zip(out[1:], ref[1:], strict=True):
+        assert torch.isfinite(a).all()
+        rel = (a.float() - b).norm() / b.norm()
+        assert rel < 2e-2
