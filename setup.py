@@ -110,7 +110,10 @@ class CMakeBuild(build_ext):
         build_temp.mkdir(parents=True, exist_ok=True)
         _log(f"building CUDA module with {nvcc}, archs={archs}, MAX_JOBS={jobs}")
         cfg = [
-            "cmake", str(ROOT), "-G", "Ninja",
+            "cmake",
+            str(ROOT),
+            "-G",
+            "Ninja",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DMDK_CUDA_ARCHS={archs}",

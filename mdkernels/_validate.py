@@ -53,9 +53,7 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         first = labels[bad][0].item()
-        raise ValueError(
-            f"{name} must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}"
-        )
+        raise ValueError(f"{name} must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}")
 
 
 def check_scale(s: float) -> None:
@@ -81,7 +79,9 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 def check_margin_tensor(m2, batch: int, device: torch.device, name: str = "m2") -> None:
     if isinstance(m2, torch.Tensor):
         if m2.dim() != 1 or m2.shape[0] != batch:
-            raise ValueError(f"{name} as a tensor must have shape ({batch},) (one margin per row), got {tuple(m2.shape)}")
+            raise ValueError(
+                f"{name} as a tensor must have shape ({batch},) (one margin per row), got {tuple(m2.shape)}"
+            )
         if m2.device != device:
             raise ValueError(f"{name} is on {m2.device} but the embeddings are on {device}")
         if not m2.dtype.is_floating_point:

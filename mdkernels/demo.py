@@ -27,8 +27,15 @@ def sample_batch(protos: torch.Tensor, batch: int, noise: float, generator: torc
     return x, labels
 
 
-def run_demo(steps: int = 300, num_classes: int = 1000, seed: int = 0, backend: str = "auto",
-             out: str | None = None, batch: int = 256, log_every: int = 25) -> list[dict]:
+def run_demo(
+    steps: int = 300,
+    num_classes: int = 1000,
+    seed: int = 0,
+    backend: str = "auto",
+    out: str | None = None,
+    batch: int = 256,
+    log_every: int = 25,
+) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     protos = make_identities(num_classes, 64, g)
@@ -44,14 +51,18 @@ def run_demo(steps: int = 300, num_classes: int = 1000, seed: int = 0, backend: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % log_every == 0 or step == 1:
+        if step % log_every == 0 or step in (1, steps):
             with torch.no_grad():
                 xe, ye = sample_batch(protos, 1024, NOISE, g)
                 emb = torch.nn.functional.normalize(backbone(xe), dim=1)
                 pred = (emb @ torch.nn.functional.normalize(head.weight, dim=1).T).argmax(1)
                 acc = (pred == ye).float().mean().item()
-            row = {"step": step, "loss": round(loss.item(), 4), "id_accuracy": round(acc, 4),
-                   "seconds": round(time.perf_counter() - t0, 2)}
+            row = {
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "id_accuracy": round(acc, 4),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
             curve.append(row)
             print(f"step {step:5d}  loss {row['loss']:8.4f}  identification acc {acc:6.3f}  ({row['seconds']}s)")
     if out:

@@ -94,8 +94,18 @@ def margin_cross_entropy(
         if return_stats:
             raise ValueError("return_stats needs a fused backend ('triton' or 'torch'), not 'reference'")
         return reference.margin_cross_entropy(
-            embeddings, centers, labels, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad,
-            interclass_filter=tau, ignore_index=ignore_index, reduction=reduction,
+            embeddings,
+            centers,
+            labels,
+            s=s,
+            m1=m1,
+            m2=m2,
+            m3=m3,
+            fallback=fallback,
+            grad=grad,
+            interclass_filter=tau,
+            ignore_index=ignore_index,
+            reduction=reduction,
         )
     cd = _mce.compute_dtype(embeddings)
     if isinstance(m2, torch.Tensor):
@@ -103,8 +113,18 @@ def margin_cross_entropy(
     else:
         m2_rows = torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
     loss_rows, lse, cos_t, _, _ = _mce.margin_ce_forward(
-        embeddings, centers, labels, m2_rows, float(s), float(m1), float(m3), bool(fallback), grad, tau,
-        int(ignore_index), backend,
+        embeddings,
+        centers,
+        labels,
+        m2_rows,
+        float(s),
+        float(m1),
+        float(m3),
+        bool(fallback),
+        grad,
+        tau,
+        int(ignore_index),
+        backend,
     )
     loss = _reduce(loss_rows, labels, ignore_index, reduction)
     if return_stats:

@@ -121,8 +121,17 @@ def margin_cross_entropy(
     V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction)
     V.check_label_values(labels, centers.shape[0], ignore_index)
     logits, z_t, valid = margin_logits(
-        embeddings, centers, labels, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad,
-        interclass_filter=interclass_filter, ignore_index=ignore_index,
+        embeddings,
+        centers,
+        labels,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        fallback=fallback,
+        grad=grad,
+        interclass_filter=interclass_filter,
+        ignore_index=ignore_index,
     )
     return reduce_rows(torch.logsumexp(logits, dim=1) - z_t, valid, reduction)
 
@@ -187,16 +196,24 @@ def margin_distillation_loss(
         raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
     valid = labels != ignore_index
     if teacher_cos is None:
-        V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=embeddings.shape[0],
-                       cols=teacher_centers.shape[1])
+        V.check_matrix(
+            teacher_embeddings, "teacher_embeddings", rows=embeddings.shape[0], cols=teacher_centers.shape[1]
+        )
         teacher_cos = teacher_target_cosine(teacher_embeddings, teacher_centers, labels, ignore_index)
     elif teacher_cos.shape != (embeddings.shape[0],):
         raise ValueError(f"teacher_cos must have shape ({embeddings.shape[0]},), got {tuple(teacher_cos.shape)}")
-    m = distillation_margins(teacher_cos.to(_compute_dtype(embeddings)), valid, m_min=m_min, m_max=m_max,
-                             dmax=dmax)
+    m = distillation_margins(teacher_cos.to(_compute_dtype(embeddings)), valid, m_min=m_min, m_max=m_max, dmax=dmax)
     return margin_cross_entropy(
-        embeddings, teacher_centers.detach(), labels, s=s, m1=1.0, m2=m, m3=0.0, fallback=fallback,
-        ignore_index=ignore_index, reduction=reduction,
+        embeddings,
+        teacher_centers.detach(),
+        labels,
+        s=s,
+        m1=1.0,
+        m2=m,
+        m3=0.0,
+        fallback=fallback,
+        ignore_index=ignore_index,
+        reduction=reduction,
     )
 
 
@@ -238,7 +255,14 @@ def proxyless_kd_loss(
     check_proxyless_dims(embeddings, teacher_centers)
     m1, m2, m3 = margin_triple(margin, m)
     return margin_cross_entropy(
-        embeddings, teacher_centers.detach(), labels, s=s, m1=m1, m2=m2, m3=m3, ignore_index=ignore_index,
+        embeddings,
+        teacher_centers.detach(),
+        labels,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        ignore_index=ignore_index,
         reduction=reduction,
     )
 
@@ -355,12 +379,15 @@ def triplet_distillation_loss(
 
 def check_triplets(triplets: torch.Tensor, batch: int) -> None:
     if triplets.dim() != 2 or triplets.shape[1] != 3:
-        raise ValueError(f"triplets must have shape (N, 3) of (anchor, positive, negative), got {tuple(triplets.shape)}")
+        raise ValueError(
+            f"triplets must have shape (N, 3) of (anchor, positive, negative), got {tuple(triplets.shape)}"
+        )
     if triplets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"triplets must be int64 indices, got {triplets.dtype}")
     if triplets.numel() and (int(triplets.min()) < 0 or int(triplets.max()) >= batch):
-        raise ValueError(f"triplets must index rows in [0, {batch}), got values in "
-                         f"[{int(triplets.min())}, {int(triplets.max())}]")
+        raise ValueError(
+            f"triplets must index rows in [0, {batch}), got values in [{int(triplets.min())}, {int(triplets.max())}]"
+        )
 
 
 def margin_kd_loss(
@@ -384,10 +411,19 @@ def margin_kd_loss(
     Both logit sets use the same centers and carry the margin on the target; the teacher's embeddings
     carry no gradient.
     """
-    V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0],
-                   cols=student_embeddings.shape[1])
-    V.check_margin_ce_args(student_embeddings, centers, labels, s=s, m2=m2, grad="exact", reduction=reduction,
-                           emb_name="student_embeddings")
+    V.check_matrix(
+        teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0], cols=student_embeddings.shape[1]
+    )
+    V.check_margin_ce_args(
+        student_embeddings,
+        centers,
+        labels,
+        s=s,
+        m2=m2,
+        grad="exact",
+        reduction=reduction,
+        emb_name="student_embeddings",
+    )
     V.check_label_values(labels, centers.shape[0], ignore_index)
     if not T > 0:
         raise ValueError(f"T (the temperature) must be > 0, got {T}")

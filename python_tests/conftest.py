@@ -40,11 +40,14 @@ def device_for(backend: str) -> str:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
     rtol, atol = TOL[dtype]
     scale = expected.abs().max().clamp_min(1.0)  # gradients of a mean loss are tiny: compare to the largest
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * float(scale), msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol * float(scale), msg=lambda m: f"{what}: {m}"
+    )
 
 
-def assert_close_to_truth(fast: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, what: str = "",
-                          floor: float = 1e-6) -> None:
+def assert_close_to_truth(
+    fast: torch.Tensor, plain: torch.Tensor, truth: torch.Tensor, what: str = "", floor: float = 1e-6
+) -> None:
     """flash-attention's rule: the fused error against the fp64 truth is at most 2x plain PyTorch's
     error in the same dtype (plus a tiny floor for results plain PyTorch gets exactly)."""
     err_fast = (fast.double() - truth.double()).abs().max().item()

@@ -34,8 +34,11 @@ def make(B, D, C, dtype, device="cpu", seed=0, ignore=True):
     x = x + 2.0 * w[y] * torch.rand(B, 1, generator=g, dtype=torch.float64)
     if ignore and B > 2:
         y[B // 2] = -1
-    return (x.to(device=device, dtype=dtype).requires_grad_(), w.to(device=device, dtype=dtype).requires_grad_(),
-            y.to(device))
+    return (
+        x.to(device=device, dtype=dtype).requires_grad_(),
+        w.to(device=device, dtype=dtype).requires_grad_(),
+        y.to(device),
+    )
 
 
 def run(fn, x, w, y, **kw):
@@ -212,8 +215,9 @@ def test_no_batch_by_classes_allocation(backend, need_dw):
     args = (16.0, 1.0, 0.0, True)
     with _LargestAllocation() as mode:
         loss_rows, lse, cos_t, rx, rw = mce.forward_impl(x, w, y, m2, *args, "exact", None, -1, backend)
-        mce.backward_impl(torch.ones_like(lse), x, w, y, m2, lse, cos_t, rx, rw, *args, "exact", None, -1,
-                          need_dw, backend)
+        mce.backward_impl(
+            torch.ones_like(lse), x, w, y, m2, lse, cos_t, rx, rw, *args, "exact", None, -1, need_dw, backend
+        )
     limit = max(C * D if need_dw else B * D, B * C // 16)
     assert 0 < mode.largest <= limit, f"largest allocation {mode.largest} elements, B*C = {B * C}"
 
@@ -244,8 +248,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
 
 
 # --- GPU: low precision against the fp64 truth, 2x plain PyTorch's error ---------------------------------
-def eager_same_dtype(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=True, grad="exact",
-                     interclass_filter=None):
+def eager_same_dtype(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=True, grad="exact", interclass_filter=None):
     """What users run today, entirely in the input dtype: normalise, F.linear, margin, cross-entropy."""
     cos = torch.nn.functional.linear(torch.nn.functional.normalize(x), torch.nn.functional.normalize(w))
     cos = cos.clamp(-1, 1)
@@ -267,8 +270,9 @@ def eager_same_dtype(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=True, 
 def test_gpu_low_precision(backend, dtype, config):
     kw = CONFIGS[config]
     x, w, y = make(67, 500, 4099, dtype, "cuda")
-    truth = run(R.margin_cross_entropy, x.detach().double().requires_grad_(), w.detach().double().requires_grad_(),
-                y, **kw)
+    truth = run(
+        R.margin_cross_entropy, x.detach().double().requires_grad_(), w.detach().double().requires_grad_(), y, **kw
+    )
     plain = run(eager_same_dtype, x, w, y, **kw)
     fast = run(mdkernels.margin_cross_entropy, x, w, y, backend=backend, **kw)
     for name, f, p, t in zip(("loss", "dx", "dw"), fast, plain, truth, strict=True):
@@ -280,8 +284,13 @@ def test_gpu_low_precision(backend, dtype, config):
 def test_gpu_large_classes_bf16_runs_and_matches_fp32():
     x, w, y = make(256, 512, 100_003, torch.bfloat16, "cuda")
     out = run(mdkernels.margin_cross_entropy, x, w, y, backend="triton")
-    ref = run(mdkernels.margin_cross_entropy, x.detach().float().requires_grad_(), w.detach().float().requires_grad_(),
-              y, backend="torch")
+    ref = run(
+        mdkernels.margin_cross_entropy,
+        x.detach().float().requires_grad_(),
+        w.detach().float().requires_grad_(),
+        y,
+        backend="torch",
+    )
     assert abs(out[0].item() - ref[0].item()) < 2e-2 * max(1.0, abs(ref[0].item()))
     for a, b in zip(out[1:], ref[1:], strict=True):
         assert torch.isfinite(a).all()

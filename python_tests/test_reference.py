@@ -96,10 +96,17 @@ def _inputs(B=5, C=7, D=4, seed=0):
     return x, w, y
 
 
-@pytest.mark.parametrize("kw", [
-    dict(m2=0.5), dict(m2=0.5, fallback=False), dict(m1=1.0, m2=0.0, m3=0.35), dict(m1=1.35, m2=0.0),
-    dict(m1=1.0, m2=0.3, m3=0.2), dict(m2=0.4, interclass_filter=0.2),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(m2=0.5),
+        dict(m2=0.5, fallback=False),
+        dict(m1=1.0, m2=0.0, m3=0.35),
+        dict(m1=1.35, m2=0.0),
+        dict(m1=1.0, m2=0.3, m3=0.2),
+        dict(m2=0.4, interclass_filter=0.2),
+    ],
+)
 def test_margin_ce_gradcheck(kw):
     x, w, y = _inputs()
     y[1] = -1
@@ -117,11 +124,11 @@ def test_distillation_losses_gradcheck():
     assert torch.autograd.gradcheck(lambda x: R.proxyless_kd_loss(x, w_t, y, s=4.0), (x,))
     assert torch.autograd.gradcheck(lambda x: R.proxyless_kd_loss(x, w_t, y, margin="cosface", m=0.35, s=4.0), (x,))
     for p in (1, 2):
-        assert torch.autograd.gradcheck(lambda x: R.angular_distillation_loss(x, t, p=p), (x,))
+        assert torch.autograd.gradcheck(lambda x, p=p: R.angular_distillation_loss(x, t, p=p), (x,))
     fmap = torch.randn(2, 3, 2, 2, **D64, requires_grad=True)
     tmap = torch.randn(2, 3, 2, 2, **D64)
     for per in ("sample", "position"):
-        assert torch.autograd.gradcheck(lambda f: R.angular_distillation_loss(f, tmap, per=per), (fmap,))
+        assert torch.autograd.gradcheck(lambda f, per=per: R.angular_distillation_loss(f, tmap, per=per), (fmap,))
     assert torch.autograd.gradcheck(lambda x, w: R.margin_kd_loss(x, t, w, y, s=4.0, T=2.0, alpha=0.7), (x, w))
 
 
@@ -237,8 +244,9 @@ def test_triplet_mining():
     assert sorted(all_) == [[0, 1, 2], [1, 0, 2]]
     assert R.mine_triplets(dist, labels, "hard").tolist() == [[0, 1, 2], [1, 0, 2]]
     assert R.mine_triplets(dist, labels, "semihard").tolist() == [[0, 1, 2], [1, 0, 2]]
-    none = R.triplet_distillation_loss(torch.randn(3, 4, **D64, requires_grad=True), torch.randn(3, 4, **D64),
-                                       labels=torch.tensor([0, 1, 2]))
+    none = R.triplet_distillation_loss(
+        torch.randn(3, 4, **D64, requires_grad=True), torch.randn(3, 4, **D64), labels=torch.tensor([0, 1, 2])
+    )
     assert none.item() == 0.0
 
 

@@ -55,14 +55,25 @@ class CombinedMargin(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return margin_cross_entropy(
             embeddings.to(self.weight.dtype) if embeddings.dtype != self.weight.dtype else embeddings,
-            self.weight, labels, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3, fallback=self.fallback,
-            grad=self.grad, interclass_filter=self.interclass_filter, ignore_index=self.ignore_index,
-            reduction=self.reduction, backend=self.backend,
+            self.weight,
+            labels,
+            s=self.s,
+            m1=self.m1,
+            m2=self.m2,
+            m3=self.m3,
+            fallback=self.fallback,
+            grad=self.grad,
+            interclass_filter=self.interclass_filter,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}, "
-                f"m1={self.m1}, m2={self.m2}, m3={self.m3}, grad={self.grad!r}, backend={self.backend!r}")
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}, "
+            f"m1={self.m1}, m2={self.m2}, m3={self.m3}, grad={self.grad!r}, backend={self.backend!r}"
+        )
 
 
 class ArcFace(CombinedMargin):
@@ -109,8 +120,9 @@ class ArcFaceLoss(_PMLMarginLoss):
     """Drop-in for ``pytorch_metric_learning.losses.ArcFaceLoss(num_classes, embedding_size, margin=28.6,
     scale=64)``: margin in degrees, the same monotonic fallback, the same numerics, fused."""
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, num_classes: int, embedding_size: int, margin: float = 28.6, scale: float = 64, backend: str = "auto"
+    ) -> None:
         super().__init__(num_classes, embedding_size, scale, backend)
         self.margin = float(margin)
 
@@ -122,8 +134,9 @@ class CosFaceLoss(_PMLMarginLoss):
     """Drop-in for ``pytorch_metric_learning.losses.CosFaceLoss(num_classes, embedding_size, margin=0.35,
     scale=64)``, fused."""
 
-    def __init__(self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, num_classes: int, embedding_size: int, margin: float = 0.35, scale: float = 64, backend: str = "auto"
+    ) -> None:
         super().__init__(num_classes, embedding_size, scale, backend)
         self.margin = float(margin)
 
@@ -141,9 +154,18 @@ class PartialFCHead(CombinedMargin):
     sampling) belongs to the sharded head; here only 1.0 is accepted.
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0,
-                 m2: float = 0.5, m3: float = 0.0, interclass_filtering_threshold: float = 0.0,
-                 sample_rate: float = 1.0, **kw) -> None:
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        interclass_filtering_threshold: float = 0.0,
+        sample_rate: float = 1.0,
+        **kw,
+    ) -> None:
         if sample_rate != 1.0:
             raise ValueError("PartialFCHead supports sample_rate=1.0 only; negative sampling is sharded-head work")
         if m1 == 1.0 and m3 == 0.0:

@@ -26,8 +26,16 @@ def row_rnorm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     out = torch.empty(x.shape[0], dtype=cd, device=x.device)
     if _cuda_ext.usable(x) and x.stride(1) == 1:
         _cuda_ext.ext.l2norm_forward(
-            _cuda_ext.dtype_code(x), x.data_ptr(), 0, out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), 0,
-            eps, _cuda_ext.stream_of(x),
+            _cuda_ext.dtype_code(x),
+            x.data_ptr(),
+            0,
+            out.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            x.stride(0),
+            0,
+            eps,
+            _cuda_ext.stream_of(x),
         )
         return out
     for r0 in range(0, x.shape[0], _ROW_CHUNK):
@@ -46,12 +54,24 @@ def normalize_backward(
     """
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if _cuda_ext.usable(x, out) and dy.is_cuda and dy.dtype in (torch.float32, x.dtype) and (
-        x.stride(1) == 1 and dy.stride(1) == 1 and out.stride(1) == 1
+    if (
+        _cuda_ext.usable(x, out)
+        and dy.is_cuda
+        and dy.dtype in (torch.float32, x.dtype)
+        and (x.stride(1) == 1 and dy.stride(1) == 1 and out.stride(1) == 1)
     ):
         _cuda_ext.ext.l2norm_backward(
-            _cuda_ext.dtype_code(x), dy.dtype == torch.float32 and x.dtype != torch.float32, x.data_ptr(),
-            dy.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), dy.stride(0), out.stride(0), eps,
+            _cuda_ext.dtype_code(x),
+            dy.dtype == torch.float32 and x.dtype != torch.float32,
+            x.data_ptr(),
+            dy.data_ptr(),
+            out.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            x.stride(0),
+            dy.stride(0),
+            out.stride(0),
+            eps,
             _cuda_ext.stream_of(x),
         )
         return out
@@ -59,10 +79,15 @@ def normalize_backward(
     for r0 in range(0, x.shape[0], _ROW_CHUNK):
         xc = x[r0 : r0 + _ROW_CHUNK].to(cd)
         gc = dy[r0 : r0 + _ROW_CHUNK].to(cd)
+        oc = out[r0 : r0 + _ROW_CHUNK]
         norm = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
         inv = norm.clamp_min(eps).reciprocal()
-        proj = torch.where(norm < eps, torch.zeros_like(norm), (xc * gc).sum(1, keepdim=True) * inv * inv)
-        out[r0 : r0 + _ROW_CHUNK] = ((gc - xc * proj) * inv).to(out.dtype)
+        dot = torch.bmm(xc.unsqueeze(1), gc.unsqueeze(2)).squeeze(2)  # <x, dy> without an (R, D) temporary
+        proj = torch.where(norm < eps, torch.zeros_like(norm), dot * inv * inv)
+        if oc.dtype == cd:  # in place when out aliases dy: each element is read before it is written
+            torch.addcmul(gc, xc, proj, value=-1.0, out=oc).mul_(inv)
+        else:
+            oc.copy_(torch.addcmul(gc, xc, proj, value=-1.0).mul_(inv))
     return out
 
 
@@ -73,8 +98,16 @@ def _l2_normalize_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
         y = torch.empty_like(x)
         rn = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         _cuda_ext.ext.l2norm_forward(
-            _cuda_ext.dtype_code(x), x.data_ptr(), y.data_ptr(), rn.data_ptr(), x.shape[0], x.shape[1],
-            x.stride(0), y.stride(0), eps, _cuda_ext.stream_of(x),
+            _cuda_ext.dtype_code(x),
+            x.data_ptr(),
+            y.data_ptr(),
+            rn.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            x.stride(0),
+            y.stride(0),
+            eps,
+            _cuda_ext.stream_of(x),
         )
         return y, rn
     rn = row_rnorm(x, eps)

@@ -54,16 +54,36 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 if HAS_TRITON:
 
     @triton.jit
-    def _cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                  BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                  ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def _cos_tile(
+        X,
+        W,
+        RX,
+        RW,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        D,
+        stride_x,
+        stride_w,
+        BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC_DTYPE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Raw cosines ``(x_i . w_j) / (|x_i| |w_j|)`` of one (rows x cols) tile, unclamped."""
         acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_mask = dd < D
-            xt = tl.load(X + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-            wt = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            xt = tl.load(
+                X + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+            )
+            wt = tl.load(
+                W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
+            )
             if UPCAST:  # the interpreter's low-precision dot is unreliable
                 xt = xt.to(ACC_DTYPE)
                 wt = wt.to(ACC_DTYPE)
@@ -74,11 +94,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _margin_ce_forward_kernel(
-        X, W, RX, RW, Y, M_OUT, L_OUT,
-        B, C, D, stride_x, stride_w, classes_per_split,
-        s, tau,
-        HAS_FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        X,
+        W,
+        RX,
+        RW,
+        Y,
+        M_OUT,
+        L_OUT,
+        B,
+        C,
+        D,
+        stride_x,
+        stride_w,
+        classes_per_split,
+        s,
+        tau,
+        HAS_FILTER: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC_DTYPE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """Per (row tile, class split): running max ``M`` and sum-exp ``L`` of non-target ``s*c``."""
         pid_b = tl.program_id(0)
@@ -93,8 +130,25 @@ if HAS_TRITON:
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < c_end
-            cos = _cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                            BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)
+            cos = _cos_tile(
+                X,
+                W,
+                RX,
+                RW,
+                rows,
+                cols,
+                row_mask,
+                col_mask,
+                D,
+                stride_x,
+                stride_w,
+                BLOCK_B,
+                BLOCK_C,
+                BLOCK_D,
+                ACC_DTYPE,
+                UPCAST,
+                PRECISION,
+            )
             cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
             if HAS_FILTER:
                 cos = tl.where(cos > tau, 0.0, cos)
@@ -108,12 +162,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _margin_ce_backward_kernel(
-        X, W, RX, RW, Y, LSE, GR, DXH, DWH,
-        B, C, D, stride_x, stride_w,
-        s, tau,
-        HAS_FILTER: tl.constexpr, COMPUTE_DW: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        X,
+        W,
+        RX,
+        RW,
+        Y,
+        LSE,
+        GR,
+        DXH,
+        DWH,
+        B,
+        C,
+        D,
+        stride_x,
+        stride_w,
+        s,
+        tau,
+        HAS_FILTER: tl.constexpr,
+        COMPUTE_DW: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ACC_DTYPE: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         """One (row tile, class tile): recompute the tile, then ``dx^ += G n(W)``, ``dW^ += G^T n(x)``."""
         pid_b = tl.program_id(0)
@@ -126,8 +198,25 @@ if HAS_TRITON:
         if tl.max(tl.abs(gr), 0) != 0:  # tiles of ignored rows (zero weight) contribute nothing
             y = tl.load(Y + rows, mask=row_mask, other=-1)
             lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-            raw = _cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                            BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)
+            raw = _cos_tile(
+                X,
+                W,
+                RX,
+                RW,
+                rows,
+                cols,
+                row_mask,
+                col_mask,
+                D,
+                stride_x,
+                stride_w,
+                BLOCK_B,
+                BLOCK_C,
+                BLOCK_D,
+                ACC_DTYPE,
+                UPCAST,
+                PRECISION,
+            )
             keep = (raw >= -1.0) & (raw <= 1.0)  # the clamp passes no gradient outside [-1, 1]
             cos = tl.minimum(tl.maximum(raw, -1.0), 1.0)
             if HAS_FILTER:
@@ -142,27 +231,40 @@ if HAS_TRITON:
             for d0 in range(0, D, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_mask = dd < D
-                wt = tl.load(W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                wt = tl.load(
+                    W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
+                )
                 if UPCAST:
                     wt = wt.to(ACC_DTYPE)
                 dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(DXH + rows[:, None] * D + dd[None, :], dx.to(ACC_DTYPE),
-                              mask=row_mask[:, None] & d_mask[None, :])
+                tl.atomic_add(
+                    DXH + rows[:, None] * D + dd[None, :], dx.to(ACC_DTYPE), mask=row_mask[:, None] & d_mask[None, :]
+                )
                 if COMPUTE_DW:
-                    xt = tl.load(X + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                    xt = tl.load(
+                        X + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+                    )
                     if UPCAST:
                         xt = xt.to(ACC_DTYPE)
                     dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                    tl.atomic_add(DWH + cols[:, None] * D + dd[None, :], dw.to(ACC_DTYPE),
-                                  mask=col_mask[:, None] & d_mask[None, :])
+                    tl.atomic_add(
+                        DWH + cols[:, None] * D + dd[None, :],
+                        dw.to(ACC_DTYPE),
+                        mask=col_mask[:, None] & d_mask[None, :],
+                    )
 
 
 def _triton_config(x: torch.Tensor, B: int, D: int) -> dict:
     """Tile sizes. Interpreter: big tiles (each program-iteration costs ~ms). GPU: untuned defaults."""
     block_b = max(16, min(64, triton.next_power_of_2(max(B, 1))))
     if interpreting():
-        return dict(BLOCK_B=block_b, BLOCK_C=256, BLOCK_D=max(16, min(512, triton.next_power_of_2(D))),
-                    num_warps=4, num_stages=1)
+        return dict(
+            BLOCK_B=block_b,
+            BLOCK_C=256,
+            BLOCK_D=max(16, min(512, triton.next_power_of_2(D))),
+            num_warps=4,
+            num_stages=1,
+        )
     if x.dtype in (torch.float32, torch.float64):
         return dict(BLOCK_B=min(block_b, 64), BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)
     return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
@@ -197,9 +299,24 @@ def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     m = torch.empty(splits, B, dtype=cd, device=x.device)
     l = torch.empty(splits, B, dtype=cd, device=x.device)
     _margin_ce_forward_kernel[(row_tiles, splits)](
-        x, w, rx, rw, labels, m, l, B, C, D, x.stride(0), w.stride(0), per_split,
-        float(s), float(tau if tau is not None else 0.0), HAS_FILTER=tau is not None,
-        **_triton_flags(x), **cfg,
+        x,
+        w,
+        rx,
+        rw,
+        labels,
+        m,
+        l,
+        B,
+        C,
+        D,
+        x.stride(0),
+        w.stride(0),
+        per_split,
+        float(s),
+        float(tau if tau is not None else 0.0),
+        HAS_FILTER=tau is not None,
+        **_triton_flags(x),
+        **cfg,
     )
     m_max = m.max(0).values
     return m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
@@ -214,9 +331,26 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     dwh = torch.zeros(C, D, dtype=cd, device=x.device) if need_dw else dxh  # dummy pointer when unused
     grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"]))
     _margin_ce_backward_kernel[grid](
-        x, w, rx, rw, labels, lse, gr, dxh, dwh, B, C, D, x.stride(0), w.stride(0),
-        float(s), float(tau if tau is not None else 0.0), HAS_FILTER=tau is not None, COMPUTE_DW=need_dw,
-        **_triton_flags(x), **cfg,
+        x,
+        w,
+        rx,
+        rw,
+        labels,
+        lse,
+        gr,
+        dxh,
+        dwh,
+        B,
+        C,
+        D,
+        x.stride(0),
+        w.stride(0),
+        float(s),
+        float(tau if tau is not None else 0.0),
+        HAS_FILTER=tau is not None,
+        COMPUTE_DW=need_dw,
+        **_triton_flags(x),
+        **cfg,
     )
     return dxh, (dwh if need_dw else None)
 
@@ -232,9 +366,9 @@ def _chunk_size(B: int, C: int) -> int:
 
 
 def _chunk_cos(xh, w, rw, c0, c1):
-    """Normalised chunk of centers and the raw cosines against it: ((c1-c0, D), (B, c1-c0))."""
-    wc = w[c0:c1].to(xh.dtype) * rw[c0:c1, None]
-    return wc, xh @ wc.T
+    """Raw cosines of all rows against centers [c0, c1): (B, c1-c0). The center chunk is never
+    normalised in memory: its (B, chunk) product is scaled by 1/|w_j| instead (fewer elements)."""
+    return (xh @ w[c0:c1].to(xh.dtype).T).mul_(rw[None, c0:c1])
 
 
 def _target_mask(labels, c0, c1):
@@ -250,7 +384,7 @@ def _lse_nontarget_torch(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     step = _chunk_size(B, C)
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
-        _, z = _chunk_cos(xh, w, rw, c0, c1)
+        z = _chunk_cos(xh, w, rw, c0, c1)
         z.clamp_(-1.0, 1.0)
         if tau is not None:
             z.masked_fill_(z > tau, 0.0)
@@ -277,7 +411,7 @@ def _grad_hat_torch(x, w, labels, rx, rw, lse, gr, s, tau, need_dw, target_dw):
     step = _chunk_size(B, C)
     for c0 in range(0, C, step):
         c1 = min(C, c0 + step)
-        wc, raw = _chunk_cos(xh, w, rw, c0, c1)
+        raw = _chunk_cos(xh, w, rw, c0, c1)
         keep = (raw >= -1.0) & (raw <= 1.0)
         raw.clamp_(-1.0, 1.0)
         if tau is not None:
@@ -286,11 +420,11 @@ def _grad_hat_torch(x, w, labels, rx, rw, lse, gr, s, tau, need_dw, target_dw):
         rows, cols = _target_mask(labels, c0, c1)
         keep[rows, cols] = False
         g = raw.mul_(s).sub_(lse[:, None]).exp_().mul_(gr[:, None] * s).mul_(keep)
-        dxh.addmm_(g, wc)
+        dxh.addmm_(g * rw[None, c0:c1], w[c0:c1].to(xh.dtype))  # dL/dx^ = sum_j g_ij w_j / |w_j|
         if need_dw:
             dwh = g.T @ xh
             dwh.index_add_(0, cols, target_dw(rows))
-            dw[c0:c1] = normalize_backward(w[c0:c1], dwh)
+            normalize_backward(w[c0:c1], dwh, out=dw[c0:c1])
     return dxh, dw
 
 
@@ -318,9 +452,18 @@ def _target_cos(x, w, labels, rx, rw, ignore_index):
 
 
 def forward_impl(
-    x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
-    s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
-    ignore_index: int, backend: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    m2: torch.Tensor,
+    s: float,
+    m1: float,
+    m3: float,
+    fallback: bool,
+    grad: str,
+    interclass_filter: float | None,
+    ignore_index: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(loss_rows, lse, cos_target, rx, rw)``: per-row loss (0 for ignored rows), full
     logsumexp, clamped target cosine, and the inverse norms of the rows of x and w. ``grad`` only
@@ -331,8 +474,9 @@ def forward_impl(
     rx, rw = row_rnorm(x), row_rnorm(w)
     valid, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
     cos_t = raw_t.clamp(-1.0, 1.0)
-    z_t, _ = margin_target_and_slope(cos_t, m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback,
-                                     grad="straight_through")
+    z_t, _ = margin_target_and_slope(
+        cos_t, m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad="straight_through"
+    )
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
     impl = _lse_nontarget_triton if backend == "triton" else _lse_nontarget_torch
     lse_nt = impl(x, w, labels_k, rx, rw, s, interclass_filter)
@@ -343,9 +487,18 @@ def forward_impl(
 
 @torch.library.custom_op("mdkernels::margin_ce_forward", mutates_args=())
 def margin_ce_forward(
-    x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
-    s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
-    ignore_index: int, backend: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    m2: torch.Tensor,
+    s: float,
+    m1: float,
+    m3: float,
+    fallback: bool,
+    grad: str,
+    interclass_filter: float | None,
+    ignore_index: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused forward as a torch.library op (see :func:`forward_impl`)."""
     return forward_impl(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_index, backend)
@@ -359,10 +512,24 @@ def _(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_ind
 
 
 def backward_impl(
-    grad_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
-    lse: torch.Tensor, cos_t: torch.Tensor, rx: torch.Tensor, rw: torch.Tensor,
-    s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
-    ignore_index: int, need_dw: bool, backend: str,
+    grad_rows: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    m2: torch.Tensor,
+    lse: torch.Tensor,
+    cos_t: torch.Tensor,
+    rx: torch.Tensor,
+    rw: torch.Tensor,
+    s: float,
+    m1: float,
+    m3: float,
+    fallback: bool,
+    grad: str,
+    interclass_filter: float | None,
+    ignore_index: int,
+    need_dw: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dw)``; ``dw`` is empty (0 elements) when ``need_dw`` is False: no dW GEMM runs."""
     x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
@@ -383,7 +550,16 @@ def backward_impl(
             dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
     else:
         dxh, dw = _grad_hat_torch(
-            x, w, labels_k, rx, rw, lse, gr, s, interclass_filter, need_dw,
+            x,
+            w,
+            labels_k,
+            rx,
+            rw,
+            lse,
+            gr,
+            s,
+            interclass_filter,
+            need_dw,
             target_dw=lambda rows: coef[rows, None] * xh[rows],
         )
     dxh += coef[:, None] * (w[safe].to(cd) * rw[safe, None])
@@ -393,19 +569,69 @@ def backward_impl(
 
 @torch.library.custom_op("mdkernels::margin_ce_backward", mutates_args=())
 def margin_ce_backward(
-    grad_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
-    lse: torch.Tensor, cos_t: torch.Tensor, rx: torch.Tensor, rw: torch.Tensor,
-    s: float, m1: float, m3: float, fallback: bool, grad: str, interclass_filter: float | None,
-    ignore_index: int, need_dw: bool, backend: str,
+    grad_rows: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    labels: torch.Tensor,
+    m2: torch.Tensor,
+    lse: torch.Tensor,
+    cos_t: torch.Tensor,
+    rx: torch.Tensor,
+    rw: torch.Tensor,
+    s: float,
+    m1: float,
+    m3: float,
+    fallback: bool,
+    grad: str,
+    interclass_filter: float | None,
+    ignore_index: int,
+    need_dw: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused backward as a torch.library op (see :func:`backward_impl`)."""
-    return backward_impl(grad_rows, x, w, labels, m2, lse, cos_t, rx, rw, s, m1, m3, fallback, grad,
-                         interclass_filter, ignore_index, need_dw, backend)
+    return backward_impl(
+        grad_rows,
+        x,
+        w,
+        labels,
+        m2,
+        lse,
+        cos_t,
+        rx,
+        rw,
+        s,
+        m1,
+        m3,
+        fallback,
+        grad,
+        interclass_filter,
+        ignore_index,
+        need_dw,
+        backend,
+    )
 
 
 @margin_ce_backward.register_fake
-def _(grad_rows, x, w, labels, m2, lse, cos_t, rx, rw, s, m1, m3, fallback, grad, interclass_filter,
-      ignore_index, need_dw, backend):
+def _(
+    grad_rows,
+    x,
+    w,
+    labels,
+    m2,
+    lse,
+    cos_t,
+    rx,
+    rw,
+    s,
+    m1,
+    m3,
+    fallback,
+    grad,
+    interclass_filter,
+    ignore_index,
+    need_dw,
+    backend,
+):
     return torch.empty_like(x), (torch.empty_like(w) if need_dw else w.new_empty(0))
 
 
@@ -424,8 +650,24 @@ def _backward(ctx, grad_rows, *_unused):
     if not (need_dx or need_dw):
         return (None,) * 12
     dx, dw = margin_ce_backward(
-        grad_rows, x, w, labels, m2, lse, cos_t, rx, rw, s, m1, m3, fallback, grad, tau, ignore_index,
-        need_dw, backend,
+        grad_rows,
+        x,
+        w,
+        labels,
+        m2,
+        lse,
+        cos_t,
+        rx,
+        rw,
+        s,
+        m1,
+        m3,
+        fallback,
+        grad,
+        tau,
+        ignore_index,
+        need_dw,
+        backend,
     )
     return (dx if need_dx else None), (dw if need_dw else None), *(None,) * 10
 

@@ -1,0 +1,188 @@
+"""Shared benchmark harness: each bench_<op>.py supplies inputs and providers; this times them, measures
+peak memory and appends rows (with device, versions, commit, date) to bench/results/<device>.csv.
+
+GPU timing: triton.testing.do_bench (median, p20, p80); peak memory: torch.cuda.max_memory_allocated
+minus what the inputs hold. CPU timing: repeated wall-clock runs; peak memory: the rise of the
+process's peak RSS over the inputs, measured in a fresh subprocess per provider.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = [
+    "op",
+    "provider",
+    "mode",
+    "B",
+    "D",
+    "C",
+    "dtype",
+    "device",
+    "ms_median",
+    "ms_p20",
+    "ms_p80",
+    "peak_mem_bytes",
+    "tflops",
+    "torch",
+    "triton",
+    "commit",
+    "date",
+]
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()} cores"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return ""
+
+
+def time_cpu(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), q[0], q[-1]
+
+
+def time_gpu(fn: Callable[[], object]) -> tuple[float, float, float]:
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def peak_gpu(fn: Callable[[], object]) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def maxrss_bytes() -> int:
+    """Peak resident memory of this process since start, or since :func:`reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark (Linux: ``5 > /proc/self/clear_refs``); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_cpu_subprocess(module: str, spec: dict) -> int:
+    """Peak RSS rise of one fwd+bwd call, in a fresh interpreter (``python -m bench.<module> --child``)."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def append_rows(rows: list[dict], device: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{slug(device_name(device))}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    return path
+
+
+def base_row(op: str, device: str) -> dict:
+    return {
+        "op": op,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "commit": commit(),
+        "date": _dt.date.today().isoformat(),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["provider", "mode", "B", "D", "C", "dtype", "ms_median", "peak_mem_bytes"]
+    print(" | ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        vals = [r[c] if not isinstance(r[c], float) else f"{r[c]:.2f}" for c in cols]
+        vals[-1] = f"{r['peak_mem_bytes'] / 2**20:.1f} MiB" if r["peak_mem_bytes"] != "" else ""
+        print(" | ".join(f"{v!s:>14}" for v in vals))

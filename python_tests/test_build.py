@@ -1,0 +1,97 @@
+"""Packaging: info(), the CLI, the CUDA module when nvcc built it, and no stale module after OFF."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mdkernels
+from mdkernels.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_info_keys_and_module_entry_point():
+    info = mdkernels.info()
+    for key in (
+        "torch",
+        "triton",
+        "cuda_extension",
+        "cuda_archs",
+        "gpu",
+        "triton_available",
+        "triton_interpret",
+        "cuda_kernels",
+    ):
+        assert key in info
+    out = subprocess.run([sys.executable, "-m", "mdkernels.info"], capture_output=True, text=True, check=True)
+    assert '"cuda_extension"' in out.stdout
+
+
+@pytest.mark.skipif(os.environ.get("MDK_EXPECT_CUDA_EXT") != "1", reason="set by CI, where nvcc builds csrc/")
+def test_cuda_module_was_built():
+    info = mdkernels.info()
+    assert info["cuda_extension"], "nvcc is present but the CUDA module is missing from the install"
+    assert {"80", "90"} <= set(info["cuda_archs"])
+    assert "l2norm_forward" in info["cuda_kernels"]
+    from mdkernels import _cuda
+
+    assert _cuda.device_count() >= 0  # importable and callable without a GPU
+
+
+def test_cli_info_and_demo(capsys, tmp_path):
+    assert main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out
+    out = tmp_path / "curve.json"
+    assert main(["demo", "--steps", "80", "--classes", "50", "--out", str(out)]) == 0
+    import json
+
+    curve = json.loads(out.read_text())
+    assert curve[-1]["step"] == 80
+    assert curve[-1]["loss"] < 0.5 * curve[0]["loss"]
+    assert curve[-1]["id_accuracy"] > 0.5 > curve[0]["id_accuracy"]
+
+
+@pytest.mark.skipif(not (REPO / "setup.py").exists(), reason="needs the source tree")
+def test_off_build_removes_stale_modules(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "CMakeLists.txt"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "mdkernels", src / "mdkernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    stale = src / "mdkernels" / "_cuda.cpython-stale.so"
+    stale.write_bytes(b"stale")
+    env = dict(os.environ, MDK_BUILD_CUDA="OFF")
+    res = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "MDK_BUILD_CUDA=OFF" in res.stdout
+    assert not stale.exists()
+    bad = subprocess.run(
+        [sys.executable, "setup.py", "build_ext"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MDK_BUILD_CUDA="maybe"),
+    )
+    assert bad.returncode != 0 and "MDK_BUILD_CUDA must be AUTO, ON or OFF" in bad.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme, ci = REPO / "README.md", REPO / ".ci" / "run"
+    if not (readme.exists() and ci.exists()):
+        pytest.skip("needs the source tree")
+    command = "TRITON_INTERPRET=1 pytest python_tests -q"
+    assert command in readme.read_text()
+    assert command in ci.read_text().splitlines()
+
+
+@pytest.mark.skipif(os.environ.get("MDK_TEST_INSTALLED") != "1", reason="set by CI")
+def test_tests_run_against_the_installed_package():
+    assert "site-packages" in mdkernels.__file__, mdkernels.__file__
