@@ -109,11 +109,23 @@ class CMakeBuild(build_ext):
         build_temp = Path(self.build_temp).resolve() / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
         _log(f"building CUDA module with {nvcc}, archs={archs}, MAX_JOBS={jobs}")
+        ninja = shutil.which("ninja")
+        try:  # the ninja package of the (isolated) build environment, when PATH does not have one
+            import ninja as ninja_pkg
+
+            ninja = os.path.join(ninja_pkg.BIN_DIR, "ninja")
+        except ImportError:
+            pass
+        if ninja is None:
+            raise OSError("ninja not found (pip install ninja)")
+        # --fresh: a CMakeCache from an earlier (isolated) build may point at tools that are gone
         cfg = [
             "cmake",
+            "--fresh",
             str(ROOT),
             "-G",
             "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DMDK_CUDA_ARCHS={archs}",

@@ -89,7 +89,7 @@ def test_readme_test_command_is_what_ci_runs():
         pytest.skip("needs the source tree")
     command = "TRITON_INTERPRET=1 pytest python_tests -q"
     assert command in readme.read_text()
-    assert command in ci.read_text().splitlines()
+    assert any(line.startswith(command) for line in ci.read_text().splitlines())
 
 
 @pytest.mark.skipif(os.environ.get("MDK_TEST_INSTALLED") != "1", reason="set by CI")

@@ -38,6 +38,3 @@ def info() -> dict:
 def main() -> None:
     print(json.dumps(info(), indent=2))
 
-
-if __name__ == "__main__":
-    main()
