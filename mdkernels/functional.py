@@ -13,6 +13,7 @@ import torch
 
 from mdkernels import _validate as V
 from mdkernels import reference
+from mdkernels.ops import angular_distill as _ang
 from mdkernels.ops import margin_ce as _mce
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.margin import warn_if_non_monotone
@@ -132,4 +133,146 @@ def margin_cross_entropy(
     return loss
 
 
-__all__ = ["MarginCEStats", "l2_normalize", "margin_cross_entropy", "resolve_backend"]
+def margin_distillation_loss(
+    embeddings: torch.Tensor,
+    teacher_centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    teacher_embeddings: torch.Tensor | None = None,
+    teacher_cos: torch.Tensor | None = None,
+    s: float = 64.0,
+    m_min: float = 0.2,
+    m_max: float = 0.5,
+    dmax: str | float = "batch",
+    fallback: bool = False,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """MarginDistillation (Svitov & Alyamkin, arXiv 2003.02586), fused.
+
+    The student trains against the teacher's class centers, frozen, with ArcFace and a per-sample
+    margin ``m_i = (m_max - m_min)/Dmax * cT_i + m_min``. Here ``cT_i`` is the teacher's cosine to its
+    own center and ``Dmax = max_i cT_i`` over the batch (``dmax="batch"``, the official code), across
+    ranks (``"global"``), or a given float.
+
+    embeddings: (B, D) student; teacher_centers: (C, D); labels: (B,). Pass ``teacher_embeddings``
+    (B, D) or precomputed ``teacher_cos`` (B,). The margin carries no gradient; ``cT_i < 0`` gives
+    ``m_i < m_min`` (kept, as the formula says); ``Dmax <= 0`` raises. ``fallback=False`` matches the
+    official code's literal ``cos(theta + m)``.
+    """
+    if (teacher_embeddings is None) == (teacher_cos is None):
+        raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
+    V.check_matrix(embeddings, "embeddings")
+    V.check_labels(labels, embeddings.shape[0], embeddings.device)
+    V.check_matrix(teacher_centers, "teacher_centers", cols=embeddings.shape[1])
+    valid = labels != ignore_index
+    if teacher_cos is None:
+        V.check_matrix(
+            teacher_embeddings, "teacher_embeddings", rows=embeddings.shape[0], cols=teacher_centers.shape[1]
+        )
+        V.check_same(teacher_embeddings, teacher_centers, "teacher_embeddings", "teacher_centers")
+        V.check_label_values(labels, teacher_centers.shape[0], ignore_index)
+        teacher_cos = reference.teacher_target_cosine(teacher_embeddings, teacher_centers, labels, ignore_index)
+    elif not isinstance(teacher_cos, torch.Tensor) or teacher_cos.shape != (embeddings.shape[0],):
+        raise ValueError(f"teacher_cos must be a tensor of shape ({embeddings.shape[0]},)")
+    m = reference.distillation_margins(
+        teacher_cos.to(_mce.compute_dtype(embeddings)), valid, m_min=m_min, m_max=m_max, dmax=dmax
+    )
+    return margin_cross_entropy(
+        embeddings,
+        teacher_centers.detach(),
+        labels,
+        s=s,
+        m1=1.0,
+        m2=m,
+        m3=0.0,
+        fallback=fallback,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+    )
+
+
+def proxyless_kd_loss(
+    embeddings: torch.Tensor,
+    teacher_centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: str = "arcface",
+    s: float = 64.0,
+    m: float = 0.5,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """ProxylessKD (arXiv 2011.00265), fused: margin softmax on the teacher's frozen classifier.
+
+    The student inherits the teacher's centers ``(C, D)`` and trains in the teacher's embedding space;
+    ``margin``: ``"arcface"`` (m2 = m), ``"cosface"`` (m3 = m) or ``"sphereface"`` (m1 = m). A student
+    whose embedding size differs raises (see :class:`mdkernels.nn.ProxylessKD` for a projection).
+    """
+    reference.check_proxyless_dims(embeddings, teacher_centers)
+    m1, m2, m3 = reference.margin_triple(margin, m)
+    return margin_cross_entropy(
+        embeddings,
+        teacher_centers.detach(),
+        labels,
+        s=s,
+        m1=m1,
+        m2=m2,
+        m3=m3,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=backend,
+    )
+
+
+def angular_distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    p: float = 2.0,
+    per: str = "sample",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Angular distillation (ShrinkTeaNet, arXiv 1905.10620), fused: ``mean_i (1 - cos(s_i, t_i))^p``.
+
+    student, teacher: (B, D) embeddings or (B, C, H, W) feature maps of equal shape, compared per
+    sample (flattened, default) or per spatial position (``per="position"``). p = 2 (ShrinkTeaNet as
+    cited by VarGFaceNet) or 1 (MarginDistillation's baseline). The teacher gets no gradient. One fused
+    row kernel per direction reads each input once.
+    """
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise TypeError("student and teacher must be tensors")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape "
+            "(mdkernels.nn.AngularDistillation adds a 1x1-conv adapter when channel counts differ)"
+        )
+    V.check_same(student, teacher, "student", "teacher")
+    if student.dtype not in V.FLOAT_DTYPES:
+        raise ValueError(f"student must be a floating tensor, got {student.dtype}")
+    if not p >= 1:
+        raise ValueError(f"p must be >= 1 (1 or 2 in the papers), got {p}")
+    backend = resolve_backend(backend, student)
+    if backend == "reference":
+        return reference.angular_distillation_loss(student, teacher, p=p, per=per)
+    if backend == "triton":
+        _mce._check_backend_device(student, "triton")
+    s_rows, t_rows = _ang.rows_of(student, per), _ang.rows_of(teacher.detach(), per)
+    if s_rows.shape[0] == 0:
+        raise ValueError("student has no rows to compare")
+    loss_rows = _ang.angular_distill_forward(s_rows, t_rows, float(p), backend)[0]
+    return loss_rows.mean()
+
+
+__all__ = [
+    "angular_distillation_loss",
+    "MarginCEStats",
+    "l2_normalize",
+    "margin_cross_entropy",
+    "margin_distillation_loss",
+    "proxyless_kd_loss",
+    "resolve_backend",
+]

@@ -37,4 +37,3 @@ def info() -> dict:
 
 def main() -> None:
     print(json.dumps(info(), indent=2))
-

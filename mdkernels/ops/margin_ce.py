@@ -52,6 +52,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
 if HAS_TRITON:
+    _NEG_BIG = tl.constexpr(NEG_BIG)  # globals read inside @triton.jit must be constexpr
 
     @triton.jit
     def _cos_tile(
@@ -123,7 +124,7 @@ if HAS_TRITON:
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         y = tl.load(Y + rows, mask=row_mask, other=-1)
-        m = tl.full((BLOCK_B,), NEG_BIG, dtype=ACC_DTYPE)
+        m = tl.full((BLOCK_B,), _NEG_BIG, dtype=ACC_DTYPE)
         l = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
         c_begin = pid_s * classes_per_split
         c_end = tl.minimum(c_begin + classes_per_split, C)
