@@ -83,8 +83,23 @@ def _config(D: int) -> dict:
     return dict(BLOCK_R=64 if interpreting() else 8, BLOCK_D=block_d)
 
 
-def _acc(t: torch.Tensor):
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def compile_specs(dtype: torch.dtype, D: int = 512) -> list:
+    """The row kernels as the GPU launcher compiles them (see :mod:`mdkernels.ops.gpu_compile`)."""
+    from mdkernels.ops.gpu_compile import ptr
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cfg = _config(D)
+    rows = {"R": "i32", "D": "i32", "stride_s": "i32", "stride_t": "i32", "p": "fp32"}
+    fwd = {"S": ptr(dtype), "T": ptr(dtype), "LOSS": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc), **rows}
+    bwd = {"S": ptr(dtype), "T": ptr(dtype), "G": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc),
+           "DS": ptr(dtype), **rows}  # fmt: skip
+    const = {**cfg, "ACC_DTYPE": _acc(dtype)}
+    return [("angular_forward", _angular_forward_kernel, fwd, const, {}),
+            ("angular_backward", _angular_backward_kernel, bwd, const, {})]  # fmt: skip
 
 
 def _forward_torch(s, t, p):
@@ -123,7 +138,7 @@ def angular_distill_forward(
     cfg = _config(D)
     if R:
         _angular_forward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s), **cfg
+            s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
         )
     return loss, ns, nt, cos
 
@@ -147,7 +162,7 @@ def angular_distill_backward(
     cfg = _config(D)
     if R:
         _angular_backward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s), **cfg
+            s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
         )
     return ds
 

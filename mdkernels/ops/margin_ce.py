@@ -255,7 +255,7 @@ if HAS_TRITON:
                     )
 
 
-def _triton_config(x: torch.Tensor, B: int, D: int) -> dict:
+def _triton_config(dtype: torch.dtype, B: int, D: int) -> dict:
     """Tile sizes. Interpreter: big tiles (each program-iteration costs ~ms). GPU: untuned defaults."""
     block_b = max(16, min(64, triton.next_power_of_2(max(B, 1))))
     if interpreting():
@@ -266,16 +266,16 @@ def _triton_config(x: torch.Tensor, B: int, D: int) -> dict:
             num_warps=4,
             num_stages=1,
         )
-    if x.dtype in (torch.float32, torch.float64):
+    if dtype in (torch.float32, torch.float64):
         return dict(BLOCK_B=min(block_b, 64), BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)
     return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
-def _triton_flags(x: torch.Tensor) -> dict:
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    allow_tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if (x.dtype in (torch.float16, torch.bfloat16) or allow_tf32) else "ieee"
-    upcast = interpreting() and x.dtype in (torch.float16, torch.bfloat16)
+def _triton_flags(dtype: torch.dtype, on_cuda: bool) -> dict:
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    allow_tf32 = on_cuda and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if (dtype in (torch.float16, torch.bfloat16) or allow_tf32) else "ieee"
+    upcast = interpreting() and dtype in (torch.float16, torch.bfloat16)
     return dict(ACC_DTYPE=acc, UPCAST=upcast, PRECISION=precision)
 
 
@@ -285,10 +285,50 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
+def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
+    """The kernels as the GPU launcher would compile them for ``dtype``: (name, kernel, runtime
+    signature, constexprs, options), for :mod:`mdkernels.ops.gpu_compile` (checks without a GPU)."""
+    from mdkernels.ops.gpu_compile import ptr
+
+    cfg = _triton_config(dtype, B, D)
+    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    flags = _triton_flags(dtype, on_cuda=True)
+    common = {"X": ptr(dtype), "W": ptr(dtype), "RX": ptr(acc), "RW": ptr(acc), "Y": "*i64"}
+    ints = {"B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32"}
+    fwd = {
+        **common,
+        "M_OUT": ptr(acc),
+        "L_OUT": ptr(acc),
+        **ints,
+        "classes_per_split": "i32",
+        "s": "fp32",
+        "tau": "fp32",
+    }
+    bwd = {
+        **common,
+        "LSE": ptr(acc),
+        "GR": ptr(acc),
+        "DXH": ptr(acc),
+        "DWH": ptr(acc),
+        **ints,
+        "s": "fp32",
+        "tau": "fp32",
+    }
+    specs = []
+    for flt in (False, True):
+        specs.append((f"margin_ce_forward filter={flt}", _margin_ce_forward_kernel, fwd,
+                      {"HAS_FILTER": flt, **cfg, **flags}, opts))  # fmt: skip
+        for dw in (False, True):
+            specs.append((f"margin_ce_backward filter={flt} dw={dw}", _margin_ce_backward_kernel, bwd,
+                          {"HAS_FILTER": flt, "COMPUTE_DW": dw, **cfg, **flags}, opts))  # fmt: skip
+    return specs
+
+
 def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     B, D = x.shape
     C = w.shape[0]
-    cfg = _triton_config(x, B, D)
+    cfg = _triton_config(x.dtype, B, D)
     bb, bc = cfg["BLOCK_B"], cfg["BLOCK_C"]
     row_tiles = triton.cdiv(B, bb)
     class_tiles = triton.cdiv(C, bc)
@@ -316,7 +356,7 @@ def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
         float(s),
         float(tau if tau is not None else 0.0),
         HAS_FILTER=tau is not None,
-        **_triton_flags(x),
+        **_triton_flags(x.dtype, x.is_cuda),
         **cfg,
     )
     m_max = m.max(0).values
@@ -327,7 +367,7 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     B, D = x.shape
     C = w.shape[0]
     cd = compute_dtype(x)
-    cfg = _triton_config(x, B, D)
+    cfg = _triton_config(x.dtype, B, D)
     dxh = torch.zeros(B, D, dtype=cd, device=x.device)
     dwh = torch.zeros(C, D, dtype=cd, device=x.device) if need_dw else dxh  # dummy pointer when unused
     grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"]))
@@ -350,7 +390,7 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
         float(tau if tau is not None else 0.0),
         HAS_FILTER=tau is not None,
         COMPUTE_DW=need_dw,
-        **_triton_flags(x),
+        **_triton_flags(x.dtype, x.is_cuda),
         **cfg,
     )
     return dxh, (dwh if need_dw else None)
