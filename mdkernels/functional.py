@@ -15,6 +15,8 @@ from mdkernels import _validate as V
 from mdkernels import reference
 from mdkernels.ops import angular_distill as _ang
 from mdkernels.ops import margin_ce as _mce
+from mdkernels.ops import margin_kd as _kd
+from mdkernels.ops import triplet_distill as _trip
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.margin import warn_if_non_monotone
 
@@ -267,7 +269,138 @@ def angular_distillation_loss(
     return loss_rows.mean()
 
 
+def triplet_distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    triplets: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    mining: str = "all",
+    distance: str = "l2",
+    m_min: float = 0.2,
+    m_max: float = 0.5,
+    ignore_index: int = -1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Triplet distillation (Feng et al., arXiv 1905.04457), fused: the margin grows with the teacher's gap.
+
+    ``L = mean max(D(a,p) - D(a,n) + F(d), 0)`` with ``d = max(T(a,n) - T(a,p), 0)`` and
+    ``F(d) = (m_max - m_min)/d_max * d + m_min`` (``d_max`` the largest gap; all gaps 0 gives m_min).
+    student, teacher: (B, D); distances on normalised rows, ``"l2"`` (squared) or ``"angle"``.
+    Triplets: explicit ``(N, 3)`` (anchor, positive, negative) indices, or mined from ``labels``:
+    ``"all"`` valid triplets (streamed, never ``B^3`` in memory), ``"hard"``, ``"semihard"``. No valid
+    triplet gives 0 with a zero gradient.
+    """
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be (B, D)")
+    V.check_same(student, teacher, "student", "teacher")
+    if distance not in ("l2", "angle"):
+        raise ValueError(f"distance must be 'l2' or 'angle', got {distance!r}")
+    if mining not in ("all", "hard", "semihard"):
+        raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+    backend = resolve_backend(backend, student)
+    if triplets is None and labels is None:
+        raise ValueError("pass triplets (N, 3) or labels (B,) to mine them from")
+    if triplets is None:
+        V.check_labels(labels, student.shape[0], student.device)
+    else:
+        reference.check_triplets(triplets, student.shape[0])
+    if backend == "reference":
+        return reference.triplet_distillation_loss(
+            student,
+            teacher,
+            triplets,
+            labels=labels,
+            mining=mining,
+            distance=distance,
+            m_min=m_min,
+            m_max=m_max,
+            ignore_index=ignore_index,
+        )
+    if backend == "triton":
+        _mce._check_backend_device(student, "triton")
+    ds = reference.pairwise_distance(student, distance)
+    dt = reference.pairwise_distance(teacher.detach(), distance)
+    if triplets is None and mining == "all":
+        return _trip._TripletAll.apply(ds, dt, labels.long(), float(m_min), float(m_max), int(ignore_index), backend)
+    if triplets is None:
+        triplets = _trip.mine_triplets_chunked(ds, labels.long(), mining, ignore_index)
+    return _trip.triplet_loss_from_distances(ds, dt, triplets, m_min, m_max)
+
+
+def margin_kd_loss(
+    student_embeddings: torch.Tensor,
+    teacher_embeddings: torch.Tensor,
+    centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    T: float = 4.0,
+    alpha: float = 0.95,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+    fallback: bool = True,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Hinton KD on margin logits, fused: ``(1-a) CE(z_s, y) + a T^2 KL(softmax(z_t/T) || softmax(z_s/T))``.
+
+    student_embeddings, teacher_embeddings: (B, D); centers: (C, D) shared (usually the teacher's);
+    labels: (B,). Both logit sets carry the margin ``s*(cos(m1*theta + m2) - m3)`` on the target. One
+    streaming pass over class tiles computes both logsumexps and the cross term; no ``B x C`` tensor.
+    The teacher's logits are targets: no gradient flows through them.
+    """
+    V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0],
+                   cols=student_embeddings.shape[1])  # fmt: skip
+    V.check_margin_ce_args(student_embeddings, centers, labels, s=s, m2=m2, grad="exact", reduction=reduction,
+                           emb_name="student_embeddings")  # fmt: skip
+    V.check_same(student_embeddings, teacher_embeddings, "student_embeddings", "teacher_embeddings")
+    if isinstance(m2, torch.Tensor):
+        raise ValueError("m2 must be a float for margin_kd_loss")
+    if not T > 0:
+        raise ValueError(f"T (the temperature) must be > 0, got {T}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    backend = resolve_backend(backend, student_embeddings)
+    if backend == "reference":
+        return reference.margin_kd_loss(
+            student_embeddings,
+            teacher_embeddings,
+            centers,
+            labels,
+            T=T,
+            alpha=alpha,
+            s=s,
+            m1=m1,
+            m2=m2,
+            m3=m3,
+            fallback=fallback,
+            ignore_index=ignore_index,
+            reduction=reduction,
+        )
+    loss_rows = _kd.margin_kd_forward(
+        student_embeddings,
+        teacher_embeddings.detach(),
+        centers,
+        labels,
+        float(T),
+        float(alpha),
+        float(s),
+        float(m1),
+        float(m2),
+        float(m3),
+        bool(fallback),
+        int(ignore_index),
+        backend,
+    )[0]
+    return _reduce(loss_rows, labels, ignore_index, reduction)
+
+
 __all__ = [
+    "margin_kd_loss",
+    "triplet_distillation_loss",
     "angular_distillation_loss",
     "MarginCEStats",
     "l2_normalize",

@@ -408,8 +408,9 @@ def margin_kd_loss(
 ) -> torch.Tensor:
     """SPEC section 6: ``(1-a)*CE(z_s, y) + a*T^2*KL(softmax(z_t/T) || softmax(z_s/T))`` per row.
 
-    Both logit sets use the same centers and carry the margin on the target; the teacher's embeddings
-    carry no gradient.
+    Both logit sets use the same centers and carry the margin on the target. The teacher's logits are
+    targets: neither the teacher embeddings nor the centers get a gradient through them (the centers
+    still get one through the student's logits).
     """
     V.check_matrix(
         teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0], cols=student_embeddings.shape[1]
@@ -431,7 +432,7 @@ def margin_kd_loss(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     kw = dict(s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, ignore_index=ignore_index)
     z_s, zt_s, valid = margin_logits(student_embeddings, centers, labels, **kw)
-    z_t, _, _ = margin_logits(teacher_embeddings.detach(), centers, labels, **kw)
+    z_t, _, _ = margin_logits(teacher_embeddings.detach(), centers.detach(), labels, **kw)
     ce = torch.logsumexp(z_s, 1) - zt_s
     log_ps, log_pt = F.log_softmax(z_s / T, 1), F.log_softmax(z_t / T, 1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)

@@ -39,12 +39,13 @@ def compile_kernel(fn, runtime_sig: dict, constexprs: dict, options: dict, arch:
 
 
 def all_specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list:
-    from mdkernels.ops import angular_distill, margin_ce
+    from mdkernels.ops import angular_distill, margin_ce, margin_kd, triplet_distill
 
     specs = []
     for dtype in dtypes:
-        for mod in (margin_ce, angular_distill):
+        for mod in (margin_ce, margin_kd, angular_distill):
             specs += [(f"{name} {dtype}", *rest) for name, *rest in mod.compile_specs(dtype)]
+    specs += [(f"{name} fp32 distances", *rest) for name, *rest in triplet_distill.compile_specs(torch.float32)]
     return specs
 
 

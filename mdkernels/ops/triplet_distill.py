@@ -1,0 +1,216 @@
+"""Triplet distillation (Feng et al., SPEC section 5) without a ``B^3`` tensor.
+
+Student and teacher distances are ``(B, B)`` matrices (the student's through autograd). The loss over
+triplets ``(a, p, n)`` is a reduction over ``B^3`` terms; it is streamed:
+
+* ``mining="all"``: two passes over every valid triplet. Pass 1 finds ``d_max`` (the largest teacher
+  gap) and the triplet count. Pass 2 sums the hinge ``max(D_ap - D_an + F(d_apn), 0)`` and, in the
+  same sweep, the gradient with respect to the ``(B, B)`` student distances: ``+1/N`` at ``(a, p)`` and
+  ``-1/N`` at ``(a, n)`` for every active triplet. Torch chunks the anchors so that a chunk holds at
+  most ``2^22`` triplet terms. Triton runs one program per (anchor, tile of p) or (anchor, tile of n);
+  each program owns its output slice, so there are no atomics.
+* ``"hard"``/``"semihard"``/explicit triplets give at most ``B^2`` triplets; they are mined in anchor
+  chunks and the loss is a gather (autograd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mdkernels import reference
+from mdkernels.ops.margin_ce import HAS_TRITON, interpreting
+
+_CHUNK_TERMS = 1 << 22  # triplet terms (anchors x B x B) per torch chunk: 16 MB in fp32
+EPS = 1e-12
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _EPS = tl.constexpr(EPS)
+
+    @triton.jit
+    def _triplet_all_kernel(
+        DS, DT, Y, OUT_A, OUT_B, PARAMS, B, ignore_index,
+        MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        """Program (anchor a, tile j). MODE 0: tile j of positives; per p, max teacher gap and count of
+        negatives. MODE 1: tile j of positives; per p, active-triplet count (dL/dD_ap * N) and hinge sum.
+        MODE 2: tile j of negatives; per n, active-triplet count (-dL/dD_an * N)."""
+        a = tl.program_id(0)
+        j = tl.program_id(1)
+        d_max = tl.load(PARAMS)  # (d_max, m_min, m_max) in the accumulator dtype: fp64 stays fp64
+        m_min = tl.load(PARAMS + 1)
+        m_max = tl.load(PARAMS + 2)
+        ya = tl.load(Y + a)
+        a_valid = ya != ignore_index
+        if MODE == 2:
+            outer = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        else:
+            outer = j * BLOCK_P + tl.arange(0, BLOCK_P)
+        o_mask = outer < B
+        yo = tl.load(Y + outer, mask=o_mask, other=ignore_index)
+        if MODE == 2:  # outer index is a negative
+            o_ok = o_mask & a_valid & (yo != ignore_index) & (yo != ya)
+        else:  # outer index is a positive
+            o_ok = o_mask & a_valid & (yo == ya) & (outer != a)
+        ds_o = tl.load(DS + a * B + outer, mask=o_mask, other=0.0)
+        dt_o = tl.load(DT + a * B + outer, mask=o_mask, other=0.0)
+        acc1 = tl.zeros(outer.shape, ACC_DTYPE)
+        acc2 = tl.zeros(outer.shape, ACC_DTYPE)
+        if MODE == 0:
+            acc1 = tl.full(outer.shape, -1.0, ACC_DTYPE)
+        inner_block: tl.constexpr = BLOCK_P if MODE == 2 else BLOCK_N
+        for i0 in range(0, B, inner_block):
+            inner = i0 + tl.arange(0, inner_block)
+            i_mask = inner < B
+            yi = tl.load(Y + inner, mask=i_mask, other=ignore_index)
+            ds_i = tl.load(DS + a * B + inner, mask=i_mask, other=0.0)
+            dt_i = tl.load(DT + a * B + inner, mask=i_mask, other=0.0)
+            if MODE == 2:  # inner index is a positive
+                i_ok = i_mask & (yi == ya) & (inner != a)
+                ok = o_ok[None, :] & i_ok[:, None]  # (positives, negatives) of this (a, n-tile)
+                gap = tl.maximum(dt_o[None, :] - dt_i[:, None], 0.0)
+                hinge = ds_i[:, None] - ds_o[None, :]
+            else:  # inner index is a negative
+                i_ok = i_mask & (yi != ignore_index) & (yi != ya)
+                ok = o_ok[:, None] & i_ok[None, :]
+                gap = tl.maximum(dt_i[None, :] - dt_o[:, None], 0.0)
+                hinge = ds_o[:, None] - ds_i[None, :]
+            if MODE == 0:
+                acc1 = tl.maximum(acc1, tl.max(tl.where(ok, gap, -1.0), 1))
+                acc2 += tl.sum(ok.to(ACC_DTYPE), 1)
+            else:
+                hinge = hinge + (m_max - m_min) / tl.maximum(d_max, _EPS) * gap + m_min
+                active = ok & (hinge > 0)
+                red: tl.constexpr = 0 if MODE == 2 else 1
+                acc1 += tl.sum(active.to(ACC_DTYPE), red)
+                acc2 += tl.sum(tl.where(active, hinge, 0.0), red)
+        tl.store(OUT_A + a * B + outer, acc1, mask=o_mask)
+        if MODE != 2:
+            tl.store(OUT_B + a * B + outer, acc2, mask=o_mask)
+
+
+def _masks(labels: torch.Tensor, ignore_index: int):
+    valid = labels != ignore_index
+    same = (labels[:, None] == labels[None, :]) & valid[:, None] & valid[None, :]
+    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    neg = ~same & valid[:, None] & valid[None, :]
+    return pos, neg
+
+
+def _anchor_chunks(B: int):
+    step = max(1, _CHUNK_TERMS // max(B * B, 1))
+    for a0 in range(0, B, step):
+        yield a0, min(B, a0 + step)
+
+
+def _all_torch(ds, dt, labels, m_min, m_max, ignore_index):
+    """(loss, dL/dDs, N): the mean hinge over every valid triplet and its gradient, anchor chunk by chunk."""
+    B = ds.shape[0]
+    pos, neg = _masks(labels, ignore_index)
+    d_max = torch.zeros((), dtype=ds.dtype, device=ds.device)
+    count = 0
+    for a0, a1 in _anchor_chunks(B):
+        ok = pos[a0:a1, :, None] & neg[a0:a1, None, :]
+        gap = (dt[a0:a1, None, :] - dt[a0:a1, :, None]).clamp_min_(0)
+        if bool(ok.any()):
+            d_max = torch.maximum(d_max, gap[ok].max())
+        count += int(ok.sum())
+    grad = torch.zeros_like(ds)
+    total = torch.zeros((), dtype=ds.dtype, device=ds.device)
+    if count == 0:
+        return total, grad, 0
+    slope = (m_max - m_min) / d_max.clamp_min(EPS)
+    for a0, a1 in _anchor_chunks(B):
+        ok = pos[a0:a1, :, None] & neg[a0:a1, None, :]
+        h = (dt[a0:a1, None, :] - dt[a0:a1, :, None]).clamp_min_(0).mul_(slope).add_(m_min)
+        h.add_(ds[a0:a1, :, None]).sub_(ds[a0:a1, None, :])
+        active = ok & (h > 0)
+        total += h[active].sum()
+        act = active.to(ds.dtype)
+        grad[a0:a1] += act.sum(2)  # d/dD_ap
+        grad[a0:a1] -= act.sum(1)  # d/dD_an
+    return total / count, grad / count, count
+
+
+def _all_triton(ds, dt, labels, m_min, m_max, ignore_index):
+    B = ds.shape[0]
+    acc = torch.float64 if ds.dtype == torch.float64 else torch.float32
+    ds32, dt32 = ds.to(acc).contiguous(), dt.to(acc).contiguous()
+    flags = dict(BLOCK_P=64 if interpreting() else 32, BLOCK_N=64 if interpreting() else 128,
+                 ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32)  # fmt: skip
+    y = labels.long().contiguous()
+    bp, bn = flags["BLOCK_P"], flags["BLOCK_N"]
+    params = torch.tensor([0.0, m_min, m_max], dtype=acc, device=ds.device)
+    gmax = torch.empty(B, B, dtype=acc, device=ds.device)
+    gcnt = torch.empty_like(gmax)
+    grid_p = (B, triton.cdiv(B, bp))
+    _triplet_all_kernel[grid_p](ds32, dt32, y, gmax, gcnt, params, B, ignore_index, MODE=0, **flags)  # fmt: skip
+    count = int(gcnt.sum().item())
+    if count == 0:
+        return ds.new_zeros(()), torch.zeros_like(ds), 0
+    params[0] = gmax.max()
+    act_p, hinge = torch.empty_like(gmax), torch.empty_like(gmax)
+    _triplet_all_kernel[grid_p](ds32, dt32, y, act_p, hinge, params, B, ignore_index, MODE=1, **flags)  # fmt: skip
+    act_n = torch.empty_like(gmax)
+    _triplet_all_kernel[(B, triton.cdiv(B, bn))](ds32, dt32, y, act_n, act_n, params, B, ignore_index,
+                                                 MODE=2, **flags)  # fmt: skip
+    grad = ((act_p - act_n) / count).to(ds.dtype)
+    return (hinge.sum() / count).to(ds.dtype), grad, count
+
+
+class _TripletAll(torch.autograd.Function):
+    """Loss over every valid triplet as a function of the (B, B) student distances."""
+
+    @staticmethod
+    def forward(ctx, ds, dt, labels, m_min, m_max, ignore_index, backend):
+        impl = _all_triton if backend == "triton" else _all_torch
+        loss, grad, _ = impl(ds.detach(), dt, labels, m_min, m_max, ignore_index)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None, None, None, None, None
+
+
+def mine_triplets_chunked(dist: torch.Tensor, labels: torch.Tensor, mining: str, ignore_index: int) -> torch.Tensor:
+    """``reference.mine_triplets`` for "hard"/"semihard" without a ``B^3`` tensor (anchor chunks)."""
+    if mining == "hard":
+        return reference.mine_triplets(dist, labels, "hard", ignore_index)  # already O(B^2)
+    if mining != "semihard":
+        raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+    pos, neg = _masks(labels, ignore_index)
+    dist = dist.detach()
+    out = []
+    for a0, a1 in _anchor_chunks(dist.shape[0]):
+        ap = (pos[a0:a1] & neg[a0:a1].any(1, keepdim=True)).nonzero()
+        a, p = ap[:, 0] + a0, ap[:, 1]
+        d_an, d_ap = dist[a], dist[a, p][:, None]
+        outside = neg[a] & (d_an > d_ap)
+        n_out = torch.where(outside, d_an, torch.full_like(d_an, math.inf)).argmin(1)
+        n_in = torch.where(neg[a], d_an, torch.full_like(d_an, -math.inf)).argmax(1)
+        out.append(torch.stack([a, p, torch.where(outside.any(1), n_out, n_in)], 1))
+    return torch.cat(out) if out else torch.zeros(0, 3, dtype=torch.long, device=dist.device)
+
+
+def triplet_loss_from_distances(ds, dt, triplets, m_min, m_max):
+    """Mean hinge over explicit triplets ``(N, 3)``; differentiable in ``ds``."""
+    if triplets.shape[0] == 0:
+        return ds.sum() * 0
+    a, p, n = triplets.long().unbind(1)
+    gap = (dt[a, n] - dt[a, p]).clamp_min(0)
+    margin = (m_max - m_min) / gap.max().clamp_min(EPS) * gap + m_min
+    return (ds[a, p] - ds[a, n] + margin).clamp_min(0).mean()
+
+
+def compile_specs(dtype: torch.dtype) -> list:
+    """The kernel as the GPU launcher compiles it (distances are fp32 whatever the input dtype)."""
+    sig = {"DS": "*fp32", "DT": "*fp32", "Y": "*i64", "OUT_A": "*fp32", "OUT_B": "*fp32", "PARAMS": "*fp32",
+           "B": "i32", "ignore_index": "i32"}  # fmt: skip
+    return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, "BLOCK_P": 32, "BLOCK_N": 128, "ACC_DTYPE": tl.float32}, {})
+            for m in (0, 1, 2)]  # fmt: skip
