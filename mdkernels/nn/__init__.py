@@ -1,5 +1,6 @@
 """Drop-in ``torch.nn`` modules of mdkernels."""
 
+from mdkernels.nn.distill import AngularDistillation, MarginDistillation, MarginKD, ProxylessKD, TripletDistillation
 from mdkernels.nn.heads import (
     ArcFace,
     ArcFaceLoss,
@@ -10,4 +11,17 @@ from mdkernels.nn.heads import (
     SphereFace,
 )
 
-__all__ = ["ArcFace", "ArcFaceLoss", "CombinedMargin", "CosFace", "CosFaceLoss", "PartialFCHead", "SphereFace"]
+__all__ = [
+    "AngularDistillation",
+    "MarginDistillation",
+    "MarginKD",
+    "ProxylessKD",
+    "TripletDistillation",
+    "ArcFace",
+    "ArcFaceLoss",
+    "CombinedMargin",
+    "CosFace",
+    "CosFaceLoss",
+    "PartialFCHead",
+    "SphereFace",
+]
