@@ -143,7 +143,7 @@ def teacher_target_cosine(
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     with torch.no_grad():
-        c = (normalize(teacher_embeddings) * normalize(teacher_centers)[safe]).sum(1)
+        c = (normalize(teacher_embeddings) * normalize(teacher_centers[safe])).sum(1)
     return torch.where(valid, c, torch.zeros_like(c))
 
 

@@ -6,9 +6,9 @@ triplets ``(a, p, n)`` is a reduction over ``B^3`` terms; it is streamed:
 * ``mining="all"``: two passes over every valid triplet. Pass 1 finds ``d_max`` (the largest teacher
   gap) and the triplet count. Pass 2 sums the hinge ``max(D_ap - D_an + F(d_apn), 0)`` and, in the
   same sweep, the gradient with respect to the ``(B, B)`` student distances: ``+1/N`` at ``(a, p)`` and
-  ``-1/N`` at ``(a, n)`` for every active triplet. Torch chunks the anchors so that a chunk holds at
-  most ``2^22`` triplet terms. Triton runs one program per (anchor, tile of p) or (anchor, tile of n);
-  each program owns its output slice, so there are no atomics.
+  ``-1/N`` at ``(a, n)`` for every active triplet. Torch walks chunks of (anchor, positive) pairs
+  against all negatives (a chunk holds at most ``2^20`` terms). Triton runs one program per (anchor,
+  tile of p) or (anchor, tile of n); each program owns its output slice, so there are no atomics.
 * ``"hard"``/``"semihard"``/explicit triplets give at most ``B^2`` triplets; they are mined in anchor
   chunks and the loss is a gather (autograd).
 """
@@ -22,7 +22,7 @@ import torch
 from mdkernels import reference
 from mdkernels.ops.margin_ce import HAS_TRITON, interpreting
 
-_CHUNK_TERMS = 1 << 22  # triplet terms (anchors x B x B) per torch chunk: 16 MB in fp32
+_CHUNK_TERMS = 1 << 20  # triplet terms per torch chunk: 4 MB in fp32
 EPS = 1e-12
 
 if HAS_TRITON:
@@ -108,31 +108,36 @@ def _anchor_chunks(B: int):
 
 
 def _all_torch(ds, dt, labels, m_min, m_max, ignore_index):
-    """(loss, dL/dDs, N): the mean hinge over every valid triplet and its gradient, anchor chunk by chunk."""
+    """(loss, dL/dDs, N): the mean hinge over every valid triplet and its gradient.
+
+    Walks the (anchor, positive) pairs (at most B^2, usually about B times the class size) in chunks,
+    each against every negative: the work is pairs x B, not B^3, and a chunk holds ``_CHUNK_TERMS``.
+    """
     B = ds.shape[0]
     pos, neg = _masks(labels, ignore_index)
+    a_all, p_all = pos.nonzero().unbind(1)
+    step = max(1, _CHUNK_TERMS // max(B, 1))
+    chunks = [(a_all[i : i + step], p_all[i : i + step]) for i in range(0, a_all.numel(), step)]
     d_max = torch.zeros((), dtype=ds.dtype, device=ds.device)
     count = 0
-    for a0, a1 in _anchor_chunks(B):
-        ok = pos[a0:a1, :, None] & neg[a0:a1, None, :]
-        gap = (dt[a0:a1, None, :] - dt[a0:a1, :, None]).clamp_min_(0)
-        if bool(ok.any()):
-            d_max = torch.maximum(d_max, gap[ok].max())
+    for a, p in chunks:
+        ok = neg[a]
+        gap = (dt[a] - dt[a, p][:, None]).clamp_min_(0)
+        d_max = torch.maximum(d_max, torch.where(ok, gap, torch.zeros_like(gap)).amax())
         count += int(ok.sum())
     grad = torch.zeros_like(ds)
     total = torch.zeros((), dtype=ds.dtype, device=ds.device)
     if count == 0:
         return total, grad, 0
     slope = (m_max - m_min) / d_max.clamp_min(EPS)
-    for a0, a1 in _anchor_chunks(B):
-        ok = pos[a0:a1, :, None] & neg[a0:a1, None, :]
-        h = (dt[a0:a1, None, :] - dt[a0:a1, :, None]).clamp_min_(0).mul_(slope).add_(m_min)
-        h.add_(ds[a0:a1, :, None]).sub_(ds[a0:a1, None, :])
-        active = ok & (h > 0)
-        total += h[active].sum()
+    for a, p in chunks:
+        h = (dt[a] - dt[a, p][:, None]).clamp_min_(0).mul_(slope).add_(m_min)
+        h.sub_(ds[a]).add_(ds[a, p][:, None])  # D_ap - D_an + F(d_apn), (pairs, negatives)
+        active = (h > 0) & neg[a]
         act = active.to(ds.dtype)
-        grad[a0:a1] += act.sum(2)  # d/dD_ap
-        grad[a0:a1] -= act.sum(1)  # d/dD_an
+        total += (h * act).sum()
+        grad[a, p] += act.sum(1)  # d/dD_ap: (a, p) pairs are unique
+        grad.index_add_(0, a, -act)  # d/dD_an
     return total / count, grad / count, count
 
 

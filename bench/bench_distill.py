@@ -1,0 +1,129 @@
+"""Distillation losses, fused vs the eager reference: fwd+bwd time and peak memory at natural shapes.
+
+    python -m bench.bench_distill                      # CPU set
+    python -m bench.bench_distill --ops margin_kd --device cuda
+
+Ops: margin_distillation, proxyless_kd, margin_kd (B=256, D=512, C=100k), angular (embeddings B=256,
+D=512 and feature maps 64x64x28x28), triplet_all (B=256 and 512, D=512). Rows go to
+bench/results/<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from bench import harness
+
+SHAPES = {
+    "margin_distillation": dict(B=256, D=512, C=100_000),
+    "proxyless_kd": dict(B=256, D=512, C=100_000),
+    "margin_kd": dict(B=256, D=512, C=100_000),
+    "angular": dict(B=256, D=512, C=0),
+    "angular_maps": dict(B=64, D=64 * 28 * 28, C=0),
+    "triplet_all": dict(B=256, D=512, C=0),
+    "triplet_all_512": dict(B=512, D=512, C=0),
+}
+
+
+def make(op: str, device: str, dtype=torch.float32, scale: float = 1.0):
+    sh = SHAPES[op]
+    g = torch.Generator().manual_seed(0)
+    B, D, C = sh["B"], sh["D"], sh["C"]
+    if op == "angular_maps":
+        s = torch.randn(B, 64, 28, 28, generator=g).to(device, dtype).requires_grad_()
+        return (s, torch.randn(B, 64, 28, 28, generator=g).to(device, dtype)), {}
+    x = torch.randn(B, D, generator=g).to(device, dtype).requires_grad_()
+    if C == 0:
+        t = torch.randn(B, D, generator=g).to(device, dtype)
+        y = torch.randint(0, B // 8, (B,), generator=g).to(device)
+        return (x, t), ({"labels": y} if op.startswith("triplet") else {})
+    w = torch.randn(C, D, generator=g).to(device, dtype)
+    y = torch.randint(0, C, (B,), generator=g).to(device)
+    t = (torch.nn.functional.normalize(w[y].float(), dim=1) + 0.5 * torch.randn(B, D, generator=g).to(device)).to(dtype)
+    return (x, w, y, t), {}
+
+
+def call(op: str, impl, inputs, kw):
+    if op in ("margin_distillation",):
+        x, w, y, t = inputs
+        return impl.margin_distillation_loss(x, w, y, teacher_embeddings=t, **kw)
+    if op == "proxyless_kd":
+        x, w, y, _ = inputs
+        return impl.proxyless_kd_loss(x, w, y, **kw)
+    if op == "margin_kd":
+        x, w, y, t = inputs
+        return impl.margin_kd_loss(x, t, w, y, **kw)
+    if op.startswith("angular"):
+        return impl.angular_distillation_loss(*inputs, **kw)
+    return impl.triplet_distillation_loss(*inputs, **kw)
+
+
+def providers(device: str) -> dict:
+    import mdkernels
+
+    out = {"reference": (mdkernels.reference, {}), "mdk_torch": (mdkernels, {"backend": "torch"})}
+    if device == "cuda":
+        out["mdk_triton"] = (mdkernels, {"backend": "triton"})
+    return out
+
+
+def step(op, impl, inputs, kw, extra):
+    loss = call(op, impl, inputs, {**kw, **extra})
+    loss.backward()
+    inputs[0].grad = None
+
+
+def child(spec: dict) -> None:
+    op, name = spec["op"], spec["provider"]
+    impl, kw = providers("cpu")[name]
+    inputs, extra = make(op, "cpu")
+    step(op, impl, inputs, kw, extra)  # warm-up: page in code, then measure a second call
+    if not harness.reset_peak_rss():
+        raise SystemExit("cannot reset the peak RSS on this OS: CPU peak memory needs Linux")
+    base = harness.current_rss_bytes()
+    step(op, impl, inputs, kw, extra)
+    print(harness.maxrss_bytes() - base)
+
+
+def run(ops, device, reps):
+    rows = []
+    for op in ops:
+        inputs, extra = make(op, device)
+        for name, (impl, kw) in providers(device).items():
+            fn = lambda impl=impl, kw=kw: step(op, impl, inputs, kw, extra)
+            if device == "cuda":
+                med, p20, p80 = harness.time_gpu(fn)
+                peak = harness.peak_gpu(fn)
+            else:
+                med, p20, p80 = harness.time_cpu(fn, reps=reps)
+                peak = harness.peak_cpu_subprocess("bench_distill", {"op": op, "provider": name})
+            row = harness.base_row(op, device)
+            row.update(provider=name, mode="fwd+bwd", dtype="float32", ms_median=med, ms_p20=p20, ms_p80=p80,
+                       peak_mem_bytes=peak, tflops="", **SHAPES[op])  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    rows = run(args.ops, args.device, args.reps)
+    for r in rows:
+        print(f"{r['op']:>20} {r['provider']:>10}  {r['ms_median']:9.1f} ms  {r['peak_mem_bytes'] / 2**20:8.1f} MiB")
+    if not args.no_save:
+        print("appended to", harness.append_rows(rows, args.device))
+
+
+if __name__ == "__main__":
+    main()
