@@ -94,7 +94,7 @@ def run(ops, device, reps):
     for op in ops:
         inputs, extra = make(op, device)
         for name, (impl, kw) in providers(device).items():
-            fn = lambda impl=impl, kw=kw: step(op, impl, inputs, kw, extra)
+            fn = lambda impl=impl, kw=kw, op=op, inputs=inputs, extra=extra: step(op, impl, inputs, kw, extra)
             if device == "cuda":
                 med, p20, p80 = harness.time_gpu(fn)
                 peak = harness.peak_gpu(fn)
