@@ -255,3 +255,32 @@ def test_margin_kd_bad_input_opcheck_and_compile():
     eager = step(x, t, y)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, t, y)
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
+
+
+# --- GPU: half precision against the fp64 truth ------------------------------------------------------------
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("op", ["margin_distillation", "proxyless", "margin_kd", "angular", "triplet"])
+def test_gpu_half_precision(backend, dtype, tol, op):
+    x, w, y = make(67, 500, 4099, dtype, "cuda")
+    t = teacher_of(x, w, y)
+    calls = {
+        "margin_distillation": lambda m, x, w, **kw: m.margin_distillation_loss(
+            x, w, y, teacher_embeddings=t.to(x.dtype), **kw
+        ),
+        "proxyless": lambda m, x, w, **kw: m.proxyless_kd_loss(x, w, y, **kw),
+        "margin_kd": lambda m, x, w, **kw: m.margin_kd_loss(x, t.to(x.dtype), w, y, **kw),
+        "angular": lambda m, x, w, **kw: m.angular_distillation_loss(x, t.to(x.dtype), **kw),
+        "triplet": lambda m, x, w, **kw: m.triplet_distillation_loss(x, t.to(x.dtype), labels=y % 13, **kw),
+    }
+    fn = calls[op]
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double()
+    truth = grads(fn(R, xd, wd), xd)
+    fast = grads(fn(mdkernels, x, w.detach(), backend=backend), x)
+    assert abs(fast[0].item() - truth[0].item()) <= tol * max(1.0, abs(truth[0].item()))
+    assert _rel(fast[1], truth[1]) <= tol

@@ -76,3 +76,11 @@ def test_cuda_kernel_against_truth(dtype):
 @pytest.mark.skipif(HAS_CUDA, reason="CPU-only check")
 def test_cpu_never_calls_the_cuda_module():
     assert not _cuda_ext.usable(torch.randn(2, 2))
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    fn = torch.compile(lambda x: (mdkernels.l2_normalize(x) * 3).sum(), fullgraph=True, backend="aot_eager")
+    (g,) = torch.autograd.grad(fn(x), x)
+    (gref,) = torch.autograd.grad((F.normalize(x, dim=1) * 3).sum(), x)
+    torch.testing.assert_close(g, gref)
