@@ -1,0 +1,362 @@
+"""Class centers sharded over ``torch.distributed`` (Partial FC style), exact.
+
+Rank ``r`` holds rows ``[class_start, class_start + C_r)`` of the global ``(C, D)`` center matrix.
+Each rank gathers the global batch (embeddings and labels), runs the fused kernel over its shard only,
+and the per-row statistics are combined with all-reduces. The logsumexp uses MAX then SUM. The
+target cosine comes from the owning rank (a SUM with zeros elsewhere). Every rank then holds the same
+global-batch loss, and the gradients are the exact gradients of it:
+
+* centers: each rank gets the gradient of its own rows;
+* embeddings: the gradient of the gathered batch is summed over ranks (all-reduce) and each rank keeps
+  its rows. With DDP on the backbone, DDP then *averages* the backbone gradients over ranks, which
+  divides the exact gradient of the global loss by the world size. ``embedding_grad_scale=world_size``
+  undoes that, as insightface's Partial FC does, so that a DDP step equals a single-process step on the
+  global batch.
+
+``sample_rate < 1`` is Partial FC's negative-class sampling. Each rank keeps every positive class of
+the global batch that it owns, plus uniformly sampled negatives up to ``ceil(sample_rate * C_r)``.
+Labels are remapped, and it is reproducible with a ``generator``.
+
+Any rank whose arguments are bad raises a ``ValueError``, and so does every other rank (a small
+all-reduce of error flags precedes the heavy collectives). A crashed rank makes the others fail after
+the process group's timeout rather than hang.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mdkernels import _validate as V
+from mdkernels import reference
+from mdkernels.functional import resolve_backend
+from mdkernels.ops import margin_ce as mce
+from mdkernels.ops.l2norm import normalize_backward, row_rnorm
+from mdkernels.ops.margin import margin_target_and_slope
+
+
+def _world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("mdkernels.distributed needs torch.distributed initialised (init_process_group)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def collective_check(error: str | None, group=None) -> None:
+    """Raise on every rank when any rank found a problem (instead of leaving the others in a collective)."""
+    rank, world = _world(group)
+    flags = torch.zeros(world, dtype=torch.int32)
+    flags[rank] = 0 if error is None else 1
+    dist.all_reduce(flags, group=group)
+    if error is not None:
+        raise ValueError(f"rank {rank}: {error}")
+    if int(flags.sum()):
+        bad = flags.nonzero().flatten().tolist()
+        raise ValueError(f"rank(s) {bad} rejected their arguments (see their errors); this rank {rank} stops too")
+
+
+def shard_range(num_classes: int, rank: int, world: int, sizes: list[int] | None = None) -> tuple[int, int]:
+    """``(class_start, num_local)`` of ``rank``: an even split (the first ``C % world`` ranks get one more)
+    or explicit ``sizes`` per rank."""
+    if sizes is not None:
+        if len(sizes) != world or sum(sizes) != num_classes or min(sizes) < 0:
+            raise ValueError(f"sizes {sizes} must give {world} non-negative shard sizes summing to {num_classes}")
+        return sum(sizes[:rank]), sizes[rank]
+    base, extra = divmod(num_classes, world)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-sized row blocks; backward sums the gathered gradient over ranks (scaled)."""
+
+    @staticmethod
+    def forward(ctx, x, group, scale):
+        rank, world = _world(group)
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.rows, ctx.scale = group, rank, x.shape[0], scale
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        out = grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+        return (out * ctx.scale if ctx.scale != 1.0 else out), None, None
+
+
+def _gather_plain(t: torch.Tensor, group) -> torch.Tensor:
+    _, world = _world(group)
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _ShardedMarginCE(torch.autograd.Function):
+    """Per-row loss of the global batch against sharded centers (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group):
+        x, w = x.contiguous(), w.contiguous()
+        cd = mce.compute_dtype(x)
+        rx, rw = row_rnorm(x), row_rnorm(w)
+        here = local_target >= 0
+        safe = local_target.clamp_min(0)
+        # target cosine from the owning rank (zeros elsewhere), summed over ranks
+        if w.shape[0]:
+            raw_t = (x.to(cd) * w[safe].to(cd)).sum(1) * rx * rw[safe]
+            raw_t = torch.where(here, raw_t, torch.zeros_like(raw_t))
+        else:
+            raw_t = torch.zeros(x.shape[0], dtype=cd, device=x.device)
+        dist.all_reduce(raw_t, group=group)
+        cos_t = raw_t.clamp(-1.0, 1.0)
+        z_t, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
+        # local non-target logsumexp, then the global one: max, then sum
+        if w.shape[0]:
+            impl = mce._lse_nontarget_triton if backend == "triton" else mce._lse_nontarget_torch
+            lse_local = impl(x, w, local_target, rx, rw, s, tau)
+        else:
+            lse_local = torch.full_like(cos_t, -math.inf)
+        m = lse_local.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        total = torch.exp(lse_local - m)
+        dist.all_reduce(total, group=group)
+        lse_nt = m + torch.log(total)
+        lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)
+        loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
+        ctx.save_for_backward(x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw)
+        ctx.args = (s, m1, m3, fallback, grad, tau, backend)
+        return loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw = ctx.saved_tensors
+        s, m1, m3, fallback, grad, tau, backend = ctx.args
+        need_dw = ctx.needs_input_grad[1]
+        cd = rx.dtype
+        here = local_target >= 0
+        safe = local_target.clamp_min(0)
+        gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
+        z_t, slope = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
+        coef = gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -1.0) & (raw_t <= 1.0))
+        coef_here = torch.where(here, coef, torch.zeros_like(coef))  # the owner adds the target term
+        xh = x.to(cd) * rx[:, None]
+        dw = None
+        if w.shape[0] == 0:
+            dxh = torch.zeros_like(xh)
+            dw = torch.zeros_like(w) if need_dw else None
+        elif backend == "triton":
+            dxh, dwh = mce._grad_hat_triton(x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
+            if need_dw:
+                dwh.index_add_(0, safe, coef_here[:, None] * xh)
+                dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
+        else:
+            dxh, dw = mce._grad_hat_torch(
+                x, w, local_target, rx, rw, lse, gr, s, tau, need_dw,
+                target_dw=lambda rows: coef_here[rows, None] * xh[rows],
+            )  # fmt: skip
+        if w.shape[0]:
+            dxh += coef_here[:, None] * (w[safe].to(cd) * rw[safe, None])
+        # this rank's share of dL/dx for the whole gathered batch; _GatherRows sums the shares
+        dx = normalize_backward(x, dxh)
+        return dx, dw, *(None,) * 11
+
+
+def _sample_classes(local_labels_global: torch.Tensor, num_local: int, sample_rate: float, generator):
+    """Indices (sorted) of this rank's kept classes: every positive, then random negatives."""
+    positives = torch.unique(local_labels_global[local_labels_global >= 0])
+    keep = max(int(math.ceil(sample_rate * num_local)), positives.numel())
+    if keep >= num_local:
+        return torch.arange(num_local, device=local_labels_global.device)
+    score = torch.rand(num_local, generator=generator, device=generator.device if generator else "cpu")
+    score = score.to(local_labels_global.device)
+    score[positives] = 2.0  # positives always kept
+    return torch.topk(score, keep).indices.sort().values
+
+
+def sharded_margin_cross_entropy(
+    embeddings: torch.Tensor,
+    local_centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    group=None,
+    sample_rate: float = 1.0,
+    generator: torch.Generator | None = None,
+    embedding_grad_scale: float = 1.0,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float | torch.Tensor = 0.5,
+    m3: float = 0.0,
+    fallback: bool = True,
+    grad: str = "exact",
+    interclass_filter: float | None = None,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Margin cross-entropy of the global batch against centers sharded over ranks.
+
+    embeddings: (B_local, D) this rank's batch (every rank the same B_local); labels: (B_local,) global
+    class ids; local_centers: (C_r, D), rows ``[class_start, class_start + C_r)`` of the ``(num_classes,
+    D)`` matrix. ``m2`` as a tensor is per row of this rank's batch. Returns the global-batch loss
+    (identical on every rank). Other arguments as :func:`mdkernels.margin_cross_entropy`.
+    """
+    rank, world = _world(group)
+    error = None
+    try:
+        V.check_margin_ce_args(embeddings, local_centers, labels, s=s, m2=m2, grad=grad, reduction=reduction,
+                               centers_name="local_centers")  # fmt: skip
+        if not 0 <= class_start <= num_classes - local_centers.shape[0]:
+            raise ValueError(
+                f"class_start={class_start} with {local_centers.shape[0]} local centers does not fit in "
+                f"num_classes={num_classes}"
+            )
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        V.check_label_values(labels, num_classes, ignore_index)
+    except (ValueError, TypeError) as err:
+        error = str(err)
+    collective_check(error, group)
+    sizes = _gather_plain(torch.tensor([embeddings.shape[0]], device=embeddings.device), group)
+    if int(sizes.min()) != int(sizes.max()):
+        raise ValueError(f"every rank must pass the same local batch size; got {sizes.tolist()}")
+    backend = resolve_backend(backend, embeddings)
+    if backend == "reference":
+        backend = "torch"  # the sharded path is always fused; 'reference' means the unsharded oracle
+    cd = mce.compute_dtype(embeddings)
+    m2_rows = (
+        m2.detach().to(cd) if isinstance(m2, torch.Tensor)
+        else torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
+    )  # fmt: skip
+    x = _GatherRows.apply(embeddings, group, float(embedding_grad_scale))
+    y = _gather_plain(labels.long(), group)
+    m2_all = _gather_plain(m2_rows, group)
+    valid = y != ignore_index
+    num_local = local_centers.shape[0]
+    in_shard = valid & (y >= class_start) & (y < class_start + num_local)
+    local = torch.where(in_shard, y - class_start, torch.full_like(y, -1))
+    w = local_centers
+    if sample_rate < 1.0 and num_local:
+        index = _sample_classes(local, num_local, sample_rate, generator)
+        remap = torch.full((num_local,), -1, dtype=torch.long, device=y.device)
+        remap[index] = torch.arange(index.numel(), device=y.device)
+        local = torch.where(in_shard, remap[local.clamp_min(0)], local)
+        w = local_centers[index]
+    tau = None if interclass_filter is None else float(interclass_filter)
+    loss_rows = _ShardedMarginCE.apply(x, w, local, valid, m2_all, float(s), float(m1), float(m3), bool(fallback),
+                                       grad, tau, backend, group)  # fmt: skip
+    if reduction == "none":
+        return loss_rows[rank * embeddings.shape[0] : (rank + 1) * embeddings.shape[0]]
+    total = loss_rows.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def sharded_margin_distillation_loss(
+    embeddings: torch.Tensor,
+    local_teacher_centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    teacher_embeddings: torch.Tensor | None = None,
+    teacher_cos: torch.Tensor | None = None,
+    s: float = 64.0,
+    m_min: float = 0.2,
+    m_max: float = 0.5,
+    dmax: str | float = "global",
+    fallback: bool = False,
+    group=None,
+    **kwargs,
+) -> torch.Tensor:
+    """MarginDistillation with sharded, frozen teacher centers. ``cT_i`` comes from the rank owning
+    ``y_i``; ``dmax="global"``/``"batch"`` is the max over the global batch (an all-reduce)."""
+    if (teacher_embeddings is None) == (teacher_cos is None):
+        raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
+    ignore_index = kwargs.get("ignore_index", -1)
+    valid = labels != ignore_index
+    if teacher_cos is None:
+        t_all = _gather_plain(teacher_embeddings.detach(), group)
+        y_all = _gather_plain(labels.long(), group)
+        here_all = (y_all != ignore_index) & (y_all >= class_start) & (y_all < class_start + len(local_teacher_centers))
+        local = torch.where(here_all, y_all - class_start, torch.zeros_like(y_all))
+        c = torch.zeros(y_all.shape[0], dtype=mce.compute_dtype(embeddings), device=embeddings.device)
+        if len(local_teacher_centers):
+            ct = (reference.normalize(t_all) * reference.normalize(local_teacher_centers.detach()[local])).sum(1)
+            c = torch.where(here_all, ct.to(c.dtype), c)
+        dist.all_reduce(c, group=group)
+        rank, _ = _world(group)
+        teacher_cos = c[rank * labels.shape[0] : (rank + 1) * labels.shape[0]]
+    teacher_cos = teacher_cos.detach().to(mce.compute_dtype(embeddings))
+    if isinstance(dmax, str):
+        d = torch.where(valid, teacher_cos, torch.full_like(teacher_cos, -math.inf)).max()
+        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
+        dmax = float(d) if math.isfinite(float(d)) else 1.0
+    m = reference.distillation_margins(teacher_cos, valid, m_min=m_min, m_max=m_max, dmax=float(dmax))
+    return sharded_margin_cross_entropy(
+        embeddings, local_teacher_centers.detach(), labels, class_start=class_start, num_classes=num_classes,
+        group=group, s=s, m1=1.0, m2=m, m3=0.0, fallback=fallback, **kwargs,
+    )  # fmt: skip
+
+
+def sharded_proxyless_kd_loss(embeddings, local_teacher_centers, labels, *, class_start, num_classes,
+                              margin="arcface", s=64.0, m=0.5, group=None, **kwargs):  # fmt: skip
+    """ProxylessKD with sharded, frozen teacher centers."""
+    reference.check_proxyless_dims(embeddings, local_teacher_centers)
+    m1, m2, m3 = reference.margin_triple(margin, m)
+    return sharded_margin_cross_entropy(
+        embeddings, local_teacher_centers.detach(), labels, class_start=class_start, num_classes=num_classes,
+        group=group, s=s, m1=m1, m2=m2, m3=m3, **kwargs,
+    )  # fmt: skip
+
+
+class ShardedMarginHead(nn.Module):
+    """A margin-softmax head whose ``(C, D)`` centers are split over the ranks of ``group``.
+
+    ``weight`` holds this rank's rows ``[class_start, class_start + num_local)`` (even split, or
+    ``sizes``). ``load_full_weight(W)`` takes a full ``(C, D)`` matrix (e.g. from an unsharded
+    :class:`mdkernels.nn.ArcFace` checkpoint) and ``full_weight()`` gathers it back on every rank, so
+    checkpoints move between world sizes.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0, *, sizes: list[int] | None = None, group=None, sample_rate: float = 1.0,
+                 embedding_grad_scale: float | None = None, **margin_kwargs) -> None:  # fmt: skip
+        super().__init__()
+        rank, world = _world(group)
+        self.group, self.num_classes, self.embedding_size = group, num_classes, embedding_size
+        self.class_start, self.num_local = shard_range(num_classes, rank, world, sizes)
+        self.sizes = [shard_range(num_classes, r, world, sizes)[1] for r in range(world)]
+        self.s, self.m1, self.m2, self.m3, self.sample_rate = s, m1, m2, m3, sample_rate
+        self.embedding_grad_scale = float(world if embedding_grad_scale is None else embedding_grad_scale)
+        self.margin_kwargs = margin_kwargs
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        return sharded_margin_cross_entropy(
+            embeddings, self.weight, labels, class_start=self.class_start, num_classes=self.num_classes,
+            group=self.group, sample_rate=self.sample_rate, generator=generator,
+            embedding_grad_scale=self.embedding_grad_scale, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+            **self.margin_kwargs,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def load_full_weight(self, full: torch.Tensor) -> None:
+        if full.shape != (self.num_classes, self.embedding_size):
+            raise ValueError(
+                f"full weight must be ({self.num_classes}, {self.embedding_size}), got {tuple(full.shape)}"
+            )
+        self.weight.copy_(full[self.class_start : self.class_start + self.num_local])
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The full ``(C, D)`` matrix on every rank (shards padded to the largest, gathered, trimmed)."""
+        biggest = max(self.sizes)
+        padded = self.weight.new_zeros(biggest, self.embedding_size)
+        padded[: self.num_local] = self.weight
+        parts = _gather_plain(padded, self.group).split(biggest)
+        return torch.cat([p[:n] for p, n in zip(parts, self.sizes, strict=True)])
