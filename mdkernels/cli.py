@@ -1,8 +1,15 @@
-"""``mdk``: the mdkernels command line (``mdk info``, ``mdk demo``; train/eval/bench come later)."""
+"""``mdk``: the mdkernels command line.
+
+mdk info                                   versions and capabilities
+mdk demo [--quick] [--out DIR]             teacher -> student distillation on generated identities (CPU)
+mdk train --data train.rec --val val.bin --method arcface|...|hinton [--config cfg.json] [--resume]
+mdk eval CHECKPOINT TARGET                 a checkpoint on a verification .bin or an image folder
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -15,24 +22,81 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from mdkernels.demo import run_demo
+    from mdkernels.train.demo import run_demo
 
-    run_demo(steps=args.steps, num_classes=args.classes, seed=args.seed, backend=args.backend, out=args.out)
+    run_demo(out=args.out, preset="quick" if args.quick else args.preset, progress=not args.no_progress)
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mdkernels.train.trainer import TrainConfig, train
+
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values.update(json.load(f))
+    for field in dataclasses.fields(TrainConfig):
+        v = getattr(args, field.name, None)
+        if v is not None:
+            values[field.name] = v
+    cfg = TrainConfig.from_dict(values)
+    if not cfg.data and not args.resume:
+        raise SystemExit("mdk train: --data (a train.rec or an image folder) is required")
+    result = train(cfg, resume=args.resume)
+    metrics = {k: v for k, v in result["metrics"].items() if k != "roc"}
+    print(json.dumps({"checkpoint": result["checkpoint"], "step": result["step"], **metrics}, indent=1))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mdkernels.train.trainer import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.target, flip=not args.no_flip, max_pairs=args.max_pairs)
+    metrics.pop("roc")
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from mdkernels.train.trainer import METHODS, TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        name = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        if "bool" in kind:
+            p.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+        elif field.name == "method":
+            p.add_argument(name, dest=field.name, choices=METHODS, default=None)
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            p.add_argument(name, dest=field.name, type=conv, default=None,
+                           help=f"default: {field.default!r}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mdk", description="mdkernels: fused margin softmax and distillation")
+    parser = argparse.ArgumentParser(
+        prog="mdk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print versions and what this install can run")
     p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("demo", help="train an ArcFace head on generated identities (CPU, seconds)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--classes", type=int, default=1000, help="identities in the generated set (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "reference"])
-    p.add_argument("--out", default=None, help="write the loss curve as JSON to this file")
+    p = sub.add_parser("demo", help="distil a teacher into students on generated identities (CPU)")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (about 3 minutes on 2 cores)")
+    p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"])
+    p.add_argument("--out", default="mdk_demo", help="output folder (default: mdk_demo)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("train", help="train a backbone with a margin loss or a distillation method")
+    p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
+    p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last.pt")
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a .bin verification set or an image folder")
+    p.add_argument("checkpoint")
+    p.add_argument("target", help="a verification .bin, or an image folder (pairs are drawn from it)")
+    p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
+    p.add_argument("--max-pairs", type=int, default=3000)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

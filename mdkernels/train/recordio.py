@@ -1,0 +1,128 @@
+"""MXNet RecordIO (insightface's ``train.rec`` + ``train.idx``) read and written in pure Python.
+
+Record framing: ``uint32 magic 0xced7230a``, ``uint32 lrecord`` (upper 3 bits: continuation flag,
+lower 29: length), payload, zero padding to 4 bytes. An image payload is an ``IRHeader``
+(``uint32 flag, float32 label, uint64 id, uint64 id2``), then ``flag`` float32 labels when ``flag > 0``,
+then the encoded image. The ``.idx`` file holds one ``key\\toffset`` line per record.
+
+insightface's layout: record 0 is a header whose labels are ``(first identity record, end)``; image
+records are keys ``1 .. N``; identity records ``first .. end-1`` hold each identity's ``[start, end)``
+image keys. Readers accept files without the header (then every record is an image).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+MAGIC = 0xCED7230A
+_HEADER = struct.Struct("<IfQQ")
+
+
+def pack(label: float | Iterable[float], payload: bytes, id_: int = 0) -> bytes:
+    """IRHeader + payload; a sequence ``label`` is stored in the extra-labels field (``flag = len``)."""
+    if isinstance(label, (int, float)):
+        return _HEADER.pack(0, float(label), id_, 0) + payload
+    labels = [float(v) for v in label]
+    return _HEADER.pack(len(labels), 0.0, id_, 0) + struct.pack(f"<{len(labels)}f", *labels) + payload
+
+
+def unpack(record: bytes) -> tuple[tuple[float, ...] | float, bytes]:
+    """``(label, payload)``; the label is a float, or a tuple when the header carries several."""
+    if len(record) < _HEADER.size:
+        raise ValueError(f"record of {len(record)} bytes is shorter than an IRHeader ({_HEADER.size})")
+    flag, label, _, _ = _HEADER.unpack_from(record)
+    if flag > 0:
+        end = _HEADER.size + 4 * flag
+        if len(record) < end:
+            raise ValueError(f"record header announces {flag} labels but the record is too short")
+        return struct.unpack_from(f"<{flag}f", record, _HEADER.size), record[end:]
+    return label, record[_HEADER.size :]
+
+
+class RecordWriter:
+    """Writes ``path.rec`` and ``path.idx`` (keys in the order given)."""
+
+    def __init__(self, rec_path: str | Path, idx_path: str | Path) -> None:
+        self.rec = open(rec_path, "wb")  # noqa: SIM115
+        self.idx = open(idx_path, "w")  # noqa: SIM115
+
+    def write(self, key: int, record: bytes) -> None:
+        offset = self.rec.tell()
+        if len(record) >= 1 << 29:
+            raise ValueError("records of 512 MB or more need continuation records, which this writer does not write")
+        self.rec.write(struct.pack("<II", MAGIC, len(record)))
+        self.rec.write(record)
+        self.rec.write(b"\0" * ((4 - len(record) % 4) % 4))
+        self.idx.write(f"{key}\t{offset}\n")
+
+    def close(self) -> None:
+        self.rec.close()
+        self.idx.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RecordReader:
+    """Random access to a ``.rec`` through its ``.idx``. Safe to use from DataLoader workers: the file
+    is (re)opened lazily in each process."""
+
+    def __init__(self, rec_path: str | Path, idx_path: str | Path) -> None:
+        self.rec_path, self.idx_path = Path(rec_path), Path(idx_path)
+        for p in (self.rec_path, self.idx_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"RecordIO file not found: {p}")
+        self.offsets: dict[int, int] = {}
+        size = self.rec_path.stat().st_size
+        with open(self.idx_path) as f:
+            for n, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                try:
+                    key, offset = int(parts[0]), int(parts[1])
+                except (ValueError, IndexError):
+                    raise ValueError(f"{self.idx_path}:{n}: expected 'key<TAB>offset', got {line.strip()!r}") from None
+                if not 0 <= offset < size:
+                    raise ValueError(f"{self.idx_path}:{n}: offset {offset} is outside {self.rec_path} ({size} bytes)")
+                self.offsets[key] = offset
+        self._file = None
+        self._pid = None
+
+    @property
+    def keys(self) -> list[int]:
+        return list(self.offsets)
+
+    def read(self, key: int) -> bytes:
+        import os
+
+        if self._file is None or self._pid != os.getpid():
+            self._file = open(self.rec_path, "rb")  # noqa: SIM115
+            self._pid = os.getpid()
+        if key not in self.offsets:
+            raise KeyError(f"record {key} is not in {self.idx_path}")
+        self._file.seek(self.offsets[key])
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{self.rec_path}: truncated record {key} at offset {self.offsets[key]}")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != MAGIC:
+            raise ValueError(f"{self.rec_path}: bad magic {magic:#x} for record {key} at offset {self.offsets[key]} "
+                             "(corrupt file, or an .idx from another .rec)")  # fmt: skip
+        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        if cflag != 0:
+            raise ValueError(f"{self.rec_path}: record {key} is split (continuation records are not supported)")
+        data = self._file.read(length)
+        if len(data) < length:
+            raise ValueError(f"{self.rec_path}: truncated record {key} ({len(data)} of {length} bytes)")
+        return data
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"], state["_pid"] = None, None
+        return state
