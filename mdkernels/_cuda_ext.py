@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 try:  # built by setup.py when nvcc was found (MDK_BUILD_CUDA=AUTO|ON)
@@ -18,9 +21,31 @@ def built() -> bool:
     return ext is not None
 
 
+_ARCH_OK: dict[int, bool] = {}
+
+
+def _arch_ok(device: torch.device) -> bool:
+    """The module was built for this GPU: a compute capability at or above the lowest built arch (the
+    build embeds PTX, which newer GPUs JIT-compile). Older GPUs fall back to torch."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCH_OK:
+        major, minor = torch.cuda.get_device_capability(index)
+        lowest = min(int(a) for a in ext.archs.split(",") if a.strip().isdigit())
+        _ARCH_OK[index] = major * 10 + minor >= lowest
+    return _ARCH_OK[index]
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """True when the CUDA module can run on these tensors (built, CUDA tensors, a supported dtype)."""
-    return ext is not None and all(t.is_cuda and t.dtype in _DTYPE_CODES for t in tensors)
+    """True when the CUDA module can run on these tensors (built for this GPU, CUDA tensors, a supported
+    dtype)."""
+    return (
+        ext is not None and all(t.is_cuda and t.dtype in _DTYPE_CODES for t in tensors) and _arch_ok(tensors[0].device)
+    )
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s GPU current while launching on it (kernels run on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -29,3 +54,15 @@ def dtype_code(t: torch.Tensor) -> int:
 
 def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def guard_device(fn):
+    """Run ``fn`` with its first tensor argument's GPU current (Triton and CUDA launch on the current one)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        with on_device(t) if t is not None else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -44,10 +44,12 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def collective_check(error: str | None, group=None) -> None:
-    """Raise on every rank when any rank found a problem (instead of leaving the others in a collective)."""
+def collective_check(error: str | None, group=None, device: torch.device | str = "cpu") -> None:
+    """Raise on every rank when any rank found a problem (instead of leaving the others in a collective).
+
+    ``device``: where the flags live; NCCL only reduces CUDA tensors."""
     rank, world = _world(group)
-    flags = torch.zeros(world, dtype=torch.int32)
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
     flags[rank] = 0 if error is None else 1
     dist.all_reduce(flags, group=group)
     if error is not None:
@@ -98,7 +100,7 @@ class _ShardedMarginCE(torch.autograd.Function):
     """Per-row loss of the global batch against sharded centers (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group):
+    def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local):
         x, w = x.contiguous(), w.contiguous()
         cd = mce.compute_dtype(x)
         rx, rw = row_rnorm(x), row_rnorm(w)
@@ -129,6 +131,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
         ctx.save_for_backward(x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw)
         ctx.args = (s, m1, m3, fallback, grad, tau, backend)
+        ctx.group, ctx.rows_local = group, rows_local
         return loss_rows
 
     @staticmethod
@@ -136,6 +139,9 @@ class _ShardedMarginCE(torch.autograd.Function):
         x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw = ctx.saved_tensors
         s, m1, m3, fallback, grad, tau, backend = ctx.args
         need_dw = ctx.needs_input_grad[1]
+        if ctx.rows_local:  # reduction="none": each rank back-propagates only its own rows; share them
+            grad_rows = grad_rows.contiguous().clone()
+            dist.all_reduce(grad_rows, group=ctx.group)
         cd = rx.dtype
         here = local_target >= 0
         safe = local_target.clamp_min(0)
@@ -162,7 +168,7 @@ class _ShardedMarginCE(torch.autograd.Function):
             dxh += coef_here[:, None] * (w[safe].to(cd) * rw[safe, None])
         # this rank's share of dL/dx for the whole gathered batch; _GatherRows sums the shares
         dx = normalize_backward(x, dxh)
-        return dx, dw, *(None,) * 11
+        return dx, dw, *(None,) * 12
 
 
 def _sample_classes(local_labels_global: torch.Tensor, num_local: int, sample_rate: float, generator):
@@ -221,7 +227,7 @@ def sharded_margin_cross_entropy(
         V.check_label_values(labels, num_classes, ignore_index)
     except (ValueError, TypeError) as err:
         error = str(err)
-    collective_check(error, group)
+    collective_check(error, group, embeddings.device)
     sizes = _gather_plain(torch.tensor([embeddings.shape[0]], device=embeddings.device), group)
     if int(sizes.min()) != int(sizes.max()):
         raise ValueError(f"every rank must pass the same local batch size; got {sizes.tolist()}")
@@ -249,7 +255,7 @@ def sharded_margin_cross_entropy(
         w = local_centers[index]
     tau = None if interclass_filter is None else float(interclass_filter)
     loss_rows = _ShardedMarginCE.apply(x, w, local, valid, m2_all, float(s), float(m1), float(m3), bool(fallback),
-                                       grad, tau, backend, group)  # fmt: skip
+                                       grad, tau, backend, group, reduction == "none")  # fmt: skip
     if reduction == "none":
         return loss_rows[rank * embeddings.shape[0] : (rank + 1) * embeddings.shape[0]]
     total = loss_rows.sum()

@@ -160,12 +160,12 @@ def distillation_margins(
     if isinstance(dmax, str):
         if dmax not in ("batch", "global"):
             raise ValueError(f"dmax must be 'batch', 'global' or a positive float, got {dmax!r}")
-        if not bool(valid.any()) and dmax == "batch":
-            return torch.full_like(teacher_cos, m_min)
         d = torch.where(valid, teacher_cos, torch.full_like(teacher_cos, -math.inf)).max()
         if dmax == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(d, op=torch.distributed.ReduceOp.MAX)
         d = float(d)
+        if d == -math.inf:  # every row ignored everywhere: the margins are never used
+            return torch.full_like(teacher_cos, m_min)
     else:
         d = float(dmax)
     if not d > 0:

@@ -47,14 +47,18 @@ def test_cuda_module_was_built():
 def test_cli_info_and_demo(capsys, tmp_path):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
-    out = tmp_path / "curve.json"
-    assert main(["demo", "--steps", "80", "--classes", "50", "--out", str(out)]) == 0
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
     import json
 
-    curve = json.loads(out.read_text())
-    assert curve[-1]["step"] == 80
-    assert curve[-1]["loss"] < 0.5 * curve[0]["loss"]
-    assert curve[-1]["id_accuracy"] > 0.5 > curve[0]["id_accuracy"]
+    printed = capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())
+    methods = {r["method"] for r in rows}
+    assert methods == {"teacher", "arcface", "margindistill", "proxyless", "angular", "triplet", "hinton"}
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["tar@far=1e-3"] <= 1.0
+    assert "margindistill" in printed and "TAR@FAR=1e-3" in printed
+    assert (out / "roc.png").stat().st_size > 1000 and (out / "training_curves.png").stat().st_size > 1000
 
 
 @pytest.mark.skipif(not (REPO / "setup.py").exists(), reason="needs the source tree")

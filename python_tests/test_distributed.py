@@ -39,6 +39,10 @@ def global_inputs(world, dtype, max_label=C, seed=0):
     return x.to(dtype), w.to(dtype), y
 
 
+def row_weights(world):
+    return torch.linspace(0.5, 2.0, world * B_LOCAL, dtype=torch.float64)
+
+
 def teacher_embeddings(x, w, y):
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     return R.normalize(w[y.clamp_min(0)]) + 0.5 * R.normalize(noise)
@@ -101,6 +105,14 @@ def _run_cases(rank, world):
                                                   backend=case.get("backend", "torch"), **case["kw"])  # fmt: skip
         loss.backward()
         out[name] = (loss.detach(), xl.grad, wl.grad, start, n)
+    # reduction="none": each rank back-propagates its own rows with its own weights
+    x, w, y = global_inputs(world, torch.float64)
+    start, n = mdist.shard_range(C, rank, world)
+    xl = x[sl].clone().requires_grad_()
+    wl = w[start : start + n].clone().requires_grad_()
+    rows = mdist.sharded_margin_cross_entropy(xl, wl, y[sl], class_start=start, num_classes=C, reduction="none")
+    (rows * row_weights(world)[sl]).sum().backward()
+    out["none"] = (rows.detach(), xl.grad, wl.grad, start, n)
     # sampling: reproducible, and equal to the unsharded loss over the kept classes
     x, w, y = global_inputs(world, torch.float64)
     start, n = mdist.shard_range(C, rank, world)
@@ -177,6 +189,23 @@ def test_sharded_equals_unsharded(sharded_run, name):
         close(loss, ref.detach())  # the same loss on every rank
         close(dx, gx[rank * B_LOCAL : (rank + 1) * B_LOCAL])
         close(dw, gw[start : start + n])
+
+
+def test_reduction_none_gradients(sharded_run):
+    world, results = sharded_run
+    x, w, y = global_inputs(world, torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    rows = R.margin_cross_entropy(x, w, y, reduction="none")
+    gx, gw = torch.autograd.grad((rows * row_weights(world)).sum(), (x, w))
+    gw_sum = torch.zeros_like(gw)
+    for rank, r in enumerate(results):
+        loss_rows, dx, dw, start, n = r["none"]
+        sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        torch.testing.assert_close(loss_rows, rows.detach()[sl], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(dx, gx[sl], rtol=1e-9, atol=1e-12)
+        gw_sum[start : start + n] = dw
+    torch.testing.assert_close(gw_sum, gw, rtol=1e-9, atol=1e-12)
 
 
 def test_sampling_is_reproducible_and_exact_on_the_kept_classes(sharded_run):

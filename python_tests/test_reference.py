@@ -208,6 +208,14 @@ def test_margin_distillation_teacher_embeddings_equal_teacher_cos_and_freeze_cen
     assert w.grad is None  # teacher centers are frozen
 
 
+def test_margin_distillation_all_rows_ignored_is_zero_for_every_dmax():
+    x, w, _ = _inputs(B=3)
+    y = torch.full((3,), -1)
+    for dmax in ("batch", "global"):
+        loss = R.margin_distillation_loss(x, w, y, teacher_cos=torch.zeros(3, **D64), dmax=dmax)
+        assert loss.item() == 0.0
+
+
 def test_margin_distillation_dmax_nonpositive_raises():
     x, w, y = _inputs(B=2)
     with pytest.raises(ValueError, match="Dmax"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from mdkernels._cuda_ext import on_device
 from mdkernels.ops.margin_ce import HAS_TRITON, compute_dtype, interpreting
 
 EPS = 1e-12
@@ -37,8 +38,8 @@ if HAS_TRITON:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
-            s = tl.load(S + rows[:, None] * stride_s + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-            t = tl.load(T + rows[:, None] * stride_t + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            s = tl.load(S + rows[:, None].to(tl.int64) * stride_s + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            t = tl.load(T + rows[:, None].to(tl.int64) * stride_t + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
             ss += tl.sum(s * s, 1)
             tt += tl.sum(t * t, 1)
             st += tl.sum(s * t, 1)
@@ -72,10 +73,10 @@ if HAS_TRITON:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (dd < D)[None, :]
-            s = tl.load(S + rows[:, None] * stride_s + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-            t = tl.load(T + rows[:, None] * stride_t + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            s = tl.load(S + rows[:, None].to(tl.int64) * stride_s + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            t = tl.load(T + rows[:, None].to(tl.int64) * stride_t + dd[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
             ds = dcos[:, None] * (t * rt[:, None] - s * proj[:, None]) * rs[:, None]
-            tl.store(DS + rows[:, None] * D + dd[None, :], ds.to(DS.dtype.element_ty), mask=mask)
+            tl.store(DS + rows[:, None].to(tl.int64) * D + dd[None, :], ds.to(DS.dtype.element_ty), mask=mask)
 
 
 def _config(D: int) -> dict:
@@ -137,9 +138,10 @@ def angular_distill_forward(
     loss, ns, nt, cos = (torch.empty(R, dtype=cd, device=s.device) for _ in range(4))
     cfg = _config(D)
     if R:
-        _angular_forward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
-        )
+        with on_device(s):
+            _angular_forward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+                s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
+            )
     return loss, ns, nt, cos
 
 
@@ -161,9 +163,10 @@ def angular_distill_backward(
     ds = torch.empty_like(s)
     cfg = _config(D)
     if R:
-        _angular_backward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
-        )
+        with on_device(s):
+            _angular_backward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+                s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
+            )
     return ds
 
 

@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from mdkernels._cuda_ext import guard_device
 from mdkernels._validate import check_label_values
 from mdkernels.ops.l2norm import normalize_backward, row_rnorm
 from mdkernels.ops.margin import margin_target_and_slope
@@ -80,10 +81,14 @@ if HAS_TRITON:
             dd = d0 + tl.arange(0, BLOCK_D)
             d_mask = dd < D
             xt = tl.load(
-                X + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+                X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
             )
             wt = tl.load(
-                W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
+                W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
             )
             if UPCAST:  # the interpreter's low-precision dot is unreliable
                 xt = xt.to(ACC_DTYPE)
@@ -189,8 +194,8 @@ if HAS_TRITON:
         PRECISION: tl.constexpr,
     ):
         """One (row tile, class tile): recompute the tile, then ``dx^ += G n(W)``, ``dW^ += G^T n(x)``."""
-        pid_b = tl.program_id(0)
-        pid_c = tl.program_id(1)
+        pid_c = tl.program_id(0)  # class tiles on axis 0: CUDA caps grid axis 1 at 65535
+        pid_b = tl.program_id(1)
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         row_mask = rows < B
@@ -233,23 +238,29 @@ if HAS_TRITON:
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_mask = dd < D
                 wt = tl.load(
-                    W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
+                    W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
                 )
                 if UPCAST:
                     wt = wt.to(ACC_DTYPE)
                 dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 tl.atomic_add(
-                    DXH + rows[:, None] * D + dd[None, :], dx.to(ACC_DTYPE), mask=row_mask[:, None] & d_mask[None, :]
+                    DXH + rows[:, None].to(tl.int64) * D + dd[None, :],
+                    dx.to(ACC_DTYPE),
+                    mask=row_mask[:, None] & d_mask[None, :],
                 )
                 if COMPUTE_DW:
                     xt = tl.load(
-                        X + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+                        X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0,
                     )
                     if UPCAST:
                         xt = xt.to(ACC_DTYPE)
                     dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                     tl.atomic_add(
-                        DWH + cols[:, None] * D + dd[None, :],
+                        DWH + cols[:, None].to(tl.int64) * D + dd[None, :],
                         dw.to(ACC_DTYPE),
                         mask=col_mask[:, None] & d_mask[None, :],
                     )
@@ -325,6 +336,7 @@ def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
     return specs
 
 
+@guard_device
 def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     B, D = x.shape
     C = w.shape[0]
@@ -363,6 +375,7 @@ def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     return m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
 
 
+@guard_device
 def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     B, D = x.shape
     C = w.shape[0]
@@ -370,7 +383,7 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     cfg = _triton_config(x.dtype, B, D)
     dxh = torch.zeros(B, D, dtype=cd, device=x.device)
     dwh = torch.zeros(C, D, dtype=cd, device=x.device) if need_dw else dxh  # dummy pointer when unused
-    grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"]))
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(B, cfg["BLOCK_B"]))
     _margin_ce_backward_kernel[grid](
         x,
         w,
@@ -460,7 +473,8 @@ def _grad_hat_torch(x, w, labels, rx, rw, lse, gr, s, tau, need_dw, target_dw):
             raw.masked_fill_(raw > tau, 0.0)
         rows, cols = _target_mask(labels, c0, c1)
         keep[rows, cols] = False
-        g = raw.mul_(s).sub_(lse[:, None]).exp_().mul_(gr[:, None] * s).mul_(keep)
+        # masked entries go to exp(-inf) = 0 *before* the exp: the un-margined target logit may overflow
+        g = raw.mul_(s).sub_(lse[:, None]).masked_fill_(~keep, -math.inf).exp_().mul_(gr[:, None] * s)
         dxh.addmm_(g * rw[None, c0:c1], w[c0:c1].to(xh.dtype))  # dL/dx^ = sum_j g_ij w_j / |w_j|
         if need_dw:
             dwh = g.T @ xh

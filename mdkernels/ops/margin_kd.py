@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from mdkernels._cuda_ext import guard_device
 from mdkernels._validate import check_label_values
 from mdkernels.ops import margin_ce as mce
 from mdkernels.ops.l2norm import normalize_backward, row_rnorm
@@ -91,8 +92,8 @@ if mce.HAS_TRITON:
         COMPUTE_DW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_b = tl.program_id(0)
-        pid_c = tl.program_id(1)
+        pid_c = tl.program_id(0)  # class tiles on axis 0: CUDA caps grid axis 1 at 65535
+        pid_b = tl.program_id(1)
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         row_mask = rows < B
@@ -123,27 +124,34 @@ if mce.HAS_TRITON:
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_mask = dd < D
                 wt = tl.load(
-                    W + cols[:, None] * stride_w + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0
+                    W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
+                    mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0,
                 )
                 if UPCAST:
                     wt = wt.to(ACC_DTYPE)
                 dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(DXH + rows[:, None] * D + dd[None, :], dx, mask=row_mask[:, None] & d_mask[None, :])
+                tl.atomic_add(
+                    DXH + rows[:, None].to(tl.int64) * D + dd[None, :], dx, mask=row_mask[:, None] & d_mask[None, :]
+                )
                 if COMPUTE_DW:
                     xt = tl.load(
-                        XS + rows[:, None] * stride_xs + dd[None, :],
+                        XS + rows[:, None].to(tl.int64) * stride_xs + dd[None, :],
                         mask=row_mask[:, None] & d_mask[None, :],
                         other=0.0,
                     )
                     if UPCAST:
                         xt = xt.to(ACC_DTYPE)
                     dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                    tl.atomic_add(DWH + cols[:, None] * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+                    tl.atomic_add(
+                        DWH + cols[:, None].to(tl.int64) * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :]
+                    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # statistics over non-target classes: Triton and chunked torch
 # ----------------------------------------------------------------------------------------------------
+@guard_device
 def _stats_triton(xs, xt, w, labels, rxs, rxt, rw, s, T):
     B, D = xs.shape
     C = w.shape[0]
@@ -230,10 +238,13 @@ def _grad_hat_torch(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, 
         zt = mce._chunk_cos(xth, w, rw, c0, c1).clamp_(-1.0, 1.0).mul_(s)
         rows, cols = mce._target_mask(labels, c0, c1)
         keep[rows, cols] = False
+        # masked entries to -inf before the exps: the un-margined target logits may overflow
+        zs.masked_fill_(~keep, -math.inf)
+        zt.masked_fill_(~keep, -math.inf)
         q_t = zt.div_(T).sub_(lse_tT[:, None]).exp_()
         q_s = (zs / T).sub_(lse_sT[:, None]).exp_()
         g = zs.sub_(lse_s[:, None]).exp_().mul_(1.0 - alpha).add_(q_s.sub_(q_t), alpha=alpha * T)
-        g.mul_(gr[:, None] * s).mul_(keep)
+        g.mul_(gr[:, None] * s)
         dxh.addmm_(g * rw[None, c0:c1], w[c0:c1].to(cd))
         if need_dw:
             dwh = g.T @ xsh
@@ -279,6 +290,7 @@ def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_in
     return loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw
 
 
+@guard_device
 def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, T, alpha, s, m1, m2, m3,
                   fallback, ignore_index, need_dw, backend):  # fmt: skip
     xs, xt, w, labels = xs.contiguous(), xt.contiguous(), w.contiguous(), labels.long().contiguous()
@@ -299,7 +311,7 @@ def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt,
         cfg = mce._triton_config(xs.dtype, B, D)
         dxh = torch.zeros(B, D, dtype=cd, device=xs.device)
         dwh = torch.zeros(C, D, dtype=cd, device=xs.device) if need_dw else dxh
-        grid = (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"]))
+        grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(B, cfg["BLOCK_B"]))
         _margin_kd_backward_kernel[grid](
             xs,
             xt,

@@ -20,6 +20,7 @@ import math
 import torch
 
 from mdkernels import reference
+from mdkernels._cuda_ext import guard_device
 from mdkernels.ops.margin_ce import HAS_TRITON, interpreting
 
 _CHUNK_TERMS = 1 << 20  # triplet terms per torch chunk: 4 MB in fp32
@@ -141,6 +142,7 @@ def _all_torch(ds, dt, labels, m_min, m_max, ignore_index):
     return total / count, grad / count, count
 
 
+@guard_device
 def _all_triton(ds, dt, labels, m_min, m_max, ignore_index):
     B = ds.shape[0]
     acc = torch.float64 if ds.dtype == torch.float64 else torch.float32

@@ -311,6 +311,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ``<out>/last.pt``."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.method in DISTILL and not cfg.teacher and not resume:
+        raise ValueError(f"--method {cfg.method} needs --teacher <checkpoint of a trained teacher>")
     rank, world, device = _dist_setup()
     out = Path(cfg.out)
     sharded = cfg.sharded and world > 1

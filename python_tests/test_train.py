@@ -1,0 +1,191 @@
+"""The reference training loop: data formats, evaluation, end-to-end runs, exact resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdkernels.cli import main as mdk
+from mdkernels.train import data as D
+from mdkernels.train import evaluate as E
+from mdkernels.train import recordio
+from mdkernels.train.trainer import TrainConfig, load_checkpoint, train
+
+SMALL = dict(identities=12, per_identity=8, heldout_identities=10, pairs=40, size=32)
+
+
+@pytest.fixture(scope="module")
+def rec_data(tmp_path_factory):
+    return D.generate_dataset(tmp_path_factory.mktemp("rec"), fmt="rec", seed=0, **SMALL)
+
+
+def small_cfg(data: dict, out, **kw) -> TrainConfig:
+    base = dict(data=data["train"], val=data["val"], out=str(out), backbone="mobilefacenet", width=0.25,
+                embedding_size=64, input_size=32, epochs=1, batch_size=16, workers=0, s=32.0, progress=False,
+                tensorboard=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+# --- data formats ----------------------------------------------------------------------------------------
+def test_recordio_round_trip(tmp_path):
+    payloads = [os.urandom(n) for n in (0, 1, 5, 1000)]
+    with recordio.RecordWriter(tmp_path / "a.rec", tmp_path / "a.idx") as w:
+        w.write(0, recordio.pack((5.0, 9.0), b""))
+        for k, p in enumerate(payloads, 1):
+            w.write(k, recordio.pack(float(k * 3), p))
+    r = recordio.RecordReader(tmp_path / "a.rec", tmp_path / "a.idx")
+    assert recordio.unpack(r.read(0)) == ((5.0, 9.0), b"")
+    for k, p in enumerate(payloads, 1):
+        assert recordio.unpack(r.read(k)) == (float(k * 3), p)
+    assert sorted(r.keys) == [0, 1, 2, 3, 4]
+
+
+def test_generated_rec_and_folder_hold_the_same_identities(rec_data, tmp_path):
+    folder = D.generate_dataset(tmp_path, fmt="folder", seed=0, **SMALL)
+    a = D.open_dataset(rec_data["train"], size=32, train=False)
+    b = D.open_dataset(folder["train"], size=32, train=False)
+    assert len(a) == len(b) == 96 and a.num_classes == b.num_classes == 12
+    assert a.labels == b.labels
+    img, label, index = a[17]
+    assert img.shape == (3, 32, 32) and -1 <= img.min() and img.max() <= 1 and index == 17
+    assert torch.equal(img, b[17][0])  # same generator, same pixels, either format
+    aug = D.open_dataset(rec_data["train"], size=32, train=True, seed=3)
+    assert torch.equal(aug[5][0], aug[5][0])  # augmentation is a function of (seed, epoch, index)
+    epoch0 = [aug[i][0] for i in range(10)]
+    aug.set_epoch(1)
+    assert any(not torch.equal(a, aug[i][0]) for i, a in enumerate(epoch0))  # a new epoch, new augmentation
+
+
+def test_bad_data_files_give_clear_errors(rec_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.rec"):
+        D.open_dataset(tmp_path / "missing.rec")
+    rec = Path(rec_data["train"])
+    shutil.copy(rec, tmp_path / "t.rec")
+    with pytest.raises(FileNotFoundError, match="t.idx"):
+        D.open_dataset(tmp_path / "t.rec")
+    (tmp_path / "t.idx").write_text("0\t0\n1\t999999999\n")
+    with pytest.raises(ValueError, match="outside"):
+        D.open_dataset(tmp_path / "t.rec")
+    raw = bytearray(rec.read_bytes())
+    raw[0:4] = b"\0\0\0\0"
+    (tmp_path / "c.rec").write_bytes(bytes(raw))
+    shutil.copy(rec.with_suffix(".idx"), tmp_path / "c.idx")
+    with pytest.raises(ValueError, match="bad magic"):
+        D.open_dataset(tmp_path / "c.rec")
+    root = tmp_path / "folders"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "0.png").write_bytes(D.encode_png(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(ValueError, match="identity folder .*b has no images"):
+        D.ImageFolderDataset(root)
+    (root / "b" / "0.png").write_bytes(b"not a png")
+    (root / "b" / "1.png").write_bytes(D.encode_png(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        ds = D.ImageFolderDataset(root)
+    assert len(ds) == 2 and ds.skipped[0].endswith("0.png")
+
+
+# --- evaluation ------------------------------------------------------------------------------------------
+def test_kfold_accuracy_and_tar_on_constructed_pairs():
+    n = 400  # 200 genuine at 0.9 except 10 at 0.1; 200 impostors at 0.2: any threshold in (0.2, 0.9] is best
+    issame = np.arange(n) % 2 == 0
+    scores = np.where(issame, 0.9, 0.2)
+    scores[np.flatnonzero(issame)[:10]] = 0.1
+    acc, std, ths = E.kfold_accuracy(scores, issame)
+    assert acc == pytest.approx(1 - 10 / n) and all(0.2 < t <= 0.9 for t in ths)
+    assert E.tar_at_far(scores, issame, 1e-3) == pytest.approx(190 / 200)
+    perfect = np.where(issame, 0.7, 0.3)
+    assert E.kfold_accuracy(perfect, issame)[0] == 1.0
+    far, tar = E.roc(perfect, issame)
+    assert far[0] == 0 and tar[-1] == 1 and np.all(np.diff(far) >= 0)
+
+
+def test_bin_loader_reads_sets_and_refuses_malicious_pickles(rec_data, tmp_path):
+    images, issame = E.load_bin(rec_data["val"], 32)
+    assert images.shape == (80, 3, 32, 32) and issame.shape == (40,) and issame.sum() == 20
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps(([Evil()], [True])))
+    with pytest.raises(ValueError, match="refusing to load"):
+        E.load_bin(tmp_path / "evil.bin")
+    assert not marker.exists()
+    (tmp_path / "trunc.bin").write_bytes(Path(rec_data["val"]).read_bytes()[:100])
+    with pytest.raises(ValueError, match="trunc.bin"):
+        E.load_bin(tmp_path / "trunc.bin")
+    (tmp_path / "odd.bin").write_bytes(pickle.dumps(([b"x"], [True])))
+    with pytest.raises(ValueError, match="need 2 per pair"):
+        E.load_bin(tmp_path / "odd.bin")
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        E.load_bin(tmp_path / "nope.bin")
+
+
+# --- training --------------------------------------------------------------------------------------------
+def test_end_to_end_teacher_student_and_eval(rec_data, tmp_path, capsys):
+    teacher = train(small_cfg(rec_data, tmp_path / "t", epochs=2))
+    assert Path(teacher["checkpoint"]).is_file() and 0 <= teacher["metrics"]["accuracy"] <= 1
+    log = (tmp_path / "t" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,loss,train_acc,lr,images_per_s")
+    for method in ("margindistill", "proxyless", "angular", "triplet", "hinton"):
+        res = train(small_cfg(rec_data, tmp_path / method, method=method, teacher=teacher["checkpoint"]))
+        assert np.isfinite(res["metrics"]["accuracy"]), method
+    assert len(list((tmp_path / "t" / "teacher_cache").glob("teacher_*.npy"))) == 1  # computed once, shared
+    assert mdk(["eval", teacher["checkpoint"], rec_data["val"]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.0 <= out["accuracy"] <= 1.0 and "tar@far=1e-3" in out
+    folder = D.generate_dataset(tmp_path / "f", fmt="folder", seed=1, **SMALL)
+    assert mdk(["eval", teacher["checkpoint"], folder["train"], "--max-pairs", "60"]) == 0
+    ckpt = load_checkpoint(teacher["checkpoint"])  # weights_only=True
+    assert ckpt["config"]["method"] == "arcface" and ckpt["head"]["head.weight"].shape == (12, 64)
+    with pytest.raises(ValueError, match="needs --teacher"):
+        train(small_cfg(rec_data, tmp_path / "x", method="hinton"))
+
+
+def _cli_train(args, env=None):
+    cmd = [sys.executable, "-m", "mdkernels.cli", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(rec_data, tmp_path):
+    args = ["--data", rec_data["train"], "--backbone", "mobilefacenet", "--width", "0.25", "--embedding-size", "64",
+            "--input-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "1", "--s", "32",
+            "--no-progress", "--no-tensorboard", "--save-every", "4"]  # fmt: skip
+    full = _cli_train([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _cli_train([*args, "--out", str(tmp_path / "cut")], env={"MDK_KILL_AT_STEP": "8"})
+    assert killed.returncode == 137  # died hard, mid-epoch 2 (6 steps per epoch)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 8
+    resumed = _cli_train(["--out", str(tmp_path / "cut"), "--resume", "--workers", "0", "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    for k, v in a["backbone"].items():
+        assert torch.equal(v, b["backbone"][k]), k
+    assert torch.equal(a["head"]["head.weight"], b["head"]["head.weight"])
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_ddp_with_two_gloo_processes(rec_data, tmp_path, sharded):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdkernels.cli",
+           "train", "--data", rec_data["train"], "--out", str(out), "--backbone", "mobilefacenet", "--width", "0.25",
+           "--embedding-size", "64", "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+           "--no-progress", "--no-tensorboard", *(["--sharded"] if sharded else [])]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["step"] == 6  # 96 images / (2 ranks x 8)
+    assert ckpt["head"]["head.weight"].shape == (12, 64)  # the full matrix, gathered from the shards
+    assert (out / "last.rank1.pt").is_file() == sharded
