@@ -1,15 +1,25 @@
-"""Fused margin cross-entropy vs the eager reference and an insightface-style head: time and memory.
+"""Fused margin cross-entropy against what users run instead: time and peak memory.
 
-    python -m bench.bench_margin_ce                      # CPU goal shape: B=256, D=512, C=100k fp32
-    python -m bench.bench_margin_ce --B 1024 --C 85742 --dtype bfloat16 --device cuda
+    python -m bench.bench_margin_ce                                  # CPU: B=256, D=512, C=100k fp32
+    python -m bench.bench_margin_ce --suite gpu                      # the issue's GPU grid, bf16 + fp32
+    python -m bench.bench_margin_ce --B 1024 --C 85742 --dtype bfloat16 --modes fwd bwd fwd+bwd --frozen
 
-Rows go to bench/results/<device>.csv (see bench/harness.py).
+Providers: every mdkernels backend (``mdk_triton`` on GPU, ``mdk_torch``); the eager ``reference``;
+``compile_reference`` (torch.compile of it); ``insightface_eager`` (normalised F.linear, margin on the
+target, F.cross_entropy: what users run today); ``pml_arcface`` (pytorch-metric-learning, where
+installed); ``torch_linear_ce`` (F.linear_cross_entropy, no margin and no normalisation: the fused CE
+floor); ``liger_flce`` (Liger-Kernel's fused linear CE, GPU, where installed); and ``gemm_bound``, the
+bare matmuls of the same shapes and dtype (forward ``x@W^T``, backward ``G@W`` and ``G^T@x``): the
+floor the fused op is measured against.
+
+Rows go to bench/results/<device>.csv; ``--plot`` writes bench/results/<device>_margin_ce_*.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import torch
@@ -18,10 +28,17 @@ import torch.nn.functional as F
 from bench import harness
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUITES = {
+    "cpu": dict(B=[256], C=[10_000, 100_000], dtypes=["float32"], device="cpu"),
+    "quick": dict(B=[64], C=[20_000], dtypes=["float32"], device="cpu"),
+    "gpu": dict(
+        B=[128, 512, 1024], C=[10_000, 85_742, 360_232, 2_000_000], dtypes=["bfloat16", "float32"], device="cuda"
+    ),  # fmt: skip
+}
 
 
 def insightface_head(x, w, y, s=64.0, m=0.5):
-    """What users run today (arcface_torch style): normalised F.linear, margin on the target, CE."""
+    """arcface_torch style: normalised F.linear, margin on the target (straight-through), CE."""
     cos = F.linear(F.normalize(x), F.normalize(w)).clamp(-1, 1)
     idx = torch.arange(len(y), device=y.device)
     target = cos[idx, y]
@@ -32,16 +49,42 @@ def insightface_head(x, w, y, s=64.0, m=0.5):
 
 
 def providers(device: str) -> dict:
+    """name -> loss(x, w, y); ``None`` for gemm_bound (timed separately)."""
     import mdkernels
 
+    ref = lambda x, w, y: mdkernels.reference.margin_cross_entropy(x, w, y)
     out = {
-        "reference": lambda x, w, y: mdkernels.reference.margin_cross_entropy(x, w, y),
-        "insightface_eager": insightface_head,
         "mdk_torch": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="torch"),
+        "reference": ref,
+        "compile_reference": torch.compile(ref, dynamic=False),
+        "insightface_eager": insightface_head,
+        "torch_linear_ce": lambda x, w, y: F.linear_cross_entropy(x, w, y),
+        "gemm_bound": None,
     }
     if device == "cuda":
-        out["mdk_triton"] = lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="triton")
-        out["gemm_bound"] = None  # filled in run(): the three bare matmuls of the same shapes
+        out = {"mdk_triton": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="triton"), **out}
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            out["liger_flce"] = lambda x, w, y: liger_fused_linear_cross_entropy(x, w, y)
+        except ImportError:
+            pass
+    try:
+        from pytorch_metric_learning.losses import ArcFaceLoss
+
+        cache: dict = {}
+
+        def pml(x, w, y):
+            key = (w.shape, w.dtype, w.device)
+            if key not in cache:
+                cache[key] = ArcFaceLoss(w.shape[0], w.shape[1], margin=28.6, scale=64).to(w.device, w.dtype)
+            loss_fn = cache[key]
+            loss_fn.W = torch.nn.Parameter(w.T, requires_grad=w.requires_grad)  # same centers, PML's layout
+            return loss_fn(x, y)
+
+        out["pml_arcface"] = pml
+    except ImportError:
+        pass
     return out
 
 
@@ -53,67 +96,91 @@ def make_inputs(B, D, C, dtype, device, frozen=False, seed=0):
     return x, w, y
 
 
-def step(fn, x, w, y):
-    loss = fn(x, w, y)
-    loss.backward()
+def _zero(x, w):
     x.grad = None
     if w.requires_grad:
         w.grad = None
 
 
+def callables(fn, mode, x, w, y):
+    """The thing to time for ``mode``; for "bwd" the forward runs once, outside the timing."""
+    if fn is None:  # gemm_bound
+        g = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+        xd, wd = x.detach(), w.detach()
+        frozen = not w.requires_grad
+        if mode == "fwd":
+            return lambda: xd @ wd.T
+        bwd = (lambda: g @ wd) if frozen else (lambda: (g @ wd, g.T @ xd))
+        if mode == "bwd":
+            return bwd
+        return lambda: (xd @ wd.T, bwd())
+    if mode == "fwd":
+        return lambda: fn(x, w, y)
+    if mode == "bwd":
+        loss = fn(x, w, y)
+
+        def run():
+            _zero(x, w)
+            loss.backward(retain_graph=True)
+
+        return run
+
+    def step():
+        _zero(x, w)
+        fn(x, w, y).backward()
+
+    return step
+
+
+def gemm_count(mode: str, frozen: bool) -> int:
+    return {"fwd": 1, "bwd": 1 if frozen else 2, "fwd+bwd": 2 if frozen else 3}[mode]
+
+
 def child(spec: dict) -> None:
-    """Subprocess body: peak RSS rise of one fwd+bwd (the gradient buffers it returns included)."""
-    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
-    x, w, y = make_inputs(spec["B"], spec["D"], spec["C"], DTYPES[spec["dtype"]], "cpu", spec.get("frozen", False))
+    """Subprocess body: peak RSS rise of one call (the gradient buffers it returns included)."""
+    dtype = DTYPES[spec["dtype"]]
     fn = providers("cpu")[spec["provider"]]
-    # one tiny call first: page in the libraries' code and thread pools, which are not this call's memory
-    xs, ws, ys = make_inputs(8, spec["D"], 64, DTYPES[spec["dtype"]], "cpu", spec.get("frozen", False))
-    fn(xs, ws, ys).backward()
-    del xs, ws, ys
+    x, w, y = make_inputs(spec["B"], spec["D"], spec["C"], dtype, "cpu", spec.get("frozen", False))
+    call = callables(fn, spec["mode"], x, w, y)
+    call()  # warm-up at full size (pages in code, compiles); the second call is measured
     if not harness.reset_peak_rss():
         raise SystemExit("cannot reset the peak RSS on this OS: CPU peak memory needs Linux")
     base = harness.current_rss_bytes()
-    loss = fn(x, w, y)
-    loss.backward()
+    call()
     print(harness.maxrss_bytes() - base)
 
 
-def run(B: int, D: int, C: int, dtype: str, device: str, frozen: bool, reps: int, only: list[str] | None):
+def run(B, D, C, dtype, device, frozen, reps, only, modes):
     rows = []
     x, w, y = make_inputs(B, D, C, DTYPES[dtype], device, frozen)
+    op = "margin_ce" + ("_frozen" if frozen else "")
     for name, fn in providers(device).items():
         if only and name not in only:
             continue
-        if name == "gemm_bound":
-            g = torch.randn(B, C, device=device, dtype=x.dtype)
-            xd, wd = x.detach(), w.detach()
-            call = lambda xd=xd, wd=wd, g=g: (xd @ wd.T, g @ wd, g.T @ xd)
-        else:
-            call = lambda fn=fn: step(fn, x, w, y)
-        if device == "cuda":
-            med, p20, p80 = harness.time_gpu(call)
-            peak = harness.peak_gpu(call)
-        else:
-            med, p20, p80 = harness.time_cpu(call, reps=reps)
-            peak = harness.peak_cpu_subprocess(
-                "bench_margin_ce", dict(provider=name, B=B, D=D, C=C, dtype=dtype, frozen=frozen)
-            )
-        gemms = 3 if not frozen else 2
-        row = harness.base_row("margin_ce" + ("_frozen" if frozen else ""), device)
-        row.update(
-            provider=name,
-            mode="fwd+bwd",
-            B=B,
-            D=D,
-            C=C,
-            dtype=dtype,
-            ms_median=med,
-            ms_p20=p20,
-            ms_p80=p80,
-            peak_mem_bytes=peak,
-            tflops=round(gemms * 2 * B * C * D / (med * 1e-3) / 1e12, 3),
-        )
-        rows.append(row)
+        for mode in modes:
+            try:
+                call = callables(fn, mode, x, w, y)
+                if device == "cuda":
+                    med, p20, p80 = harness.time_gpu(call)
+                    peak = harness.peak_gpu(call)
+                else:
+                    med, p20, p80 = harness.time_cpu(call, reps=reps)
+                    spec = dict(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, frozen=frozen)
+                    peak = harness.peak_cpu_subprocess("bench_margin_ce", spec)
+            except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. eager at C = 2M
+                print(f"{name} {mode}: {type(err).__name__}: {str(err)[:200]}")
+                med = p20 = p80 = math.nan
+                peak = ""
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            row = harness.base_row(op, device)
+            flops = gemm_count(mode, frozen) * 2 * B * C * D
+            tflops = round(flops / (med * 1e-3) / 1e12, 3) if med == med else ""
+            row.update(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, ms_median=med, ms_p20=p20, ms_p80=p80,
+                       peak_mem_bytes=peak, tflops=tflops)  # fmt: skip
+            rows.append(row)
+            x.grad = None
+            w.grad = None
     return rows
 
 
@@ -122,20 +189,37 @@ def main(argv=None) -> None:
         child(json.loads(sys.argv[2]))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=list(SUITES), help="a shape grid (overrides --B/--C/--dtype/--device)")
     p.add_argument("--B", type=int, default=256)
     p.add_argument("--D", type=int, default=512)
     p.add_argument("--C", type=int, default=100_000)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--modes", nargs="*", default=["fwd+bwd"], choices=["fwd", "bwd", "fwd+bwd"])
     p.add_argument("--frozen", action="store_true", help="centers without gradient (MarginDistillation)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--only", nargs="*", help="providers to run")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--plot", action="store_true", help="write PNG plots from the device's CSV afterwards")
     args = p.parse_args(argv)
-    rows = run(args.B, args.D, args.C, args.dtype, args.device, args.frozen, args.reps, args.only)
-    harness.print_table(rows)
-    if not args.no_save:
-        print("appended to", harness.append_rows(rows, args.device))
+    grid = [(args.B, args.C, args.dtype)]
+    device = args.device
+    if args.suite:
+        suite = SUITES[args.suite]
+        device = suite["device"]
+        grid = [(b, c, dt) for dt in suite["dtypes"] for b in suite["B"] for c in suite["C"]]
+    rows = []
+    for B, C, dtype in grid:
+        part = run(B, args.D, C, dtype, device, args.frozen, args.reps, args.only, args.modes)
+        harness.print_table(part)
+        rows += part
+        if not args.no_save:
+            harness.append_rows(part, device)
+    if args.plot:
+        from bench import plot
+
+        for path in plot.plot_op(harness.RESULTS / f"{harness.slug(harness.device_name(device))}.csv", "margin_ce"):
+            print("plot:", path)
 
 
 if __name__ == "__main__":

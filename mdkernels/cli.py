@@ -57,6 +57,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+    import os
+
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(f"bench.bench_{args.op}")
+    except ImportError as err:
+        raise SystemExit(f"mdk bench runs from a checkout of mdkernels (bench/ is not installed): {err}") from err
+    module.main(args.rest)
+    return 0
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     from mdkernels.train.trainer import METHODS, TrainConfig
 
@@ -91,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue exactly from <out>/last.pt")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("bench", help="run a benchmark from a checkout: mdk bench margin_ce --suite cpu")
+    p.add_argument("op", choices=["margin_ce", "distill"], help="bench/bench_<op>.py")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (see its --help)")
+    p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("eval", help="evaluate a checkpoint on a .bin verification set or an image folder")
     p.add_argument("checkpoint")
     p.add_argument("target", help="a verification .bin, or an image folder (pairs are drawn from it)")
