@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "angular_distill.h"
 #include "l2norm.h"
 
 namespace py = pybind11;
@@ -35,7 +36,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.doc() = "mdkernels CUDA C++ kernels (raw pointers + stream; see mdkernels/_cuda_ext.py)";
   m.attr("archs") = std::string(MDK_CUDA_ARCHS_STR);
   m.attr("cuda_runtime_version") = CUDART_VERSION;
-  m.attr("kernels") = std::vector<std::string>{"l2norm_forward", "l2norm_backward"};
+  m.attr("kernels") =
+      std::vector<std::string>{"l2norm_forward", "l2norm_backward", "angular_forward", "angular_backward"};
   m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without a driver)");
 
   m.def(
@@ -57,5 +59,30 @@ PYBIND11_MODULE(_cuda, m) {
       },
       py::arg("dtype"), py::arg("dy_is_float32"), py::arg("x"), py::arg("dy"), py::arg("dx"), py::arg("rows"),
       py::arg("dim"), py::arg("x_row_stride"), py::arg("dy_row_stride"), py::arg("dx_row_stride"), py::arg("eps"),
+      py::arg("stream"));
+
+  m.def(
+      "angular_forward",
+      [](int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t loss, std::uintptr_t ns, std::uintptr_t nt,
+         std::uintptr_t cos, int64_t rows, int64_t dim, int64_t ss, int64_t ts, float p, std::uintptr_t stream) {
+        mdk::angular_forward(static_cast<mdk::DType>(dtype), ptr<const void>(s), ptr<const void>(t), ptr<float>(loss),
+                             ptr<float>(ns), ptr<float>(nt), ptr<float>(cos), rows, dim, ss, ts, p,
+                             mdk::as_stream(stream));
+      },
+      py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("loss"), py::arg("ns"), py::arg("nt"), py::arg("cos"),
+      py::arg("rows"), py::arg("dim"), py::arg("s_row_stride"), py::arg("t_row_stride"), py::arg("p"),
+      py::arg("stream"));
+
+  m.def(
+      "angular_backward",
+      [](int dtype, std::uintptr_t s, std::uintptr_t t, std::uintptr_t g, std::uintptr_t ns, std::uintptr_t nt,
+         std::uintptr_t cos, std::uintptr_t ds, int64_t rows, int64_t dim, int64_t ss, int64_t ts, float p,
+         std::uintptr_t stream) {
+        mdk::angular_backward(static_cast<mdk::DType>(dtype), ptr<const void>(s), ptr<const void>(t),
+                              ptr<const float>(g), ptr<const float>(ns), ptr<const float>(nt), ptr<const float>(cos),
+                              ptr<void>(ds), rows, dim, ss, ts, p, mdk::as_stream(stream));
+      },
+      py::arg("dtype"), py::arg("s"), py::arg("t"), py::arg("g"), py::arg("ns"), py::arg("nt"), py::arg("cos"),
+      py::arg("ds"), py::arg("rows"), py::arg("dim"), py::arg("s_row_stride"), py::arg("t_row_stride"), py::arg("p"),
       py::arg("stream"));
 }

@@ -2,33 +2,12 @@
 // a second strided pass writes. Rows of face-recognition embeddings/centers are short (D = 128..1024),
 // so 128 threads per row keeps every thread busy with 1-8 elements and many rows in flight per SM.
 #include "l2norm.h"
+#include "block_reduce.h"
 
 namespace mdk {
 namespace {
 
 constexpr int kThreads = 128;
-
-template <int N>
-__device__ inline void block_sum(float (&v)[N], float (*shared)[kThreads / 32]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v[i] += __shfl_xor_sync(0xffffffffu, v[i], off);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) shared[i][warp] = v[i];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    float acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) acc += shared[i][w];
-    v[i] = acc;
-  }
-}
 
 template <typename T>
 __global__ void l2norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ rnorm,
@@ -41,7 +20,7 @@ __global__ void l2norm_forward_kernel(const T* __restrict__ x, T* __restrict__ y
     const float a = to_float(xr[k]);
     v[0] += a * a;
   }
-  block_sum<1>(v, shared);
+  block_sum<1, kThreads>(v, shared);
   const float inv = 1.f / fmaxf(sqrtf(v[0]), eps);
   if (threadIdx.x == 0) rnorm[row] = inv;
   if (y != nullptr) {
@@ -63,7 +42,7 @@ __global__ void l2norm_backward_kernel(const T* __restrict__ x, const TG* dy, T*
     v[0] += a * a;
     v[1] += a * to_float(dyr[k]);
   }
-  block_sum<2>(v, shared);
+  block_sum<2, kThreads>(v, shared);
   const float norm = sqrtf(v[0]);
   const bool clamped = norm < eps;  // y = x / eps is linear in x: no projection term
   const float inv = 1.f / fmaxf(norm, eps);

@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from mdkernels import _cuda_ext, reference
 from mdkernels import _validate as V
-from mdkernels import reference
 from mdkernels.ops import angular_distill as _ang
 from mdkernels.ops import margin_ce as _mce
 from mdkernels.ops import margin_kd as _kd
@@ -257,6 +257,11 @@ def angular_distillation_loss(
         raise ValueError(f"student must be a floating tensor, got {student.dtype}")
     if not p >= 1:
         raise ValueError(f"p must be >= 1 (1 or 2 in the papers), got {p}")
+    if backend == "cuda":  # the CUDA C++ row kernels (csrc/angular_distill.cu)
+        if not _cuda_ext.usable(student):
+            raise ValueError("backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU")
+        s_rows, t_rows = _ang.rows_of(student, per), _ang.rows_of(teacher.detach(), per)
+        return _ang.angular_distill_forward(s_rows, t_rows, float(p), "cuda")[0].mean()
     backend = resolve_backend(backend, student)
     if backend == "reference":
         return reference.angular_distillation_loss(student, teacher, p=p, per=per)

@@ -284,3 +284,26 @@ def test_gpu_half_precision(backend, dtype, tol, op):
     fast = grads(fn(mdkernels, x, w.detach(), backend=backend), x)
     assert abs(fast[0].item() - truth[0].item()) <= tol * max(1.0, abs(truth[0].item()))
     assert _rel(fast[1], truth[1]) <= tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mdkernels.info()["cuda_extension"], reason="CUDA module not built in this install")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,per", [((67, 500), "sample"), ((3, 64, 7, 9), "sample"), ((3, 64, 7, 9), "position")])
+def test_cuda_angular_kernels_against_truth(dtype, shape, per):
+    from conftest import assert_close_to_truth
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(*shape, generator=g).to("cuda", dtype).requires_grad_()
+    t = torch.randn(*shape, generator=g).to("cuda", dtype)
+    sd = s.detach().double().requires_grad_()
+    truth = grads(R.angular_distillation_loss(sd, t.double(), per=per), sd)
+    plain = grads(R.angular_distillation_loss(s, t, per=per), s)
+    fast = grads(mdkernels.angular_distillation_loss(s, t, per=per, backend="cuda"), s)
+    for f, p_, tr, name in zip(fast, plain, truth, ("loss", "ds"), strict=True):
+        assert_close_to_truth(f, p_, tr, f"cuda angular {dtype} {name}")
+
+
+def test_cuda_backend_is_a_clear_error_without_cuda_tensors():
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
+        mdkernels.angular_distillation_loss(torch.randn(2, 8), torch.randn(2, 8), backend="cuda")

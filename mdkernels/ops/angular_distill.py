@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from mdkernels import _cuda_ext
 from mdkernels._cuda_ext import on_device
 from mdkernels.ops.margin_ce import HAS_TRITON, compute_dtype, interpreting
 
@@ -136,6 +137,24 @@ def angular_distill_forward(
     R, D = s.shape
     cd = compute_dtype(s)
     loss, ns, nt, cos = (torch.empty(R, dtype=cd, device=s.device) for _ in range(4))
+    if backend == "cuda":  # csrc/angular_distill.cu
+        with on_device(s):
+            _cuda_ext.ext.angular_forward(
+                _cuda_ext.dtype_code(s),
+                s.data_ptr(),
+                t.data_ptr(),
+                loss.data_ptr(),
+                ns.data_ptr(),
+                nt.data_ptr(),
+                cos.data_ptr(),
+                R,
+                D,
+                s.stride(0),
+                t.stride(0),
+                float(p),
+                _cuda_ext.stream_of(s),
+            )
+        return loss, ns, nt, cos
     cfg = _config(D)
     if R:
         with on_device(s):
@@ -161,6 +180,25 @@ def angular_distill_backward(
         return _backward_torch(g, s, t, ns, nt, cos, p)
     R, D = s.shape
     ds = torch.empty_like(s)
+    if backend == "cuda":
+        with on_device(s):
+            _cuda_ext.ext.angular_backward(
+                _cuda_ext.dtype_code(s),
+                s.data_ptr(),
+                t.data_ptr(),
+                g.data_ptr(),
+                ns.data_ptr(),
+                nt.data_ptr(),
+                cos.data_ptr(),
+                ds.data_ptr(),
+                R,
+                D,
+                s.stride(0),
+                t.stride(0),
+                float(p),
+                _cuda_ext.stream_of(s),
+            )
+        return ds
     cfg = _config(D)
     if R:
         with on_device(s):
