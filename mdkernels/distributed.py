@@ -117,8 +117,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         z_t, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
         # local non-target logsumexp, then the global one: max, then sum
         if w.shape[0]:
-            impl = mce._lse_nontarget_triton if backend == "triton" else mce._lse_nontarget_torch
-            lse_local = impl(x, w, local_target, rx, rw, s, tau)
+            lse_local = mce.LSE_NONTARGET[backend](x, w, local_target, rx, rw, s, tau)
         else:
             lse_local = torch.full_like(cos_t, -math.inf)
         m = lse_local.clone()
@@ -154,8 +153,8 @@ class _ShardedMarginCE(torch.autograd.Function):
         if w.shape[0] == 0:
             dxh = torch.zeros_like(xh)
             dw = torch.zeros_like(w) if need_dw else None
-        elif backend == "triton":
-            dxh, dwh = mce._grad_hat_triton(x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
+        elif backend in mce.GRAD_HAT:
+            dxh, dwh = mce.GRAD_HAT[backend](x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
             if need_dw:
                 dwh.index_add_(0, safe, coef_here[:, None] * xh)
                 dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)

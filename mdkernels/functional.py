@@ -20,7 +20,7 @@ from mdkernels.ops import triplet_distill as _trip
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.margin import warn_if_non_monotone
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
 
 
 class MarginCEStats(NamedTuple):
@@ -36,7 +36,9 @@ class MarginCEStats(NamedTuple):
 
 
 def resolve_backend(backend: str, t: torch.Tensor) -> str:
-    """The concrete backend ``"auto"`` means for tensor ``t`` (CUDA: triton; CPU: chunked torch)."""
+    """The concrete backend ``"auto"`` means for tensor ``t`` (CUDA: triton; CPU: chunked torch).
+
+    ``"cuda"`` (the CUDA C++ kernels) is explicit opt-in until GPU measurements choose it per shape."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":

@@ -123,7 +123,10 @@ def test_frozen_centers_skip_the_dw_gemm(backend, monkeypatch):
         assert out[1] is None
         return out
 
-    monkeypatch.setattr(mce, name, spy)
+    if backend in mce.GRAD_HAT:
+        monkeypatch.setitem(mce.GRAD_HAT, backend, spy)
+    else:
+        monkeypatch.setattr(mce, name, spy)
     loss = mdkernels.margin_cross_entropy(x, w, y, backend=backend)
     (gx,) = torch.autograd.grad(loss, x)
     assert seen == [False]
@@ -263,8 +266,11 @@ def eager_same_dtype(x, w, y, *, s=64.0, m1=1.0, m2=0.5, m3=0.0, fallback=True, 
     return torch.nn.functional.cross_entropy(logits[valid], y[valid])
 
 
+GPU_BACKENDS = ["triton", "torch"] + (["cuda"] if mdkernels.info()["cuda_extension"] else [])
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("config", ["arcface", "cosface", "filter", "straight_through"])
 def test_gpu_low_precision(backend, dtype, config):
@@ -309,3 +315,22 @@ def test_large_margin_does_not_overflow_into_nan(backend):
     for a, b in zip(out, ref, strict=True):
         assert torch.isfinite(a).all()
         assert_close(a, b, torch.float64, "m1=4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not mdkernels.info()["cuda_extension"], reason="CUDA module not built in this install")
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_backend_fp32_matches_reference(config, shape):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, w, y = make(*shape, torch.float32, "cuda")
+    ref = run(R.margin_cross_entropy, x, w, y, **CONFIGS[config])
+    out = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda", **CONFIGS[config])
+    for name, a, b in zip(("loss", "dx", "dw"), out, ref, strict=True):
+        assert_close(a, b, torch.float32, f"cuda {config} {name}")
+
+
+def test_cuda_backend_needs_cuda_tensors():
+    x, w, y = make(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="cuda")

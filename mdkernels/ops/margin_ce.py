@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from mdkernels import _cuda_ext
 from mdkernels._cuda_ext import guard_device
 from mdkernels._validate import check_label_values
 from mdkernels.ops.l2norm import normalize_backward, row_rnorm
@@ -410,6 +411,76 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
 
 
 # ----------------------------------------------------------------------------------------------------
+# CUDA C++ backend (csrc/margin_ce.cu): same contract as the Triton launchers
+# ----------------------------------------------------------------------------------------------------
+@guard_device
+def _lse_nontarget_cuda(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
+    ext = _cuda_ext.ext
+    B, D = x.shape
+    C = w.shape[0]
+    bn = ext.margin_tile_classes
+    row_tiles, class_tiles = -(-B // 64), -(-C // bn)
+    splits = max(1, min(class_tiles, (4 * _num_sms(x.device)) // max(row_tiles, 1)))
+    per_split = -(-class_tiles // splits) * bn
+    splits = -(-C // per_split)
+    m = torch.empty(splits, B, dtype=torch.float32, device=x.device)
+    l = torch.empty_like(m)
+    ext.margin_lse_forward(
+        _cuda_ext.dtype_code(x),
+        x.data_ptr(),
+        w.data_ptr(),
+        rx.data_ptr(),
+        rw.data_ptr(),
+        labels.data_ptr(),
+        m.data_ptr(),
+        l.data_ptr(),
+        B,
+        C,
+        D,
+        x.stride(0),
+        w.stride(0),
+        splits,
+        per_split,
+        float(s),
+        float(tau if tau is not None else 0.0),
+        tau is not None,
+        _cuda_ext.stream_of(x),
+    )
+    m_max = m.max(0).values
+    return m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
+
+
+@guard_device
+def _grad_hat_cuda(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
+    B, D = x.shape
+    C = w.shape[0]
+    dxh = torch.zeros(B, D, dtype=torch.float32, device=x.device)
+    dwh = torch.zeros(C, D, dtype=torch.float32, device=x.device) if need_dw else None
+    _cuda_ext.ext.margin_ce_backward(
+        _cuda_ext.dtype_code(x),
+        x.data_ptr(),
+        w.data_ptr(),
+        rx.data_ptr(),
+        rw.data_ptr(),
+        labels.data_ptr(),
+        lse.contiguous().data_ptr(),
+        gr.contiguous().data_ptr(),
+        dxh.data_ptr(),
+        dwh.data_ptr() if need_dw else 0,
+        B,
+        C,
+        D,
+        x.stride(0),
+        w.stride(0),
+        float(s),
+        float(tau if tau is not None else 0.0),
+        tau is not None,
+        _cuda_ext.stream_of(x),
+    )
+    return dxh, dwh
+
+
+# ----------------------------------------------------------------------------------------------------
 # Chunked torch backend (CPU default): the same algorithm, one class chunk at a time
 # ----------------------------------------------------------------------------------------------------
 _CHUNK_ELEMENTS = 1 << 20  # B x chunk logits per step: 4 MB in fp32
@@ -495,6 +566,12 @@ def _check_backend_device(x: torch.Tensor, backend: str) -> None:
                 "backend='triton' runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set "
                 "before importing mdkernels; use backend='torch' on the CPU"
             )
+    elif backend == "cuda":
+        if x.dtype == torch.float64 or not _cuda_ext.usable(x):
+            raise ValueError(
+                "backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU "
+                "(mdkernels.info()['cuda_extension'])"
+            )
     elif backend != "torch":
         raise ValueError(f"unknown fused backend {backend!r}")
 
@@ -533,11 +610,14 @@ def forward_impl(
         cos_t, m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad="straight_through"
     )
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    impl = _lse_nontarget_triton if backend == "triton" else _lse_nontarget_torch
-    lse_nt = impl(x, w, labels_k, rx, rw, s, interclass_filter)
+    lse_nt = LSE_NONTARGET[backend](x, w, labels_k, rx, rw, s, interclass_filter)
     lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)  # ignored rows: lse over all classes
     loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
     return loss_rows, lse, cos_t, rx, rw
+
+
+LSE_NONTARGET = {"triton": _lse_nontarget_triton, "cuda": _lse_nontarget_cuda, "torch": _lse_nontarget_torch}
+GRAD_HAT = {"triton": _grad_hat_triton, "cuda": _grad_hat_cuda}  # the torch path fuses its own dW epilogue
 
 
 @torch.library.custom_op("mdkernels::margin_ce_forward", mutates_args=())
@@ -598,8 +678,8 @@ def backward_impl(
     coef = gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -1.0) & (raw_t <= 1.0))
     xh = x.to(cd) * rx[:, None]
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    if backend == "triton":
-        dxh, dwh = _grad_hat_triton(x, w, labels_k, rx, rw, lse, gr, s, interclass_filter, need_dw)
+    if backend in GRAD_HAT:  # kernels: raw dx^ and dW^ in fp32 buffers, then the target term and the norm
+        dxh, dwh = GRAD_HAT[backend](x, w, labels_k, rx, rw, lse, gr, s, interclass_filter, need_dw)
         if need_dw:
             dwh.index_add_(0, safe, coef[:, None] * xh)
             dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)

@@ -1,0 +1,273 @@
+// Fused margin-softmax cross-entropy core (SPEC section 1), CUDA C++: the non-target logsumexp per row
+// (forward) and dx^ / dW^ accumulation (backward), never materialising B x C.
+//
+// Tiling: a block owns BM = 64 rows x BN = 64 classes, 128 threads (4 warps). The cosine tile
+// acc = x_tile . w_tile^T is built over D in BK = 32 steps from shared memory: tensor cores (WMMA
+// 16x16x16, fp32 accumulation) for bf16/fp16, fp32 FMAs (SIMT) for fp32. Each warp owns a 32x32 quarter.
+// The tile goes to shared memory as fp32. The epilogue scales by 1/|x_i| and 1/|w_j|, clamps, applies
+// the filter, masks the target column and out-of-range entries, then either updates a per-row online
+// logsumexp (forward; two threads per row, merged at the end) or forms
+// G = s * exp(s*c - lse) * grad_row and accumulates G.W into dX^ and G^T.x into dW^ with fp32 atomics
+// (backward). Gradient products run as SIMT from shared memory in this first version.
+#include <mma.h>
+
+#include "margin_ce.h"
+#include "margin_math.h"
+
+namespace mdk {
+namespace {
+
+constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;
+constexpr int LDS = BK + 8;   // shared row stride for 16-bit tiles: a multiple of 8 elements (WMMA ldm)
+constexpr int LDC = BN + 4;   // shared row stride of the fp32 accumulator tile
+
+template <typename T>
+struct TileSmem {
+  T xs[BM][LDS];
+  T ws[BN][LDS];
+  float cs[BM][LDC];
+};
+
+// Loads rows [r0, r0 + R) x cols [k0, k0 + BK) of a row-major matrix into shared memory, zero-filled.
+template <typename T, int R>
+__device__ inline void load_tile(T (*dst)[LDS], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
+                                 int64_t dim, int64_t stride) {
+  for (int e = threadIdx.x; e < R * BK; e += kThreads) {
+    const int r = e / BK, k = e % BK;
+    const int64_t gr = r0 + r, gk = k0 + k;
+    dst[r][k] = (gr < rows && gk < dim) ? src[gr * stride + gk] : from_float<T>(0.f);
+  }
+}
+
+// acc tile (fp32, in smem.cs) = x[r0:r0+BM] . w[c0:c0+BN]^T over all of D.
+template <typename T>
+__device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __restrict__ w, int64_t r0, int64_t c0,
+                         int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // this warp's 32x32 quarter
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  for (int64_t k0 = 0; k0 < D; k0 += BK) {
+    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
+    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &sm.xs[wm + 16 * i][kk], LDS);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &sm.ws[wn + 16 * j][kk], LDS);  // W^T, col-major
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&sm.cs[wm + 16 * i][wn + 16 * j], acc[i][j], LDC, wmma::mem_row_major);
+  __syncthreads();
+}
+
+// fp32: the same tile with FMAs; each thread computes 32 outputs (one row, 32 strided columns... as a
+// 4 x 8 block) from the shared tiles.
+template <>
+__device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
+                                int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw) {
+  const int tr = (threadIdx.x / 8) * 4, tc = (threadIdx.x % 8) * 8;  // 16 x 8 threads, 4 x 8 outputs each
+  float acc[4][8] = {};
+  for (int64_t k0 = 0; k0 < D; k0 += BK) {
+    load_tile<float, BM>(sm.xs, x, r0, B, k0, D, sx);
+    load_tile<float, BN>(sm.ws, w, c0, C, k0, D, sw);
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < BK; ++k) {
+      float a[4], b[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = sm.xs[tr + i][k];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) b[j] = sm.ws[tc + j][k];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sm.cs[tr + i][tc + j] = acc[i][j];
+  __syncthreads();
+}
+
+// Scaled, clamped, filtered cosine of tile entry (r, c); *keep says whether it carries a gradient.
+__device__ inline float tile_cos(float raw, float rx, float rw, bool has_filter, float tau, bool* keep) {
+  const float c = raw * rx * rw;
+  const float cc = clamp_cos(c);
+  bool k = (c >= -1.f && c <= 1.f);
+  if (has_filter && cc > tau) {
+    *keep = false;
+    return 0.f;
+  }
+  *keep = k;
+  return cc;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
+    const int64_t* __restrict__ labels, float* m_out, float* l_out, int64_t B, int64_t C, int64_t D, int64_t sx,
+    int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
+  const int64_t r0 = int64_t(blockIdx.x) * BM;
+  const int64_t c_begin = int64_t(blockIdx.y) * classes_per_split;
+  const int64_t c_end = c_begin + classes_per_split < C ? c_begin + classes_per_split : C;
+  const int my_row = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per row, 32 columns each
+  const int64_t grow = r0 + my_row;
+  const int64_t y = grow < B ? labels[grow] : -1;
+  const float rxi = grow < B ? rx[grow] : 0.f;
+  LseState<float> st = LseState<float>::empty();
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
+    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sw);
+    if (grow < B) {
+      for (int j = half * (BN / 2); j < (half + 1) * (BN / 2); ++j) {
+        const int64_t col = c0 + j;
+        if (col >= c_end || col == y) continue;
+        bool keep;
+        st.push(s * tile_cos(sm.cs[my_row][j], rxi, rw[col], has_filter, tau, &keep));
+      }
+    }
+    __syncthreads();  // cs is overwritten by the next tile
+  }
+  // merge the two halves of each row (adjacent lanes)
+  LseState<float> other;
+  other.m = __shfl_xor_sync(0xffffffffu, st.m, 1);
+  other.l = __shfl_xor_sync(0xffffffffu, st.l, 1);
+  st.merge(other);
+  if (half == 0 && grow < B) {
+    m_out[int64_t(blockIdx.y) * B + grow] = st.m;
+    l_out[int64_t(blockIdx.y) * B + grow] = st.l;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
+    const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr, float* dxh,
+    float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau, bool has_filter) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
+  const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
+  const int64_t r0 = int64_t(blockIdx.y) * BM;
+  // skip tiles whose rows all have zero weight (ignored rows)
+  __shared__ int any_weight;
+  if (threadIdx.x == 0) any_weight = 0;
+  __syncthreads();
+  if (threadIdx.x < BM && r0 + threadIdx.x < B && gr[r0 + threadIdx.x] != 0.f) any_weight = 1;
+  __syncthreads();
+  if (!any_weight) return;
+  cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw);
+  // G in place (fp32): s * exp(s*c - lse) * gr on kept, non-target, in-range entries
+  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+    const int r = e / BN, j = e % BN;
+    const int64_t grow = r0 + r, col = c0 + j;
+    float g = 0.f;
+    if (grow < B && col < C && col != labels[grow]) {
+      bool keep;
+      const float c = tile_cos(sm.cs[r][j], rx[grow], rw[col], has_filter, tau, &keep);
+      if (keep) g = s * gr[grow] * __expf(s * c - lse[grow]);
+    }
+    sm.cs[r][j] = g;
+  }
+  __syncthreads();
+  // dX^[rows, k] += sum_j G[r, j] * w[j, k] / |w_j|;  dW^[cols, k] += sum_r G[r, j] * x[r, k] / |x_r|
+  for (int64_t k0 = 0; k0 < D; k0 += BK) {
+    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
+    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
+      const int r = e / BK, k = e % BK;
+      const int64_t grow = r0 + r, gk = k0 + k;
+      if (grow >= B || gk >= D) continue;
+      float acc = 0.f;
+      for (int j = 0; j < BN && c0 + j < C; ++j) acc += sm.cs[r][j] * rw[c0 + j] * to_float(sm.ws[j][k]);
+      if (acc != 0.f) atomicAdd(&dxh[grow * D + gk], acc);
+    }
+    if (dwh != nullptr) {
+      for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
+        const int j = e / BK, k = e % BK;
+        const int64_t col = c0 + j, gk = k0 + k;
+        if (col >= C || gk >= D) continue;
+        float acc = 0.f;
+        for (int r = 0; r < BM && r0 + r < B; ++r) acc += sm.cs[r][j] * rx[r0 + r] * to_float(sm.xs[r][k]);
+        if (acc != 0.f) atomicAdd(&dwh[col * D + gk], acc);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t splits, int64_t per_split,
+                  cudaStream_t stream) {
+  if (a.B == 0) return;
+  const size_t smem = sizeof(TileSmem<T>);
+  auto kernel = margin_lse_forward_kernel<T>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits));
+  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
+                                           a.labels, m_out, l_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
+                                           a.tau, a.has_filter);
+  check_launch("margin_lse_forward");
+}
+
+template <typename T>
+void backward_impl(const MarginArgs& a, const float* lse, const float* gr, float* dxh, float* dwh,
+                   cudaStream_t stream) {
+  if (a.B == 0 || a.C == 0) return;
+  const size_t smem = sizeof(TileSmem<T>);
+  auto kernel = margin_ce_backward_kernel<T>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.B + BM - 1) / BM));
+  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
+                                           a.labels, lse, gr, dxh, dwh, a.B, a.C, a.D, a.sx, a.sw, a.s, a.tau,
+                                           a.has_filter);
+  check_launch("margin_ce_backward");
+}
+
+}  // namespace
+
+int64_t margin_tile_classes() { return BN; }
+
+void margin_lse_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_out, int64_t splits,
+                        int64_t per_split, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return forward_impl<float>(a, m_out, l_out, splits, per_split, stream);
+    case DType::kFloat16: return forward_impl<__half>(a, m_out, l_out, splits, per_split, stream);
+    case DType::kBFloat16: return forward_impl<__nv_bfloat16>(a, m_out, l_out, splits, per_split, stream);
+  }
+  throw std::invalid_argument("margin_lse_forward: unsupported dtype code");
+}
+
+void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, float* dxh, float* dwh,
+                        cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32: return backward_impl<float>(a, lse, gr, dxh, dwh, stream);
+    case DType::kFloat16: return backward_impl<__half>(a, lse, gr, dxh, dwh, stream);
+    case DType::kBFloat16: return backward_impl<__nv_bfloat16>(a, lse, gr, dxh, dwh, stream);
+  }
+  throw std::invalid_argument("margin_ce_backward: unsupported dtype code");
+}
+
+}  // namespace mdk
