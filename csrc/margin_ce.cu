@@ -78,8 +78,8 @@ __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __re
   __syncthreads();
 }
 
-// fp32: the same tile with FMAs; each thread computes 32 outputs (one row, 32 strided columns... as a
-// 4 x 8 block) from the shared tiles.
+// fp32: the same tile with FMAs (IEEE fp32, no TF32); each thread computes a 4 x 8 block of outputs from
+// the shared tiles.
 template <>
 __device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
                                 int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw) {
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, float* m_out, float* l_out, int64_t B, int64_t C, int64_t D, int64_t sx,
     int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA pointers need 32-byte alignment
   TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
   const int64_t r0 = int64_t(blockIdx.x) * BM;
   const int64_t c_begin = int64_t(blockIdx.y) * classes_per_split;
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr, float* dxh,
     float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau, bool has_filter) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA pointers need 32-byte alignment
   TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
   const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
   const int64_t r0 = int64_t(blockIdx.y) * BM;
