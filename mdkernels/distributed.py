@@ -32,7 +32,7 @@ from torch import nn
 
 from mdkernels import _validate as V
 from mdkernels import reference
-from mdkernels.functional import resolve_backend
+from mdkernels.functional import margin_rows, resolve_backend
 from mdkernels.ops import margin_ce as mce
 from mdkernels.ops.l2norm import normalize_backward, row_rnorm
 from mdkernels.ops.margin import margin_target_and_slope
@@ -233,11 +233,7 @@ def sharded_margin_cross_entropy(
     backend = resolve_backend(backend, embeddings)
     if backend == "reference":
         backend = "torch"  # the sharded path is always fused; 'reference' means the unsharded oracle
-    cd = mce.compute_dtype(embeddings)
-    m2_rows = (
-        m2.detach().to(cd) if isinstance(m2, torch.Tensor)
-        else torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
-    )  # fmt: skip
+    m2_rows = margin_rows(m2, embeddings)
     x = _GatherRows.apply(embeddings, group, float(embedding_grad_scale))
     y = _gather_plain(labels.long(), group)
     m2_all = _gather_plain(m2_rows, group)

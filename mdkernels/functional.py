@@ -48,6 +48,14 @@ def resolve_backend(backend: str, t: torch.Tensor) -> str:
     return "torch"
 
 
+def margin_rows(m2: float | torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """``m2`` as one margin per row ``(B,)`` in the compute dtype, without gradient."""
+    cd = _mce.compute_dtype(embeddings)
+    if isinstance(m2, torch.Tensor):
+        return m2.detach().to(cd)
+    return torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
+
+
 def _reduce(loss_rows: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return loss_rows
@@ -112,11 +120,7 @@ def margin_cross_entropy(
             ignore_index=ignore_index,
             reduction=reduction,
         )
-    cd = _mce.compute_dtype(embeddings)
-    if isinstance(m2, torch.Tensor):
-        m2_rows = m2.detach().to(cd)
-    else:
-        m2_rows = torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
+    m2_rows = margin_rows(m2, embeddings)
     loss_rows, lse, cos_t, _, _ = _mce.margin_ce_forward(
         embeddings,
         centers,

@@ -100,6 +100,43 @@ if HAS_TRITON:
         return acc * rx[:, None] * rw[None, :]
 
     @triton.jit
+    def _scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                       COMPUTE_DW: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """Given ``G = dL/dcos`` of one (rows x cols) tile: ``DXH += G n(W)``, and ``DWH += G^T n(x)`` when
+        COMPUTE_DW, over all of D (fp32 atomics: tiles of other programs add to the same rows/cols)."""
+        rx = tl.load(RX + rows, mask=row_mask, other=0.0)
+        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
+        g_w = g * rw[None, :]  # dL/dx^_i = sum_j g_ij w_j / |w_j|
+        g_x = g * rx[:, None]  # dL/dw^_j = sum_i g_ij x_i / |x_i|
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_mask = dd < D
+            wt = tl.load(
+                W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
+                mask=col_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                wt = wt.to(ACC_DTYPE)
+            dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            tl.atomic_add(
+                DXH + rows[:, None].to(tl.int64) * D + dd[None, :], dx, mask=row_mask[:, None] & d_mask[None, :]
+            )
+            if COMPUTE_DW:
+                xt = tl.load(
+                    X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
+                    mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    xt = xt.to(ACC_DTYPE)
+                dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                tl.atomic_add(
+                    DWH + cols[:, None].to(tl.int64) * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :]
+                )
+
+    @triton.jit
     def _margin_ce_forward_kernel(
         X,
         W,
@@ -231,40 +268,8 @@ if HAS_TRITON:
                 cos = tl.where(cos > tau, 0.0, cos)
             keep = keep & (cols[None, :] != y[:, None]) & col_mask[None, :] & row_mask[:, None]
             g = tl.where(keep, tl.exp(cos * s - lse[:, None]) * (s * gr[:, None]), 0.0)
-            rx = tl.load(RX + rows, mask=row_mask, other=0.0)
-            rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-            g_w = g * rw[None, :]  # dL/dx^_i = sum_j g_ij w_j / |w_j|
-            g_x = g * rx[:, None]  # dL/dw^_j = sum_i g_ij x_i / |x_i|
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_mask = dd < D
-                wt = tl.load(
-                    W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    wt = wt.to(ACC_DTYPE)
-                dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(
-                    DXH + rows[:, None].to(tl.int64) * D + dd[None, :],
-                    dx.to(ACC_DTYPE),
-                    mask=row_mask[:, None] & d_mask[None, :],
-                )
-                if COMPUTE_DW:
-                    xt = tl.load(
-                        X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :],
-                        other=0.0,
-                    )
-                    if UPCAST:
-                        xt = xt.to(ACC_DTYPE)
-                    dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                    tl.atomic_add(
-                        DWH + cols[:, None].to(tl.int64) * D + dd[None, :],
-                        dw.to(ACC_DTYPE),
-                        mask=col_mask[:, None] & d_mask[None, :],
-                    )
+            _scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+                           COMPUTE_DW, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
 
 
 def _triton_config(dtype: torch.dtype, B: int, D: int) -> dict:

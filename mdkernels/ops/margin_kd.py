@@ -116,36 +116,8 @@ if mce.HAS_TRITON:
             q_t = tl.exp(zt * inv_T - lse_tT[:, None])
             dz = (1.0 - alpha) * p_s + (alpha / inv_T) * (q_s - q_t)
             g = tl.where(keep, dz * (s * gr[:, None]), 0.0)
-            rxs = tl.load(RXS + rows, mask=row_mask, other=0.0)
-            rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-            g_w = g * rw[None, :]
-            g_x = g * rxs[:, None]
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_mask = dd < D
-                wt = tl.load(
-                    W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    wt = wt.to(ACC_DTYPE)
-                dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(
-                    DXH + rows[:, None].to(tl.int64) * D + dd[None, :], dx, mask=row_mask[:, None] & d_mask[None, :]
-                )
-                if COMPUTE_DW:
-                    xt = tl.load(
-                        XS + rows[:, None].to(tl.int64) * stride_xs + dd[None, :],
-                        mask=row_mask[:, None] & d_mask[None, :],
-                        other=0.0,
-                    )
-                    if UPCAST:
-                        xt = xt.to(ACC_DTYPE)
-                    dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                    tl.atomic_add(
-                        DWH + cols[:, None].to(tl.int64) * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :]
-                    )
+            mce._scatter_grads(g, XS, W, RXS, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_xs, stride_w,
+                               COMPUTE_DW, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
