@@ -89,7 +89,9 @@ def _worker(rank, world, init_file, out_dir, mode):
     except Exception:
         results["crash"] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    if dist.is_initialized() and mode == "cases":
+    if mode == "crash":  # the group is broken: leave without running its destructors
+        os._exit(0)
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
