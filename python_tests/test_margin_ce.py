@@ -334,3 +334,18 @@ def test_cuda_backend_needs_cuda_tensors():
     x, w, y = make(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
         mdkernels.margin_cross_entropy(x, w, y, backend="cuda")
+
+
+def test_torch_compile_fullgraph_inductor():
+    """The default backend too (generates C++ on the CPU): the custom ops stay opaque inside the graph."""
+    torch.manual_seed(0)
+    body = torch.nn.Linear(16, 32)
+    head = mdkernels.nn.ArcFace(32, 101, backend="torch")
+    x, y = torch.randn(8, 16), torch.randint(0, 101, (8,))
+    step = lambda x, y: head(torch.relu(body(x)), y)
+    eager = step(x, y)
+    grads = torch.autograd.grad(eager, [body.weight, head.weight])
+    loss = torch.compile(step, fullgraph=True)(x, y)
+    assert loss.item() == pytest.approx(eager.item(), rel=1e-5)
+    for a, b in zip(torch.autograd.grad(loss, [body.weight, head.weight]), grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
