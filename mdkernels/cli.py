@@ -75,14 +75,16 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
     for field in dataclasses.fields(TrainConfig):
         name = "--" + field.name.replace("_", "-")
+        # torchrun rejects --s and --m as ambiguous prefixes of its own options: longer aliases
+        names = [name, *{"s": ["--scale"], "m": ["--margin"]}.get(field.name, [])]
         kind = field.type if isinstance(field.type, str) else field.type.__name__
         if "bool" in kind:
-            p.add_argument(name, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
         elif field.name == "method":
-            p.add_argument(name, dest=field.name, choices=METHODS, default=None)
+            p.add_argument(*names, dest=field.name, choices=METHODS, default=None)
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            p.add_argument(name, dest=field.name, type=conv, default=None,
+            p.add_argument(*names, dest=field.name, type=conv, default=None,
                            help=f"default: {field.default!r}")  # fmt: skip
 
 

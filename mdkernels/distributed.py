@@ -335,7 +335,9 @@ class ShardedMarginHead(nn.Module):
         self.s, self.m1, self.m2, self.m3, self.sample_rate = s, m1, m2, m3, sample_rate
         self.embedding_grad_scale = float(world if embedding_grad_scale is None else embedding_grad_scale)
         self.margin_kwargs = margin_kwargs
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
+        # a generator per rank: shards seeded alike would start with identical centers
+        g = torch.Generator().manual_seed(torch.initial_seed() + 1_000_003 * (rank + 1))
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=g))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
         return sharded_margin_cross_entropy(

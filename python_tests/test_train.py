@@ -189,3 +189,80 @@ def test_ddp_with_two_gloo_processes(rec_data, tmp_path, sharded):
     assert ckpt["step"] == 6  # 96 images / (2 ranks x 8)
     assert ckpt["head"]["head.weight"].shape == (12, 64)  # the full matrix, gathered from the shards
     assert (out / "last.rank1.pt").is_file() == sharded
+
+
+# --- regressions from review ---------------------------------------------------------------------------
+def test_recordio_splits_payloads_holding_the_magic_word_as_dmlc_does(tmp_path):
+    magic = recordio._MAGIC_BYTES
+    payloads = [magic + b"abcd" + magic, b"xy" + magic + b"zzzz" + magic + b"!", b"1234" + magic]
+    with recordio.RecordWriter(tmp_path / "m.rec", tmp_path / "m.idx") as w:
+        for k, p in enumerate(payloads):
+            w.write(k, p)
+    raw = (tmp_path / "m.rec").read_bytes()
+    assert raw.count(magic) > len(payloads)  # parts were written, flagged as continuations
+    r = recordio.RecordReader(tmp_path / "m.rec", tmp_path / "m.idx")
+    assert [r.read(k) for k in range(3)] == payloads
+
+
+def test_tied_scores_give_no_optimistic_tar():
+    issame = np.arange(600) % 2 == 0
+    assert E.tar_at_far(np.zeros(600), issame, 1e-3) == 0.0  # a constant model accepts all or nothing
+    far, tar = E.roc(np.zeros(600), issame)
+    assert far.tolist() == [0.0, 1.0] and tar.tolist() == [0.0, 1.0]
+
+
+def test_bin_loader_refuses_non_data_opcodes(tmp_path):
+    (tmp_path / "ext.bin").write_bytes(b"\x80\x02\x82\x01.")  # EXT1: the copyreg extension registry
+    with pytest.raises(ValueError, match="refusing to load a pickle using EXT1"):
+        E.load_bin(tmp_path / "ext.bin")
+    (tmp_path / "build.bin").write_bytes(b"\x80\x02]q\x00]q\x01b.")  # BUILD on a list, with a list as state
+    with pytest.raises(ValueError, match="BUILD"):
+        E.load_bin(tmp_path / "build.bin")
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(rec_data, tmp_path, monkeypatch):
+    from mdkernels.train import trainer
+
+    real, calls = trainer.MethodLoss.forward, {"n": 0}
+
+    def poisoned(self, emb, labels, index):
+        calls["n"] += 1
+        loss = real(self, emb, labels, index)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer.MethodLoss, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite at step 3"):
+        train(small_cfg(rec_data, tmp_path / "nan", save_every=2))
+    ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["backbone"].values() if v.is_floating_point())
+
+
+def test_trainer_edge_cases(rec_data, tmp_path):
+    teacher = train(small_cfg(rec_data, tmp_path / "t", val=None))
+    # ProxylessKD with a student of another width: the projection is used for monitoring too
+    train(small_cfg(rec_data, tmp_path / "p", method="proxyless", teacher=teacher["checkpoint"], embedding_size=32,
+                    val=None))  # fmt: skip
+    # another data set of the same shape must not reuse the teacher cache
+    other = D.generate_dataset(tmp_path / "other", fmt="rec", seed=5, **SMALL)
+    train(small_cfg(other, tmp_path / "p2", method="angular", teacher=teacher["checkpoint"], val=None))
+    assert len(list((tmp_path / "t" / "teacher_cache").glob("teacher_*.npy"))) == 2
+    # resuming with max_steps already reached trains nothing more
+    train(small_cfg(rec_data, tmp_path / "m", max_steps=3, val=None))
+    again = train(small_cfg(rec_data, tmp_path / "m", max_steps=3, val=None), resume=True)
+    assert again["step"] == 3 and load_checkpoint(tmp_path / "m" / "last.pt")["step"] == 3
+    # evaluations go to eval.csv; log.csv keeps one header
+    train(small_cfg(rec_data, tmp_path / "e", epochs=2, eval_every=1))
+    import csv
+
+    with open(tmp_path / "e" / "log.csv") as f:
+        assert all(None not in row and row["loss"] for row in csv.DictReader(f))
+    with open(tmp_path / "e" / "eval.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_cli_margin_aliases_for_torchrun(rec_data, tmp_path):
+    from mdkernels.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--data", "x", "--scale", "30", "--margin", "0.4"])
+    assert args.s == 30.0 and args.m == 0.4

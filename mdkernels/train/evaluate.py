@@ -24,17 +24,45 @@ class _NoGlobals(pickle.Unpickler):
         )
 
 
+# Opcodes that build bytes, lists, tuples, bools, ints and None, and nothing else (no globals, no
+# extension registry, no persistent ids, no object construction, no BUILD).
+_SAFE_OPCODES = {
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT",
+    "GET", "BINGET", "LONG_BINGET", "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1",
+    "TUPLE2", "TUPLE3", "NEWTRUE", "NEWFALSE", "NONE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1",
+    "LONG4", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BINSTRING", "SHORT_BINSTRING", "BYTEARRAY8",
+    "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+}  # fmt: skip
+
+
+def _check_opcodes(data: bytes, path: Path) -> None:
+    import pickletools
+
+    refused = None
+    try:
+        for op, _, pos in pickletools.genops(data):
+            if op.name not in _SAFE_OPCODES:
+                refused = f"{path}: refusing to load a pickle using {op.name} at byte {pos}: a verification .bin holds "
+                refused += "only bytes, lists and bools"
+                break
+    except Exception as err:  # pickletools' own errors: a truncated or garbled file
+        raise ValueError(f"{path}: corrupt or truncated .bin ({type(err).__name__}: {err})") from err
+    if refused:
+        raise ValueError(refused)
+
+
 def load_bin(path: str | Path, size: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """``(images (2N, 3, S, S) in [-1, 1], issame (N,) bool)`` from an insightface verification ``.bin``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"verification set not found: {path}")
+    data = path.read_bytes()
+    _check_opcodes(data, path)  # first a scan: only data opcodes; then an unpickler that resolves nothing
     try:
-        with open(path, "rb") as f:
-            obj = _NoGlobals(io.BytesIO(f.read()), encoding="bytes").load()
+        obj = _NoGlobals(io.BytesIO(data), encoding="bytes").load()
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: not a verification .bin ({err})") from err
-    except (EOFError, ValueError, IndexError, KeyError, TypeError) as err:
+    except Exception as err:
         raise ValueError(f"{path}: corrupt or truncated .bin ({type(err).__name__}: {err})") from err
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(obj).__name__}")
@@ -80,10 +108,10 @@ def kfold_accuracy(scores: np.ndarray, issame: np.ndarray, folds: int = 10) -> t
     Returns ``(mean, std, thresholds)``; scores are similarities (higher = same identity).
     """
     scores, issame = np.asarray(scores, dtype=np.float64), np.asarray(issame, dtype=bool)
-    idx = np.arange(len(scores))
     accs, ths = [], []
-    for k in range(folds):
-        test = idx % folds == k
+    for chunk in np.array_split(np.arange(len(scores)), folds):  # contiguous folds, as insightface's KFold
+        test = np.zeros(len(scores), dtype=bool)
+        test[chunk] = True
         t = _best_threshold(scores[~test], issame[~test])
         accs.append(((scores[test] >= t) == issame[test]).mean())
         ths.append(t)
@@ -94,9 +122,11 @@ def roc(scores: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """``(far, tar)`` over every threshold, far ascending."""
     scores, issame = np.asarray(scores, dtype=np.float64), np.asarray(issame, dtype=bool)
     order = np.argsort(-scores, kind="stable")
-    same = issame[order]
-    tar = np.concatenate([[0.0], np.cumsum(same) / max(same.sum(), 1)])
-    far = np.concatenate([[0.0], np.cumsum(~same) / max((~same).sum(), 1)])
+    sorted_scores, same = scores[order], issame[order]
+    # one point per distinct threshold: tied scores are accepted or rejected together
+    last = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+    tar = np.concatenate([[0.0], np.cumsum(same)[last] / max(same.sum(), 1)])
+    far = np.concatenate([[0.0], np.cumsum(~same)[last] / max((~same).sum(), 1)])
     return far, tar
 
 

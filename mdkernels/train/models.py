@@ -105,18 +105,27 @@ class DepthWise(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """MobileFaceNet (Chen et al. 2018) with the GDC head: ``(B, 3, S, S) -> (B, embedding_size)``."""
+    """MobileFaceNet (Chen et al. 2018) with the GDC head, in insightface's layout:
+    ``(B, 3, S, S) -> (B, embedding_size)``.
+
+    Stem conv 3x3/2, depthwise 3x3 (``blocks[0] == 1``), then three stages that each start with a strided
+    bottleneck followed by ``blocks[1..3]`` residual ones (expansion groups 128, 256, 256 x width).
+    """
 
     def __init__(self, embedding_size: int = 512, width: float = 1.0, input_size: int = 112, blocks=(1, 4, 6, 2)):
         super().__init__()
         if input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
         c64, c128 = _ch(64, width), _ch(128, width)
-        layers = [ConvBN(3, c64, 3, 2, 1), ConvBN(c64, c64, 3, 1, 1, groups=c64)]
-        plan = [(c64, c64, 2, c128, blocks[0]), (c64, c128, 2, _ch(256, width), blocks[1]),
-                (c128, c128, 2, _ch(512, width), blocks[2]), (c128, c128, 1, _ch(256, width), blocks[3])]  # fmt: skip
-        for cin, cout, stride, groups, n in plan:
-            layers.append(DepthWise(cin, cout, stride, groups, residual=False))
+        layers = [ConvBN(3, c64, 3, 2, 1)]
+        if blocks[0] == 1:
+            layers.append(ConvBN(c64, c64, 3, 1, 1, groups=c64))
+        else:
+            layers += [DepthWise(c64, c64, 1, c64, residual=True) for _ in range(blocks[0])]
+        plan = [(c64, c64, _ch(128, width), blocks[1]), (c64, c128, _ch(256, width), blocks[2]),
+                (c128, c128, _ch(256, width), blocks[3])]  # fmt: skip
+        for cin, cout, groups, n in plan:
+            layers.append(DepthWise(cin, cout, 2, groups, residual=False))
             layers += [DepthWise(cout, cout, 1, groups, residual=True) for _ in range(n)]
         self.body = nn.Sequential(*layers)
         cfinal = _ch(512, width)

@@ -1,9 +1,11 @@
 """MXNet RecordIO (insightface's ``train.rec`` + ``train.idx``) read and written in pure Python.
 
 Record framing: ``uint32 magic 0xced7230a``, ``uint32 lrecord`` (upper 3 bits: continuation flag,
-lower 29: length), payload, zero padding to 4 bytes. An image payload is an ``IRHeader``
-(``uint32 flag, float32 label, uint64 id, uint64 id2``), then ``flag`` float32 labels when ``flag > 0``,
-then the encoded image. The ``.idx`` file holds one ``key\\toffset`` line per record.
+lower 29: length), payload, zero padding to 4 bytes. As in dmlc, a payload holding the magic word at a
+4-byte-aligned offset is written as parts (flags 1, 2, ..., 3) split there, the word itself dropped.
+An image payload is an ``IRHeader`` (``uint32 flag, float32 label, uint64 id, uint64 id2``), then
+``flag`` float32 labels when ``flag > 0``, then the encoded image. The ``.idx`` file holds one
+``key\toffset`` line per record.
 
 insightface's layout: record 0 is a header whose labels are ``(first identity record, end)``; image
 records are keys ``1 .. N``; identity records ``first .. end-1`` hold each identity's ``[start, end)``
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEADER = struct.Struct("<IfQQ")
 
 
@@ -49,13 +52,23 @@ class RecordWriter:
         self.idx = open(idx_path, "w")  # noqa: SIM115
 
     def write(self, key: int, record: bytes) -> None:
+        """As dmlc's ``RecordIOWriter::WriteRecord``: a payload holding the magic word at a 4-byte-aligned
+        offset is split there into parts (flags 1, 2, ..., 3) and the magic word itself is dropped."""
         offset = self.rec.tell()
         if len(record) >= 1 << 29:
-            raise ValueError("records of 512 MB or more need continuation records, which this writer does not write")
-        self.rec.write(struct.pack("<II", MAGIC, len(record)))
-        self.rec.write(record)
+            raise ValueError("a record must be smaller than 512 MB (29-bit length field)")
+        start = 0
+        for i in range(0, len(record) - len(record) % 4, 4):
+            if record[i : i + 4] == _MAGIC_BYTES:
+                self._part(1 if start == 0 else 2, record[start:i])
+                start = i + 4
+        self._part(3 if start else 0, record[start:])
         self.rec.write(b"\0" * ((4 - len(record) % 4) % 4))
         self.idx.write(f"{key}\t{offset}\n")
+
+    def _part(self, cflag: int, data: bytes) -> None:
+        self.rec.write(struct.pack("<II", MAGIC, (cflag << 29) | len(data)))
+        self.rec.write(data)
 
     def close(self) -> None:
         self.rec.close()
@@ -99,6 +112,7 @@ class RecordReader:
         return list(self.offsets)
 
     def read(self, key: int) -> bytes:
+        """The payload of record ``key`` (split records, as dmlc writes them, are joined back)."""
         import os
 
         if self._file is None or self._pid != os.getpid():
@@ -107,20 +121,24 @@ class RecordReader:
         if key not in self.offsets:
             raise KeyError(f"record {key} is not in {self.idx_path}")
         self._file.seek(self.offsets[key])
-        head = self._file.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{self.rec_path}: truncated record {key} at offset {self.offsets[key]}")
-        magic, lrec = struct.unpack("<II", head)
-        if magic != MAGIC:
-            raise ValueError(f"{self.rec_path}: bad magic {magic:#x} for record {key} at offset {self.offsets[key]} "
-                             "(corrupt file, or an .idx from another .rec)")  # fmt: skip
-        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
-        if cflag != 0:
-            raise ValueError(f"{self.rec_path}: record {key} is split (continuation records are not supported)")
-        data = self._file.read(length)
-        if len(data) < length:
-            raise ValueError(f"{self.rec_path}: truncated record {key} ({len(data)} of {length} bytes)")
-        return data
+        parts = []
+        while True:
+            head = self._file.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{self.rec_path}: truncated record {key} at offset {self.offsets[key]}")
+            magic, lrec = struct.unpack("<II", head)
+            if magic != MAGIC:
+                raise ValueError(f"{self.rec_path}: bad magic {magic:#x} for record {key} at offset "
+                                 f"{self.offsets[key]} (corrupt file, or an .idx from another .rec)")  # fmt: skip
+            cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            data = self._file.read(length)
+            if len(data) < length:
+                raise ValueError(f"{self.rec_path}: truncated record {key} ({len(data)} of {length} bytes)")
+            if (cflag in (2, 3)) != bool(parts):
+                raise ValueError(f"{self.rec_path}: record {key} has a broken continuation (flag {cflag})")
+            parts.append(data)
+            if cflag in (0, 3):  # whole record, or its last part: the split points held the magic word
+                return _MAGIC_BYTES.join(parts)
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -20,7 +20,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -151,7 +150,7 @@ class MethodLoss(nn.Module):
             centers = teacher["centers"]
             if centers.shape[0] != num_classes:
                 raise ValueError(f"the teacher has {centers.shape[0]} classes but the data has {num_classes}")
-            self.register_buffer("teacher_emb", teacher["embeddings"], persistent=False)
+            self.teacher_emb = teacher["embeddings"]  # (N, Dt) memmap on the CPU, read per batch
             t_dim = centers.shape[1]
             if cfg.method == "margindistill":
                 self.loss = mdkernels.nn.MarginDistillation(centers, s=cfg.s, m_min=cfg.m_min, m_max=cfg.m_max,
@@ -168,6 +167,11 @@ class MethodLoss(nn.Module):
                 raise ValueError(f"--method {cfg.method} needs the student's embedding size ({cfg.embedding_size}) "
                                  f"to equal the teacher's ({t_dim})")  # fmt: skip
 
+    def monitored(self, emb: torch.Tensor) -> torch.Tensor:
+        """The embedding that is compared with :meth:`centers` (after ProxylessKD's projection)."""
+        projection = getattr(getattr(self, "loss", None), "projection", None)
+        return projection(emb.float()) if projection is not None else emb
+
     def centers(self) -> torch.Tensor:
         """The class centers used for monitoring accuracy."""
         if hasattr(self, "head"):
@@ -177,7 +181,13 @@ class MethodLoss(nn.Module):
     def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         emb = emb.float()
         method, cfg = self.method, self.cfg
-        t = self.teacher_emb[index] if self.teacher_emb is not None else None
+        t = None
+        if self.teacher_emb is not None:
+            idx = index.cpu().numpy()
+            order = np.argsort(idx)
+            rows = np.empty((len(idx), self.teacher_emb.shape[1]), dtype=np.float32)
+            rows[order] = self.teacher_emb[idx[order]]  # read the memmap in file order
+            t = torch.from_numpy(rows).to(emb.device)
         if method in ("arcface", "cosface", "sphereface"):
             return self.head(emb, labels)
         if method == "margindistill":
@@ -220,23 +230,38 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _data_fingerprint(data: str) -> str:
+    """The data's resolved path with the size and mtime of its files (a .rec/.idx pair or a folder)."""
+    path = Path(data).resolve()
+    files = [path, path.with_suffix(".idx")] if path.suffix == ".rec" else sorted(path.rglob("*"))
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return hashlib.sha256(repr((str(path), stats)).encode()).hexdigest()[:16]
+
+
 @torch.no_grad()
-def teacher_data(teacher_path: str, dataset: D.FaceDataset, cache_dir: Path, device, batch_size: int = 256) -> dict:
-    """Teacher centers ``(C, Dt)`` and embeddings ``(N, Dt)`` of every training image (no augmentation),
-    cached as a memmap keyed by the teacher checkpoint and the dataset."""
+def teacher_data(teacher_path: str, data: str, cache_dir: Path, device, batch_size: int = 256,
+                 wait_seconds: float = 6 * 3600) -> dict:  # fmt: skip
+    """Teacher centers ``(C, Dt)`` and embeddings ``(N, Dt)`` of every training image (no augmentation,
+    decoded at the teacher's input size), cached as a memmap keyed by the teacher checkpoint and the data
+    files. Rank 0 builds the cache; other ranks wait for the file (no collective: a long teacher pass must
+    not hit a NCCL timeout). The embeddings stay on the CPU, read per batch."""
     ckpt = load_checkpoint(teacher_path)
     centers = ckpt["head"]["head.weight"].float()
-    key = hashlib.sha256(f"{_file_digest(Path(teacher_path))}|{len(dataset)}|{dataset.size}|{dataset.labels[:50]}"
+    dataset = D.open_dataset(data, size=ckpt["config"]["input_size"], train=False)
+    key = hashlib.sha256(f"{_file_digest(Path(teacher_path))}|{_data_fingerprint(data)}|{len(dataset)}"
                          .encode()).hexdigest()[:16]  # fmt: skip
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"teacher_{key}.npy"
     if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()  # rank 0 builds the cache
+        deadline = time.time() + wait_seconds
+        while not path.is_file():
+            if time.time() > deadline:
+                raise TimeoutError(f"rank {dist.get_rank()}: rank 0 did not write the teacher cache {path}")
+            time.sleep(2)
     if path.is_file():
         emb = np.load(path, mmap_mode="r")
     else:
         model = backbone_from_checkpoint(ckpt).to(device).eval()
-        was_train, dataset.train = dataset.train, False
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), centers.shape[1]))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
@@ -245,11 +270,8 @@ def teacher_data(teacher_path: str, dataset: D.FaceDataset, cache_dir: Path, dev
         emb.flush()
         del emb
         os.replace(tmp, path)
-        dataset.train = was_train
         emb = np.load(path, mmap_mode="r")
-    if dist.is_initialized() and dist.get_rank() == 0:
-        dist.barrier()
-    return {"centers": centers, "embeddings": torch.from_numpy(np.array(emb)), "path": str(path)}
+    return {"centers": centers, "embeddings": emb, "path": str(path)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,9 +302,26 @@ def _schedule(cfg: TrainConfig, steps_per_epoch: int):
 
 
 class _Logger:
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool) -> None:
-        self.enabled, self.writer = enabled, None
-        self.path = out / "log.csv"
+    """CSV rows with a fixed header per file (``log.csv`` for training, ``eval.csv`` for evaluations).
+
+    A fresh run starts the files anew; a resumed run drops the rows logged after its checkpoint."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool, resume_step: int | None) -> None:
+        self.enabled, self.writer, self.out = enabled, None, out
+        if enabled:
+            for name in ("log.csv", "eval.csv"):
+                f = out / name
+                if f.exists() and resume_step is None:
+                    f.unlink()
+                elif f.exists():
+                    with open(f) as fh:
+                        rows = list(csv.DictReader(fh))
+                    keep = [r for r in rows if int(r["step"]) <= resume_step]
+                    with open(f, "w", newline="") as fh:
+                        if keep:
+                            w = csv.DictWriter(fh, fieldnames=list(keep[0]))
+                            w.writeheader()
+                            w.writerows(keep)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -291,11 +330,12 @@ class _Logger:
             except ImportError:  # tensorboard is optional
                 self.writer = None
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, name: str = "log.csv") -> None:
         if not self.enabled:
             return
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        path = self.out / name
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 w.writeheader()
@@ -326,13 +366,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     dataset = D.open_dataset(cfg.data, size=cfg.input_size, train=True, seed=cfg.seed)
     num_classes = dataset.num_classes
     # the cache sits beside the teacher checkpoint: one per (teacher, dataset), shared by every student run
+    # the cache sits beside the teacher checkpoint: one per (teacher, data), shared by every student run
     teacher = (
-        teacher_data(cfg.teacher, dataset, Path(cfg.teacher).parent / "teacher_cache", device)
+        teacher_data(cfg.teacher, cfg.data, Path(cfg.teacher).parent / "teacher_cache", device)
         if cfg.method in DISTILL
         else None
     )
     if teacher is not None:
-        teacher["embeddings"] = teacher["embeddings"].to(device)
         teacher["centers"] = teacher["centers"].to(device)
     backbone = build_backbone(cfg.backbone, width=cfg.width, embedding_size=cfg.embedding_size,
                               input_size=cfg.input_size).to(device)  # fmt: skip
@@ -343,6 +383,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             backbone, device_ids=[device.index] if device.type == "cuda" else None
         )
     params = [p for p in [*backbone.parameters(), *loss_fn.parameters()] if p.requires_grad]
+    shard_param = loss_fn.head.weight if sharded and hasattr(loss_fn, "head") else None
+    replicated = [p for p in loss_fn.parameters() if p.requires_grad and p is not shard_param]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = D.ResumableSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size)
     steps_per_epoch = sampler.batches_per_epoch()
@@ -352,16 +394,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         backbone.load_state_dict(state["backbone"])
-        loss_fn.load_state_dict(state["loss"], strict=False)
+        loss_fn.load_state_dict(state["loss"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-    logger = _Logger(out, rank == 0, cfg.tensorboard)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    logger = _Logger(out, rank == 0, cfg.tensorboard, step if state is not None else None)
+    if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     val = E.load_bin(cfg.val, cfg.input_size) if cfg.val else None
     use_amp = cfg.amp and device.type == "cuda"
@@ -394,19 +437,37 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     while epoch < cfg.epochs and not done:
         dataset.set_epoch(epoch)
         sampler.set_epoch(epoch, batch_in_epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                             num_workers=cfg.workers, drop_last=True,
-                                             persistent_workers=False, pin_memory=device.type == "cuda")  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.workers,
+            drop_last=True,
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch),  # not the global RNG: exact resume
+        )
         t0, seen = time.perf_counter(), 0
         for imgs, labels, index in loader:
+            if cfg.max_steps and step >= cfg.max_steps:
+                done = True
+                break
             imgs, labels, index = imgs.to(device), labels.to(device), index.to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 emb = model(imgs)
             loss = loss_fn(emb, labels, index)
+            bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=device)
+            if world > 1:
+                dist.all_reduce(bad)  # every rank stops together
+            if bad.item():
+                raise FloatingPointError(
+                    f"loss became non-finite at step {step + 1} (value {loss.item()} on rank {rank}); weights left "
+                    f"unchanged and the last checkpoint {ckpt_path} kept as it was (lower --lr, check the data)"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1 and not sharded:  # the head is replicated, not in DDP: average its gradients too
-                for p_ in loss_fn.parameters():
+            if world > 1:  # loss parameters are replicated, not in DDP: average them (a sharded head is exact)
+                for p_ in replicated:
                     if p_.grad is not None:
                         dist.all_reduce(p_.grad)
                         p_.grad /= world
@@ -415,13 +476,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             step += 1
             batch_in_epoch += 1
             seen += imgs.shape[0] * world
-            if not math.isfinite(loss.item()):
-                checkpoint()
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step}; last checkpoint kept at {ckpt_path}"
-                )
             if rank == 0 and (step % 10 == 0 or batch_in_epoch == steps_per_epoch):
-                acc = batch_accuracy(emb.detach(), loss_fn.centers().detach(), labels) if not sharded else float("nan")
+                acc = (
+                    batch_accuracy(loss_fn.monitored(emb.detach()), loss_fn.centers().detach(), labels)
+                    if not sharded
+                    else float("nan")
+                )
                 ips = seen / (time.perf_counter() - t0)
                 logger.log({"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "train_acc": round(acc, 4),
                             "lr": sched.get_last_lr()[0], "images_per_s": round(ips, 1)})  # fmt: skip
@@ -440,7 +500,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             epoch, batch_in_epoch = epoch + 1, 0
             if val is not None and cfg.eval_every and epoch % cfg.eval_every == 0 and rank == 0:
                 metrics = _eval(backbone, val, device)
-                logger.log({"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if k != "roc"}})
+                logger.log(
+                    {"step": step, "epoch": epoch, **{k: v for k, v in metrics.items() if k != "roc"}}, "eval.csv"
+                )
         checkpoint()
     if bar is not None:
         bar.close()
