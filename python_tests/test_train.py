@@ -266,3 +266,10 @@ def test_cli_margin_aliases_for_torchrun(rec_data, tmp_path):
 
     args = build_parser().parse_args(["train", "--data", "x", "--scale", "30", "--margin", "0.4"])
     assert args.s == 30.0 and args.m == 0.4
+
+
+def test_record_labels_are_read_from_headers_only(rec_data):
+    ds = D.open_dataset(rec_data["train"], size=32)
+    full = [int(recordio.unpack(ds.reader.read(k))[0]) for k in ds.keys]
+    assert ds.labels == full == [ds.reader.read_label(k) for k in ds.keys]
+    assert recordio.unpack(ds.reader.read(0))[0] == ds.reader.read_label(0)

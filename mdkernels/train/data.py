@@ -246,13 +246,13 @@ class RecordDataset(FaceDataset):
         super().__init__(size, train, seed)
         rec = Path(rec)
         self.reader = recordio.RecordReader(rec, idx if idx is not None else rec.with_suffix(".idx"))
-        header, _ = recordio.unpack(self.reader.read(0)) if 0 in self.reader.offsets else (0.0, b"")
+        header = self.reader.read_label(0) if 0 in self.reader.offsets else 0.0
         if isinstance(header, tuple):  # insightface header: images are keys 1 .. first_identity_record - 1
             self.keys = list(range(1, int(header[0])))
         else:
             self.keys = sorted(self.reader.keys)
-        for k in self.keys:
-            label, _ = recordio.unpack(self.reader.read(k))
+        for k in self.keys:  # headers only: MS1M's 5.8M images are not read at start-up
+            label = self.reader.read_label(k)
             self.labels.append(int(label[0] if isinstance(label, tuple) else label))
         if not self.keys:
             raise ValueError(f"{rec} holds no image records")

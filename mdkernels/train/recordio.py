@@ -140,6 +140,26 @@ class RecordReader:
             if cflag in (0, 3):  # whole record, or its last part: the split points held the magic word
                 return _MAGIC_BYTES.join(parts)
 
+    def read_label(self, key: int) -> tuple[float, ...] | float:
+        """The IRHeader label of record ``key``, reading only its first bytes (not the image)."""
+        import os
+
+        if self._file is None or self._pid != os.getpid():
+            self.read(key)  # opens the file in this process (and checks the framing once)
+        self._file.seek(self.offsets[key])
+        head = self._file.read(8 + _HEADER.size)
+        if len(head) >= 8 + _HEADER.size:
+            magic, lrec = struct.unpack_from("<II", head)
+            cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            if magic == MAGIC and cflag in (0, 1) and length >= _HEADER.size:
+                flag = struct.unpack_from("<I", head, 8)[0]
+                need = _HEADER.size + 4 * flag
+                if flag == 0:
+                    return unpack(head[8:])[0]
+                if length >= need:
+                    return unpack(head[8:] + self._file.read(4 * flag))[0]
+        return unpack(self.read(key))[0]  # unusual framing: read the whole record
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"], state["_pid"] = None, None
