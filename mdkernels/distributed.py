@@ -156,8 +156,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         elif backend in mce.GRAD_HAT:
             dxh, dwh = mce.GRAD_HAT[backend](x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
             if need_dw:
-                dwh.index_add_(0, safe, coef_here[:, None] * xh)
-                dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
+                dw = mce.finish_center_grad(w, dwh, safe, coef_here, xh)
         else:
             dxh, dw = mce._grad_hat_torch(
                 x, w, local_target, rx, rw, lse, gr, s, tau, need_dw,

@@ -621,6 +621,13 @@ def forward_impl(
     return loss_rows, lse, cos_t, rx, rw
 
 
+def finish_center_grad(w, dwh, safe, coef, xh):
+    """Kernel backends' dW epilogue: add the per-row target term ``coef_i n(x_i)`` to row ``y_i`` of the
+    fp32 ``dW^`` buffer, then the normalisation backward (in place when the dtypes allow)."""
+    dwh.index_add_(0, safe, coef[:, None] * xh)
+    return normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
+
+
 LSE_NONTARGET = {"triton": _lse_nontarget_triton, "cuda": _lse_nontarget_cuda, "torch": _lse_nontarget_torch}
 GRAD_HAT = {"triton": _grad_hat_triton, "cuda": _grad_hat_cuda}  # the torch path fuses its own dW epilogue
 
@@ -686,8 +693,7 @@ def backward_impl(
     if backend in GRAD_HAT:  # kernels: raw dx^ and dW^ in fp32 buffers, then the target term and the norm
         dxh, dwh = GRAD_HAT[backend](x, w, labels_k, rx, rw, lse, gr, s, interclass_filter, need_dw)
         if need_dw:
-            dwh.index_add_(0, safe, coef[:, None] * xh)
-            dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
+            dw = finish_center_grad(w, dwh, safe, coef, xh)
     else:
         dxh, dw = _grad_hat_torch(
             x,

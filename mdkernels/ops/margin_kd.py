@@ -313,8 +313,7 @@ def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt,
         )
         dw = None
         if need_dw:
-            dwh.index_add_(0, safe, coef[:, None] * xsh)
-            dw = normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
+            dw = mce.finish_center_grad(w, dwh, safe, coef, xsh)
     else:
         dxh, dw = _grad_hat_torch(
             xs,
