@@ -34,7 +34,7 @@ from mdkernels import _validate as V
 from mdkernels import reference
 from mdkernels.functional import margin_rows, resolve_backend
 from mdkernels.ops import margin_ce as mce
-from mdkernels.ops.l2norm import normalize_backward, row_rnorm
+from mdkernels.ops.l2norm import row_rnorm
 from mdkernels.ops.margin import margin_target_and_slope
 
 
@@ -162,10 +162,8 @@ class _ShardedMarginCE(torch.autograd.Function):
                 x, w, local_target, rx, rw, lse, gr, s, tau, need_dw,
                 target_dw=lambda rows: coef_here[rows, None] * xh[rows],
             )  # fmt: skip
-        if w.shape[0]:
-            dxh += coef_here[:, None] * (w[safe].to(cd) * rw[safe, None])
         # this rank's share of dL/dx for the whole gathered batch; _GatherRows sums the shares
-        dx = normalize_backward(x, dxh)
+        dx = mce.finish_embedding_grad(x, dxh, w, safe, rw, coef_here)
         return dx, dw, *(None,) * 12
 
 

@@ -628,6 +628,14 @@ def finish_center_grad(w, dwh, safe, coef, xh):
     return normalize_backward(w, dwh, out=dwh if dwh.dtype == w.dtype else None)
 
 
+def finish_embedding_grad(x, dxh, w, safe, rw, coef):
+    """Every backend's dx epilogue: add the per-row target term ``coef_i n(w_{y_i})`` to ``dx^``, then the
+    normalisation backward. Centers without rows (an empty shard) contribute no target term."""
+    if w.shape[0]:
+        dxh += coef[:, None] * (w[safe].to(dxh.dtype) * rw[safe, None])
+    return normalize_backward(x, dxh)
+
+
 LSE_NONTARGET = {"triton": _lse_nontarget_triton, "cuda": _lse_nontarget_cuda, "torch": _lse_nontarget_torch}
 GRAD_HAT = {"triton": _grad_hat_triton, "cuda": _grad_hat_cuda}  # the torch path fuses its own dW epilogue
 
@@ -708,9 +716,7 @@ def backward_impl(
             need_dw,
             target_dw=lambda rows: coef[rows, None] * xh[rows],
         )
-    dxh += coef[:, None] * (w[safe].to(cd) * rw[safe, None])
-    dx = normalize_backward(x, dxh)
-    return dx, (dw if need_dw else w.new_empty(0))
+    return finish_embedding_grad(x, dxh, w, safe, rw, coef), (dw if need_dw else w.new_empty(0))
 
 
 @torch.library.custom_op("mdkernels::margin_ce_backward", mutates_args=())

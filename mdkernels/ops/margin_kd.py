@@ -333,8 +333,7 @@ def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt,
             need_dw,
             target_dw=lambda rows: coef[rows, None] * xsh[rows],
         )
-    dxh += coef[:, None] * (w[safe].to(cd) * rw[safe, None])
-    return normalize_backward(xs, dxh), (dw if need_dw else w.new_empty(0))
+    return mce.finish_embedding_grad(xs, dxh, w, safe, rw, coef), (dw if need_dw else w.new_empty(0))
 
 
 @torch.library.custom_op("mdkernels::margin_kd_forward", mutates_args=())
