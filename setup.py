@@ -131,6 +131,7 @@ class CMakeBuild(build_ext):
             f"-DMDK_CUDA_ARCHS={archs}",
             f"-DMDK_OUTPUT_DIR={out.parent}",
             f"-DMDK_OUTPUT_NAME={out.name}",
+            f"-DMDK_EMU_OUTPUT_NAME={out.name.replace('_cuda', '_cuda_emu', 1)}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]

@@ -57,7 +57,7 @@ template <typename T>
 void forward_impl(const void* s, const void* t, float* loss, float* ns, float* nt, float* cos, int64_t rows,
                   int64_t dim, int64_t ss, int64_t ts, float p, cudaStream_t stream) {
   if (rows == 0) return;
-  angular_forward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+  MDK_LAUNCH(angular_forward_kernel<T>, static_cast<unsigned>(rows), kThreads, 0, stream)(
       static_cast<const T*>(s), static_cast<const T*>(t), loss, ns, nt, cos, dim, ss, ts, p);
   check_launch("angular_forward");
 }
@@ -66,7 +66,7 @@ template <typename T>
 void backward_impl(const void* s, const void* t, const float* g, const float* ns, const float* nt, const float* cos,
                    void* ds, int64_t rows, int64_t dim, int64_t ss, int64_t ts, float p, cudaStream_t stream) {
   if (rows == 0) return;
-  angular_backward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+  MDK_LAUNCH(angular_backward_kernel<T>, static_cast<unsigned>(rows), kThreads, 0, stream)(
       static_cast<const T*>(s), static_cast<const T*>(t), g, ns, nt, cos, static_cast<T*>(ds), dim, ss, ts, p);
   check_launch("angular_backward");
 }

@@ -13,6 +13,13 @@
 #include "l2norm.h"
 #include "margin_ce.h"
 
+#ifdef MDK_EMULATE  // the same bindings, run by the CPU emulator (csrc/emu/cuda_emu.h)
+#include "emu/emu_control.h"
+#define MDK_MODULE_NAME _cuda_emu
+#else
+#define MDK_MODULE_NAME _cuda
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -33,8 +40,13 @@ int device_count() {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+PYBIND11_MODULE(MDK_MODULE_NAME, m) {
   m.doc() = "mdkernels CUDA C++ kernels (raw pointers + stream; see mdkernels/_cuda_ext.py)";
+#ifdef MDK_EMULATE
+  mdk_emu::bind_controls(m);
+#else
+  m.attr("emulated") = false;
+#endif
   m.attr("archs") = std::string(MDK_CUDA_ARCHS_STR);
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.attr("kernels") =

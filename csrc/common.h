@@ -10,6 +10,16 @@
 #include <stdexcept>
 #include <string>
 
+// Kernel launches and dynamic shared memory through macros, so that the same source also compiles into
+// the CPU emulator (csrc/emu/cuda_emu.h, built as mdkernels._cuda_emu for CI, which has no GPU).
+#ifdef MDK_EMULATE
+#define MDK_LAUNCH(kernel, grid, block, smem, stream) ::mdk_emu::launch(kernel, grid, block, smem)
+#define MDK_DYNAMIC_SMEM(name) unsigned char* name = ::mdk_emu::dynamic_smem()
+#else
+#define MDK_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define MDK_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
 namespace mdk {
 
 // Must match mdkernels/_cuda_ext.py::_DTYPE_CODES.

@@ -58,7 +58,7 @@ template <typename T>
 void forward_impl(const void* x, void* y, float* rnorm, int64_t rows, int64_t dim, int64_t xs, int64_t ys,
                   float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  l2norm_forward_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+  MDK_LAUNCH(l2norm_forward_kernel<T>, static_cast<unsigned>(rows), kThreads, 0, stream)(
       static_cast<const T*>(x), static_cast<T*>(y), rnorm, dim, xs, ys, eps);
   check_launch("l2norm_forward");
 }
@@ -67,7 +67,8 @@ template <typename T, typename TG>
 void backward_impl(const void* x, const void* dy, void* dx, int64_t rows, int64_t dim, int64_t xs, int64_t dys,
                    int64_t dxs, float eps, cudaStream_t stream) {
   if (rows == 0) return;
-  l2norm_backward_kernel<T, TG><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+  auto kernel = l2norm_backward_kernel<T, TG>;
+  MDK_LAUNCH(kernel, static_cast<unsigned>(rows), kThreads, 0, stream)(
       static_cast<const T*>(x), static_cast<const TG*>(dy), static_cast<T*>(dx), dim, xs, dys, dxs, eps);
   check_launch("l2norm_backward");
 }

@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, float* m_out, float* l_out, int64_t B, int64_t C, int64_t D, int64_t sx,
     int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA pointers need 32-byte alignment
+  MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
   TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
   const int64_t r0 = int64_t(blockIdx.x) * BM;
   const int64_t c_begin = int64_t(blockIdx.y) * classes_per_split;
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr, float* dxh,
     float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau, bool has_filter) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];  // WMMA pointers need 32-byte alignment
+  MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
   TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
   const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
   const int64_t r0 = int64_t(blockIdx.y) * BM;
@@ -226,7 +226,7 @@ void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t split
   auto kernel = margin_lse_forward_kernel<T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits));
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
+  MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, m_out, l_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
                                            a.tau, a.has_filter);
   check_launch("margin_lse_forward");
@@ -240,7 +240,7 @@ void backward_impl(const MarginArgs& a, const float* lse, const float* gr, float
   auto kernel = margin_ce_backward_kernel<T>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.B + BM - 1) / BM));
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
+  MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, lse, gr, dxh, dwh, a.B, a.C, a.D, a.sx, a.sw, a.s, a.tau,
                                            a.has_filter);
   check_launch("margin_ce_backward");

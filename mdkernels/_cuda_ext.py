@@ -12,6 +12,15 @@ try:  # built by setup.py when nvcc was found (MDK_BUILD_CUDA=AUTO|ON)
 except ImportError:  # pure-Python build, or a build for another Python
     ext = None
 
+compiled = ext  # the GPU module, whatever emulated() does to ext
+
+try:  # the same kernels compiled against a CPU emulator (csrc/emu), built alongside; see emulated()
+    from mdkernels import _cuda_emu as emu
+except ImportError:
+    emu = None
+
+_EMULATING = False
+
 # Must match csrc/common.h::DType.
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -37,10 +46,32 @@ def _arch_ok(device: torch.device) -> bool:
 
 def usable(*tensors: torch.Tensor) -> bool:
     """True when the CUDA module can run on these tensors (built for this GPU, CUDA tensors, a supported
-    dtype)."""
+    dtype). Under :func:`emulated`: CPU tensors of a supported dtype."""
+    if _EMULATING:
+        return all(t.device.type == "cpu" and t.dtype in _DTYPE_CODES for t in tensors)
     return (
         ext is not None and all(t.is_cuda and t.dtype in _DTYPE_CODES for t in tensors) and _arch_ok(tensors[0].device)
     )
+
+
+@contextlib.contextmanager
+def emulated(schedule: str = "forward", seed: int = 0):
+    """Within this block, ``backend="cuda"`` runs the CUDA C++ kernels on CPU tensors through the CPU
+    emulator (``mdkernels._cuda_emu``: the csrc/ sources compiled against csrc/emu/cuda_emu.h). For tests
+    and debugging where no GPU is: slow, single-threaded, and it checks barriers, warp collectives, WMMA
+    alignment and launch limits. ``schedule`` orders the threads of a block between barriers ("forward",
+    "reverse" or "shuffle") to expose missing barriers. Not thread-safe."""
+    global ext, _EMULATING
+    if emu is None:
+        raise RuntimeError("the CPU emulator of the CUDA kernels was not built (it is built with the CUDA module)")
+    saved = ext, _EMULATING
+    emu.set_schedule(schedule, seed)
+    ext, _EMULATING = emu, True
+    try:
+        yield emu
+    finally:
+        ext, _EMULATING = saved
+        emu.set_schedule("forward", 0)
 
 
 def on_device(t: torch.Tensor):
@@ -53,7 +84,7 @@ def dtype_code(t: torch.Tensor) -> int:
 
 
 def stream_of(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
 def guard_device(fn):

@@ -27,6 +27,7 @@ def test_info_keys_and_module_entry_point():
         "triton_available",
         "triton_interpret",
         "cuda_kernels",
+        "cuda_emulator",
     ):
         assert key in info
     out = subprocess.run([sys.executable, "-m", "mdkernels.info"], capture_output=True, text=True, check=True)
@@ -42,6 +43,10 @@ def test_cuda_module_was_built():
     from mdkernels import _cuda
 
     assert _cuda.device_count() >= 0  # importable and callable without a GPU
+    assert info["cuda_emulator"], "the CPU emulator of the CUDA kernels (test_cuda_emulated.py) was not built"
+    from mdkernels import _cuda_emu
+
+    assert _cuda_emu.kernels == _cuda.kernels and _cuda_emu.emulated and not _cuda.emulated
 
 
 def test_cli_info_and_demo(capsys, tmp_path):

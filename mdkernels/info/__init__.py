@@ -18,7 +18,7 @@ def info() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    ext = _cuda_ext.ext
+    ext = _cuda_ext.compiled  # the GPU module, also while emulated() swaps ext
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "mdkernels": __import__("mdkernels").__version__,
@@ -31,6 +31,7 @@ def info() -> dict:
         "cuda_archs": ext.archs.split(",") if ext is not None else [],
         "cuda_runtime_built": ext.cuda_runtime_version if ext is not None else None,
         "cuda_kernels": list(ext.kernels) if ext is not None else [],
+        "cuda_emulator": _cuda_ext.emu is not None,
         "gpu": gpu,
     }
 

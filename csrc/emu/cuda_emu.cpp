@@ -1,0 +1,253 @@
+// The fiber scheduler behind cuda_emu.h: blocks one after another, the threads of a block as ucontext
+// fibers on the calling thread, barriers that resume a fiber only when all the threads it waits for
+// have arrived, and a deadlock report when none can. See cuda_emu.h for what it checks.
+#include "cuda_emu.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "emu_control.h"
+
+namespace mdk_emu {
+namespace {
+
+constexpr size_t kStackBytes = 128 * 1024;
+constexpr int kDefaultSmem = 48 * 1024;   // dynamic shared memory without cudaFuncSetAttribute
+constexpr int kMaxSmem = 227 * 1024;      // H100 / H200 opt-in maximum per block (A100: 163 KiB)
+
+enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  State state = State::kReady;
+  uint64_t wait_gen = 0;
+  uint3 tid{};
+};
+
+struct Block {
+  dim3 grid, block;
+  uint3 bid{};
+  int n = 0;
+  std::vector<Fiber> fibers;
+  ucontext_t main_ctx;
+  int cur = 0;
+  int done = 0;
+  int arrived = 0;  // block barrier
+  uint64_t gen = 0;
+  std::vector<int> warp_arrived;
+  std::vector<uint64_t> warp_gen;
+  std::vector<uint64_t> exchange;
+  std::vector<unsigned char> smem;
+  const std::function<void()>* body = nullptr;
+  std::string error;
+};
+
+thread_local Block* g_block = nullptr;
+std::vector<char> g_stacks;
+std::map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+Schedule g_schedule = Schedule::kForward;
+uint64_t g_seed = 0;
+uint64_t g_launches = 0;
+
+Block& cur_block() {
+  if (g_block == nullptr) throw std::logic_error("mdk_emu: a device function was called outside a kernel launch");
+  return *g_block;
+}
+
+void yield_to_scheduler() {
+  Block& b = *g_block;
+  swapcontext(&b.fibers[b.cur].ctx, &b.main_ctx);
+}
+
+void fiber_entry() {
+  Block& b = *g_block;
+  (*b.body)();
+  b.fibers[b.cur].state = State::kDone;
+  ++b.done;
+  swapcontext(&b.fibers[b.cur].ctx, &b.main_ctx);  // never resumed
+}
+
+int warp_size_of(const Block& b, int warp) { return std::min(32, b.n - 32 * warp); }
+
+bool waiting(const Block& b, int i) {
+  const Fiber& f = b.fibers[i];
+  switch (f.state) {
+    case State::kDone: return true;
+    case State::kAtBlockBarrier: return b.gen == f.wait_gen;
+    case State::kAtWarpBarrier: return b.warp_gen[i / 32] == f.wait_gen;
+    case State::kReady: return false;
+  }
+  return false;
+}
+
+std::string census(const Block& b) {
+  int at_block = 0, at_warp = 0;
+  for (const Fiber& f : b.fibers) {
+    at_block += f.state == State::kAtBlockBarrier;
+    at_warp += f.state == State::kAtWarpBarrier;
+  }
+  return std::to_string(at_block) + " at __syncthreads, " + std::to_string(at_warp) +
+         " at a warp collective, " + std::to_string(b.done) + " returned, of " + std::to_string(b.n) + " threads";
+}
+
+std::string where(const Block& b) {
+  return "block (" + std::to_string(b.bid.x) + "," + std::to_string(b.bid.y) + "," + std::to_string(b.bid.z) + ")";
+}
+
+void run_block(Block& b, const std::vector<int>& order) {
+  const size_t need = static_cast<size_t>(b.n) * kStackBytes;
+  if (g_stacks.size() < need) g_stacks.assign(need, 0);
+  for (int i = 0; i < b.n; ++i) {
+    Fiber& f = b.fibers[i];
+    f = Fiber{};
+    f.tid = uint3{static_cast<unsigned>(i % b.block.x), static_cast<unsigned>((i / b.block.x) % b.block.y),
+                  static_cast<unsigned>(i / (b.block.x * b.block.y))};
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = g_stacks.data() + static_cast<size_t>(i) * kStackBytes;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &b.main_ctx;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  while (b.done < b.n) {
+    bool progressed = false;
+    for (int i : order) {
+      if (waiting(b, i)) continue;
+      b.cur = i;
+      b.fibers[i].state = State::kReady;
+      swapcontext(&b.main_ctx, &b.fibers[i].ctx);
+      progressed = true;
+      if (!b.error.empty()) throw std::runtime_error("mdk_emu: " + where(b) + ", thread " + std::to_string(i) + ": " + b.error);
+    }
+    if (!progressed) {
+      throw std::runtime_error("mdk_emu: deadlock in " + where(b) + ": " + census(b) +
+                               " (a barrier or warp collective not reached by every thread)");
+    }
+  }
+}
+
+}  // namespace
+
+const uint3& thread_idx() {
+  Block& b = cur_block();
+  return b.fibers[b.cur].tid;
+}
+const uint3& block_idx() { return cur_block().bid; }
+const dim3& block_dim() { return cur_block().block; }
+const dim3& grid_dim() { return cur_block().grid; }
+int linear_thread() { return cur_block().cur; }
+int lane_id() { return cur_block().cur % 32; }
+unsigned char* dynamic_smem() {  // aligned like the GPU's (WMMA needs 32 bytes; CUDA gives at least 128)
+  auto p = reinterpret_cast<std::uintptr_t>(cur_block().smem.data());
+  return reinterpret_cast<unsigned char*>((p + 127) & ~std::uintptr_t(127));
+}
+void* warp_exchange_slot(int linear) { return &cur_block().exchange.at(static_cast<size_t>(linear)); }
+
+void syncthreads() {
+  Block& b = cur_block();
+  const uint64_t gen = b.gen;
+  if (++b.arrived == b.n - b.done) {
+    if (b.done > 0) fail("__syncthreads after " + std::to_string(b.done) + " threads of the block returned");
+    b.arrived = 0;
+    ++b.gen;
+    return;
+  }
+  b.fibers[b.cur].state = State::kAtBlockBarrier;
+  b.fibers[b.cur].wait_gen = gen;
+  yield_to_scheduler();
+}
+
+void warp_barrier() {
+  Block& b = cur_block();
+  const int warp = b.cur / 32;
+  const uint64_t gen = b.warp_gen[warp];
+  if (++b.warp_arrived[warp] == warp_size_of(b, warp)) {
+    b.warp_arrived[warp] = 0;
+    ++b.warp_gen[warp];
+    return;
+  }
+  b.fibers[b.cur].state = State::kAtWarpBarrier;
+  b.fibers[b.cur].wait_gen = gen;
+  yield_to_scheduler();
+}
+
+void fail(const std::string& what) {
+  Block& b = cur_block();
+  b.error = what;
+  b.fibers[b.cur].state = State::kDone;
+  swapcontext(&b.fibers[b.cur].ctx, &b.main_ctx);  // never resumed: the launch is abandoned
+  throw std::logic_error("unreachable");
+}
+
+void func_set_attribute(const void* kernel, int attr, int value) {
+  if (attr == static_cast<int>(cudaFuncAttributeMaxDynamicSharedMemorySize)) g_max_smem[kernel] = value;
+}
+
+void run(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  if (g_block != nullptr) throw std::runtime_error("mdk_emu: a kernel launched another kernel");
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024) throw std::runtime_error("mdk_emu: launch with " + std::to_string(threads) + " threads per block (1..1024)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("mdk_emu: launch with an empty grid");
+  if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("mdk_emu: grid.y and grid.z are limited to 65535");
+  const auto it = g_max_smem.find(kernel);
+  const int allowed = it == g_max_smem.end() ? kDefaultSmem : it->second;
+  if (allowed > kMaxSmem) throw std::runtime_error("mdk_emu: cudaFuncSetAttribute asks for more shared memory than an H100 has");
+  if (smem > static_cast<size_t>(allowed)) {
+    throw std::runtime_error("mdk_emu: " + std::to_string(smem) + " bytes of dynamic shared memory, above the " +
+                             std::to_string(allowed) + " allowed (call cudaFuncSetAttribute first)");
+  }
+  Block b;
+  b.grid = grid;
+  b.block = block;
+  b.n = static_cast<int>(threads);
+  b.fibers.resize(b.n);
+  b.exchange.assign(b.n, 0);
+  b.body = &body;
+  const int warps = (b.n + 31) / 32;
+  std::vector<int> order(b.n);
+  std::iota(order.begin(), order.end(), 0);
+  if (g_schedule == Schedule::kReverse) std::reverse(order.begin(), order.end());
+  std::mt19937_64 rng(g_seed + 7919 * g_launches++);
+  g_block = &b;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          b.bid = uint3{x, y, z};
+          b.done = b.arrived = 0;
+          b.gen = 0;
+          b.error.clear();
+          b.warp_arrived.assign(warps, 0);
+          b.warp_gen.assign(warps, 0);
+          b.smem.assign(smem + 128, 0xFF);  // NaN in every float format: reads before writes show up
+          if (g_schedule == Schedule::kShuffle) std::shuffle(order.begin(), order.end(), rng);
+          run_block(b, order);
+        }
+  } catch (...) {
+    g_block = nullptr;
+    throw;
+  }
+  g_block = nullptr;
+}
+
+void set_schedule(Schedule s, uint64_t seed) {
+  g_schedule = s;
+  g_seed = seed;
+}
+
+}  // namespace mdk_emu
+
+// The few runtime API calls the host code makes (bindings.cpp, common.h): no device, no errors pending.
+extern "C" {
+cudaError_t cudaGetDeviceCount(int* count) {
+  *count = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaGetLastError() { return cudaSuccess; }
+const char* cudaGetErrorString(cudaError_t) { return "(emulated)"; }
+}

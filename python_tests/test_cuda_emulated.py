@@ -1,0 +1,197 @@
+"""The CUDA C++ kernels (csrc/), run on the CPU by the emulator in csrc/emu against mdkernels.reference.
+
+CI has nvcc but no GPU: the same kernel source is compiled by the host compiler against
+csrc/emu/cuda_emu.h (threads as fibers, real barriers and warp collectives, emulated WMMA with fp32
+accumulation), so every CUDA op is checked for values and gradients in each dtype and odd shapes here.
+The GPU tests (``-m gpu``) repeat the comparisons on the hardware. The first tests show that the
+emulator's own checks fire on kernels with known defects.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, assert_close_to_truth
+from test_margin_ce import CONFIGS, make, run
+
+import mdkernels
+from mdkernels import _cuda_ext
+from mdkernels import reference as R
+from mdkernels.ops.l2norm import normalize_backward
+
+pytestmark = pytest.mark.skipif(_cuda_ext.emu is None, reason="CUDA module (and its emulator) not built")
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+# ---- the emulator itself ----------------------------------------------------------------------------
+def test_emulator_runs_barriers_shuffles_and_wmma_correctly():
+    emu = _cuda_ext.emu
+    for order in ("forward", "reverse", "shuffle"):
+        emu.set_schedule(order, 3)
+        assert emu.selftest("rotate") == [float((i + 1) % 128) for i in range(128)], order
+    emu.set_schedule("forward", 0)
+    assert emu.selftest("warp_sum") == [float(sum(range(32 * i, 32 * i + 32))) for i in range(4)]
+    a = torch.tensor([(i * 7) % 11 - 5 for i in range(256)], dtype=torch.float32).view(16, 16)
+    b = torch.tensor([(i * 5) % 7 - 3 for i in range(256)], dtype=torch.float32).view(16, 16).T  # col-major
+    assert torch.equal(torch.tensor(emu.selftest("wmma_matmul")).view(16, 16), a @ b)
+
+
+def test_emulator_exposes_a_missing_barrier():
+    """The same kernel without its __syncthreads: some schedule reads shared memory before it is written
+    (NaN-initialised), so a race cannot pass silently."""
+    emu = _cuda_ext.emu
+    wrong = []
+    for order in ("forward", "reverse", "shuffle"):
+        emu.set_schedule(order, 3)
+        out = emu.selftest("rotate_without_sync")
+        wrong.append(out != [float((i + 1) % 128) for i in range(128)])
+    emu.set_schedule("forward", 0)
+    assert all(wrong)
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("divergent_sync", "deadlock"),
+        ("early_return", "__syncthreads after 1 threads of the block returned"),
+        ("divergent_shuffle", "deadlock"),
+        ("misaligned_wmma", "32-byte aligned"),
+        ("too_much_smem", "cudaFuncSetAttribute"),
+        ("grid_y_too_large", "65535"),
+    ],
+)
+def test_emulator_reports_defects_as_errors(name, message):
+    with pytest.raises(RuntimeError, match=message):
+        _cuda_ext.emu.selftest(name)
+    _cuda_ext.emu.selftest("rotate")  # and it is usable after the failed launch
+
+
+def test_emulation_is_scoped():
+    x = torch.randn(4, 8)
+    assert not _cuda_ext.usable(x)
+    with _cuda_ext.emulated():
+        assert _cuda_ext.usable(x) and _cuda_ext.ext is _cuda_ext.emu
+    assert not _cuda_ext.usable(x)
+
+
+# ---- l2norm (csrc/l2norm.cu) -----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("rows,dim", [(1, 500), (37, 500), (5, 1000)])
+def test_l2norm_kernels(dtype, rows, dim):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, dim, generator=g).to(dtype)
+    if dtype == torch.float32:  # a zero row: the eps clamp in both directions (1/eps overflows halves)
+        x[0, :] = 0.0
+    x.requires_grad_()
+    dy = torch.randn(rows, dim, generator=g).to(dtype)
+    xd = x.detach().double().requires_grad_()
+    truth = F.normalize(xd, dim=1)
+    (gtruth,) = torch.autograd.grad(truth, xd, dy.double())
+    plain = F.normalize(x, dim=1)
+    (gplain,) = torch.autograd.grad(plain, x, dy)
+    with _cuda_ext.emulated():
+        y = mdkernels.l2_normalize(x)
+        (gx,) = torch.autograd.grad(y, x, dy)
+        mixed = normalize_backward(x.detach(), dy.float())  # fp32 gradient into x's dtype
+    assert y.dtype == dtype and gx.dtype == dtype and mixed.dtype == dtype
+    assert_close_to_truth(y, plain, truth, f"{dtype} y")
+    assert_close_to_truth(gx, gplain, gtruth, f"{dtype} dx")
+    assert_close_to_truth(mixed, gplain, gtruth, f"{dtype} dx from fp32 dy")
+
+
+# ---- angular distillation (csrc/angular_distill.cu) -------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("shape,per", [((67, 500), "sample"), ((3, 64, 7, 9), "position")])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_angular_kernels(dtype, shape, per, p):
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    t = torch.randn(*shape, generator=g).to(dtype)
+    sd = s.detach().double().requires_grad_()
+
+    def grads(loss, inp):
+        return (loss.detach(), *torch.autograd.grad(loss, inp))
+
+    truth = grads(R.angular_distillation_loss(sd, t.double(), p=p, per=per), sd)
+    plain = grads(R.angular_distillation_loss(s, t, p=p, per=per), s)
+    with _cuda_ext.emulated():
+        fast = grads(mdkernels.angular_distillation_loss(s, t, p=p, per=per, backend="cuda"), s)
+    for f, pl, tr, name in zip(fast, plain, truth, ("loss", "ds"), strict=True):
+        assert_close_to_truth(f, pl, tr, f"emulated cuda angular {dtype} p={p} {name}")
+
+
+# ---- fused margin CE (csrc/margin_ce.cu) ------------------------------------------------------------
+SHAPE = (67, 500, 1017)  # two row tiles (BM = 64), D not a multiple of BK = 32, C not of BN = 64
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_margin_ce_fp32_all_margins(config):
+    """fp32: the SIMT tile, against the reference in fp32 (the suite's fp32 tolerance)."""
+    x, w, y = make(*SHAPE, torch.float32)
+    ref = run(R.margin_cross_entropy, x, w, y, **CONFIGS[config])
+    with _cuda_ext.emulated():
+        out = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda", **CONFIGS[config])
+    for name, a, b in zip(("loss", "dx", "dw"), out, ref, strict=True):
+        assert_close(a, b, torch.float32, f"emulated cuda {config} {name}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("config", ["arcface", "filter"])
+@pytest.mark.parametrize("shape", [(1, 500, 1017), SHAPE], ids=lambda s: "x".join(map(str, s)))
+def test_margin_ce_half_precision_tensor_core_tile(dtype, config, shape):
+    """bf16/fp16: the WMMA tile. Inputs are rounded once; the fused error against the fp64 truth on
+    those inputs is at most 2x the reference's in the same dtype."""
+    x, w, y = make(*shape, dtype)
+    truth = run(R.margin_cross_entropy, x.double(), w.double(), y, **CONFIGS[config])
+    plain = run(R.margin_cross_entropy, x, w, y, **CONFIGS[config])
+    with _cuda_ext.emulated():
+        fast = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda", **CONFIGS[config])
+    assert fast[1].dtype == fast[2].dtype == dtype
+    for name, f, p, t in zip(("loss", "dx", "dw"), fast, plain, truth, strict=True):
+        assert_close_to_truth(f, p, t, f"emulated cuda {dtype} {config} {name}")
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "shuffle"])
+def test_margin_ce_under_other_thread_orders(schedule):
+    """A missing barrier in the tiles would give different values under another order of the threads."""
+    x, w, y = make(*SHAPE, torch.bfloat16)
+    with _cuda_ext.emulated():
+        first = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda")
+    with _cuda_ext.emulated(schedule, seed=11):
+        other = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda")
+    for a, b in zip(first, other, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # fp32 atomics: only the summation order moves
+
+
+def test_margin_ce_frozen_centers_per_row_margins_and_weights():
+    """Frozen centers skip dW; per-row m2 and a 'none' reduction with per-row weights reach the kernel's
+    gradient scale (rows of weight 0 are skipped by the backward's tile test)."""
+    x, w, y = make(*SHAPE, torch.float32)
+    w = w.detach()
+    m2 = torch.linspace(0.1, 0.6, SHAPE[0])
+    weights = torch.rand(SHAPE[0])
+    weights[:64] = 0.0  # the whole first row tile carries no gradient
+
+    def loss_of(f, **kw):
+        return (f(x, w, y, m2=m2, reduction="none", **kw) * weights).sum()
+
+    ref_loss = loss_of(R.margin_cross_entropy)
+    (ref_dx,) = torch.autograd.grad(ref_loss, x)
+    with _cuda_ext.emulated():
+        loss = loss_of(mdkernels.margin_cross_entropy, backend="cuda")
+        (dx,) = torch.autograd.grad(loss, x)
+    assert_close(loss.detach(), ref_loss.detach(), torch.float32, "loss")
+    assert_close(dx, ref_dx, torch.float32, "dx")
+
+
+def test_margin_ce_large_margin_stays_finite():
+    x, w, y = make(9, 64, 300, torch.float32, ignore=False)
+    kw = dict(s=64.0, m1=4.0, m2=0.0, fallback=False)
+    ref = run(R.margin_cross_entropy, x, w, y, **kw)
+    with _cuda_ext.emulated():
+        out = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda", **kw)
+    for a, b in zip(out, ref, strict=True):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, torch.float32, "m1=4")
