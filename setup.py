@@ -7,6 +7,8 @@ Environment flags (read at build time, printed so a build log says what happened
                      OFF: pure Python; any stale compiled module is removed from the build tree
     MDK_CUDA_ARCHS   CMake CUDA architectures, default "80;90" (A100 and H100/H200)
     MAX_JOBS         parallel compile jobs; default derived from cores and free memory
+    MDK_BUILD_EMULATOR_ASAN  1: also build mdkernels._cuda_emu_asan, the CPU emulator of the CUDA kernels
+                     under AddressSanitizer (CI sets it; python_tests/test_cuda_emulated.py uses it)
     CUDA_HOME        where to look for nvcc when it is not on PATH
 
 The CUDA module has no torch headers (raw device pointers + stream through pybind11), so it
@@ -131,7 +133,8 @@ class CMakeBuild(build_ext):
             f"-DMDK_CUDA_ARCHS={archs}",
             f"-DMDK_OUTPUT_DIR={out.parent}",
             f"-DMDK_OUTPUT_NAME={out.name}",
-            f"-DMDK_EMU_OUTPUT_NAME={out.name.replace('_cuda', '_cuda_emu', 1)}",
+            f"-DMDK_EMU_SUFFIX={out.name[len('_cuda') :]}",
+            f"-DMDK_EMULATOR_ASAN={'ON' if os.environ.get('MDK_BUILD_EMULATOR_ASAN') == '1' else 'OFF'}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]

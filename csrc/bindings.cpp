@@ -15,7 +15,7 @@
 
 #ifdef MDK_EMULATE  // the same bindings, run by the CPU emulator (csrc/emu/cuda_emu.h)
 #include "emu/emu_control.h"
-#define MDK_MODULE_NAME _cuda_emu
+#define MDK_MODULE_NAME MDK_EMU_MODULE_NAME  // _cuda_emu, or _cuda_emu_asan
 #else
 #define MDK_MODULE_NAME _cuda
 #endif
@@ -101,16 +101,17 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
   m.def(
       "margin_ce_backward",
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
-                    std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t gr, std::uintptr_t dxh,
-                    std::uintptr_t dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau,
+                    std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t gr, std::uintptr_t gscale,
+                    std::uintptr_t dxh, std::uintptr_t dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau,
                     bool has_filter, std::uintptr_t stream) {
         mdk::margin_ce_backward(static_cast<mdk::DType>(dtype),
                                 margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
-                                ptr<const float>(lse), ptr<const float>(gr), ptr<float>(dxh), ptr<float>(dwh),
+                                ptr<const float>(lse), ptr<const float>(gr), ptr<const float>(gscale),
+                                ptr<float>(dxh), ptr<float>(dwh),
                                 mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("lse"),
-      py::arg("gr"), py::arg("dxh"), py::arg("dwh"), py::arg("B"), py::arg("C"), py::arg("D"),
+      py::arg("gr"), py::arg("gscale"), py::arg("dxh"), py::arg("dwh"), py::arg("B"), py::arg("C"), py::arg("D"),
       py::arg("x_row_stride"), py::arg("w_row_stride"), py::arg("s"), py::arg("tau"), py::arg("has_filter"),
       py::arg("stream"));
 

@@ -7,9 +7,13 @@
 // The tile goes to shared memory as fp32. The epilogue scales by 1/|x_i| and 1/|w_j|, clamps, applies
 // the filter, masks the target column and out-of-range entries, then either updates a per-row online
 // logsumexp (forward; two threads per row, merged at the end) or forms
-// G = s * exp(s*c - lse) * grad_row and accumulates G.W into dX^ and G^T.x into dW^ with fp32 atomics
-// (backward). Gradient products run as SIMT from shared memory in this first version.
+// G = s * exp(s*c - lse) * grad_row / max|grad_row| (backward). The backward's products
+// dX^ += G n(W) and dW^ += G^T n(x) run per BK chunk of D on tensor cores for bf16/fp16 (G scaled by
+// 1/|w_j| or 1/|x_i| as 16-bit operands, each warp a 16-row slice of both) and as SIMT FMAs for fp32; the
+// chunks go to global memory with fp32 atomics (other blocks add to the same rows and classes).
 #include <mma.h>
+
+#include <type_traits>
 
 #include "margin_ce.h"
 #include "margin_math.h"
@@ -18,19 +22,25 @@ namespace mdk {
 namespace {
 
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;
-constexpr int LDS = BK + 8;   // shared row stride for 16-bit tiles: a multiple of 8 elements (WMMA ldm)
+// Shared row stride of the x / w tiles: 16-bit tiles feed WMMA (ldm a multiple of 8 elements); fp32 rows
+// are padded by one word so that the SIMT tile reads 8 different rows per warp without bank conflicts.
+template <typename T>
+constexpr int kLds = std::is_same<T, float>::value ? BK + 1 : BK + 8;
 constexpr int LDC = BN + 4;   // shared row stride of the fp32 accumulator tile
+constexpr int LDG = BN + 8;   // shared row stride of the 16-bit G tile (backward)
+static_assert(2 * BK <= BN, "the backward stages its dX^ and dW^ chunks side by side in the cs tile");
+static_assert(BM == BN && BM == 16 * (kThreads / 32), "one 16-row slice of each product per warp");
 
 template <typename T>
 struct TileSmem {
-  T xs[BM][LDS];
-  T ws[BN][LDS];
+  T xs[BM][kLds<T>];
+  T ws[BN][kLds<T>];
   float cs[BM][LDC];
 };
 
 // Loads rows [r0, r0 + R) x cols [k0, k0 + BK) of a row-major matrix into shared memory, zero-filled.
 template <typename T, int R>
-__device__ inline void load_tile(T (*dst)[LDS], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
+__device__ inline void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
                                  int64_t dim, int64_t stride) {
   for (int e = threadIdx.x; e < R * BK; e += kThreads) {
     const int r = e / BK, k = e % BK;
@@ -60,9 +70,9 @@ __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __re
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &sm.xs[wm + 16 * i][kk], LDS);
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &sm.xs[wm + 16 * i][kk], kLds<T>);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &sm.ws[wn + 16 * j][kk], LDS);  // W^T, col-major
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &sm.ws[wn + 16 * j][kk], kLds<T>);  // W^T, col-major
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -78,12 +88,13 @@ __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __re
   __syncthreads();
 }
 
-// fp32: the same tile with FMAs (IEEE fp32, no TF32); each thread computes a 4 x 8 block of outputs from
-// the shared tiles.
+// fp32: the same tile with FMAs (IEEE fp32, no TF32). Thread t computes rows 4 (t / 8) + i and columns
+// t % 8 + 8 j (i < 4, j < 8): a warp reads 4 rows of xs (broadcast) and 8 consecutive rows of ws, which the
+// one-word padding puts in 8 different banks.
 template <>
 __device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
                                 int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw) {
-  const int tr = (threadIdx.x / 8) * 4, tc = (threadIdx.x % 8) * 8;  // 16 x 8 threads, 4 x 8 outputs each
+  const int tr = (threadIdx.x / 8) * 4, tc = threadIdx.x % 8;  // 16 x 8 threads, 4 x 8 outputs each
   float acc[4][8] = {};
   for (int64_t k0 = 0; k0 < D; k0 += BK) {
     load_tile<float, BM>(sm.xs, x, r0, B, k0, D, sx);
@@ -95,7 +106,7 @@ __device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x
 #pragma unroll
       for (int i = 0; i < 4; ++i) a[i] = sm.xs[tr + i][k];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = sm.ws[tc + j][k];
+      for (int j = 0; j < 8; ++j) b[j] = sm.ws[tc + 8 * j][k];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -106,7 +117,7 @@ __device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sm.cs[tr + i][tc + j] = acc[i][j];
+    for (int j = 0; j < 8; ++j) sm.cs[tr + i][tc + 8 * j] = acc[i][j];
   __syncthreads();
 }
 
@@ -161,13 +172,57 @@ __global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
   }
 }
 
+// Backward shared memory: the forward's tiles plus, for 16-bit inputs, G as two tensor-core operands:
+// G with column j scaled by 1/|w_j| (for dX^) and with row i scaled by 1/|x_i| (for dW^), so that the x
+// and w tiles enter the products unrounded, as stored.
+template <typename T>
+struct BwdSmem : TileSmem<T> {
+  T gw[BM][LDG];
+  T gx[BM][LDG];
+};
+template <>
+struct BwdSmem<float> : TileSmem<float> {};
+
+// Adds the staged fp32 products (sm.cs) to dX^ (columns [0, BK)) and dW^ (columns [BK, 2 BK)), times gscale.
+__device__ inline void flush_products(const float (*cs)[LDC], float* dxh, float* dwh, int64_t r0, int64_t c0,
+                                      int64_t k0, int64_t B, int64_t C, int64_t D, float gscale) {
+  for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
+    const int r = e / BK, k = e % BK;
+    const int64_t grow = r0 + r, gk = k0 + k;
+    const float v = cs[r][k];
+    if (grow < B && gk < D && v != 0.f) atomicAdd(&dxh[grow * D + gk], v * gscale);
+  }
+  if (dwh == nullptr) return;
+  for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
+    const int j = e / BK, k = e % BK;
+    const int64_t col = c0 + j, gk = k0 + k;
+    const float v = cs[j][BK + k];
+    if (col < C && gk < D && v != 0.f) atomicAdd(&dwh[col * D + gk], v * gscale);
+  }
+}
+
+// G = s * exp(s*c - lse) * gr / gscale on kept, non-target, in-range entries (0 elsewhere). Dividing by
+// gscale = max |gr| keeps G in [0, s] whatever the reduction: fp16 operands would flush 1/B-sized
+// values to zero. The products are multiplied back by gscale in fp32.
+__device__ inline float grad_entry(float raw, int64_t grow, int64_t col, int64_t B, int64_t C,
+                                   const int64_t* __restrict__ labels, const float* __restrict__ rx,
+                                   const float* __restrict__ rw, const float* __restrict__ lse,
+                                   const float* __restrict__ gr, float inv_gscale, float s, float tau,
+                                   bool has_filter) {
+  if (grow >= B || col >= C || col == labels[grow]) return 0.f;
+  bool keep;
+  const float c = tile_cos(raw, rx[grow], rw[col], has_filter, tau, &keep);
+  return keep ? s * (gr[grow] * inv_gscale) * __expf(s * c - lse[grow]) : 0.f;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
-    const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr, float* dxh,
-    float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau, bool has_filter) {
+    const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
+    const float* __restrict__ gscale_ptr, float* dxh, float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx,
+    int64_t sw, float s, float tau, bool has_filter) {
   MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
-  TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
+  BwdSmem<T>& sm = *reinterpret_cast<BwdSmem<T>*>(smem_raw);
   const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
   const int64_t r0 = int64_t(blockIdx.y) * BM;
   // skip tiles whose rows all have zero weight (ignored rows)
@@ -177,46 +232,102 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
   if (threadIdx.x < BM && r0 + threadIdx.x < B && gr[r0 + threadIdx.x] != 0.f) any_weight = 1;
   __syncthreads();
   if (!any_weight) return;
+  const float gscale = *gscale_ptr, inv_gscale = 1.f / gscale;
   cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw);
-  // G in place (fp32): s * exp(s*c - lse) * gr on kept, non-target, in-range entries
-  for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-    const int r = e / BN, j = e % BN;
-    const int64_t grow = r0 + r, col = c0 + j;
-    float g = 0.f;
-    if (grow < B && col < C && col != labels[grow]) {
-      bool keep;
-      const float c = tile_cos(sm.cs[r][j], rx[grow], rw[col], has_filter, tau, &keep);
-      if (keep) g = s * gr[grow] * __expf(s * c - lse[grow]);
+  if constexpr (std::is_same<T, float>::value) {
+    // fp32: G stays fp32 in cs; the products run as FMAs from shared memory (IEEE fp32, like the forward)
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int r = e / BN, j = e % BN;
+      sm.cs[r][j] = grad_entry(sm.cs[r][j], r0 + r, c0 + j, B, C, labels, rx, rw, lse, gr, inv_gscale, s, tau,
+                               has_filter);
     }
-    sm.cs[r][j] = g;
-  }
-  __syncthreads();
-  // dX^[rows, k] += sum_j G[r, j] * w[j, k] / |w_j|;  dW^[cols, k] += sum_r G[r, j] * x[r, k] / |x_r|
-  for (int64_t k0 = 0; k0 < D; k0 += BK) {
-    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
-    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
     __syncthreads();
-    for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
-      const int r = e / BK, k = e % BK;
-      const int64_t grow = r0 + r, gk = k0 + k;
-      if (grow >= B || gk >= D) continue;
-      float acc = 0.f;
-      for (int j = 0; j < BN && c0 + j < C; ++j) acc += sm.cs[r][j] * rw[c0 + j] * to_float(sm.ws[j][k]);
-      if (acc != 0.f) atomicAdd(&dxh[grow * D + gk], acc);
-    }
-    if (dwh != nullptr) {
-      for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
-        const int j = e / BK, k = e % BK;
-        const int64_t col = c0 + j, gk = k0 + k;
-        if (col >= C || gk >= D) continue;
+    // dX^[rows, k] += sum_j G[r, j] * w[j, k] / |w_j|;  dW^[cols, k] += sum_r G[r, j] * x[r, k] / |x_r|
+    for (int64_t k0 = 0; k0 < D; k0 += BK) {
+      load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
+      load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+      __syncthreads();
+      for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
+        const int r = e / BK, k = e % BK;
+        const int64_t grow = r0 + r, gk = k0 + k;
+        if (grow >= B || gk >= D) continue;
         float acc = 0.f;
-        for (int r = 0; r < BM && r0 + r < B; ++r) acc += sm.cs[r][j] * rx[r0 + r] * to_float(sm.xs[r][k]);
-        if (acc != 0.f) atomicAdd(&dwh[col * D + gk], acc);
+        for (int j = 0; j < BN && c0 + j < C; ++j) acc += sm.cs[r][j] * rw[c0 + j] * sm.ws[j][k];
+        if (acc != 0.f) atomicAdd(&dxh[grow * D + gk], acc * gscale);
       }
+      if (dwh != nullptr) {
+        for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
+          const int j = e / BK, k = e % BK;
+          const int64_t col = c0 + j, gk = k0 + k;
+          if (col >= C || gk >= D) continue;
+          float acc = 0.f;
+          for (int r = 0; r < BM && r0 + r < B; ++r) acc += sm.cs[r][j] * rx[r0 + r] * sm.xs[r][k];
+          if (acc != 0.f) atomicAdd(&dwh[col * D + gk], acc * gscale);
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
+  } else {
+    // 16-bit: G goes to shared memory in T; both products on tensor cores:
+    // dX^ chunk (BM x BK) = (G / |w|) . W[:, chunk], dW^ chunk (BN x BK) = (G / |x|)^T . x[:, chunk].
+    using namespace nvcuda;
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int r = e / BN, j = e % BN;
+      const int64_t grow = r0 + r, col = c0 + j;
+      const float g = grad_entry(sm.cs[r][j], grow, col, B, C, labels, rx, rw, lse, gr, inv_gscale, s, tau,
+                                 has_filter);
+      sm.gw[r][j] = from_float<T>(g == 0.f ? 0.f : g * rw[col]);
+      sm.gx[r][j] = from_float<T>(g == 0.f ? 0.f : g * rx[grow]);
+    }
+    const int warp = threadIdx.x / 32;  // warp w: rows [16w, 16w + 16) of both products, all BK columns
+    for (int64_t k0 = 0; k0 < D; k0 += BK) {
+      load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
+      load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+      __syncthreads();  // tiles and (first pass) G written; the previous flush has read cs
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> ax[2], aw[2];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        wmma::fill_fragment(ax[n], 0.f);
+        wmma::fill_fragment(aw[n], 0.f);
+      }
+#pragma unroll
+      for (int kk = 0; kk < BN; kk += 16) {  // dX: reduce over the tile's classes
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> g;
+        wmma::load_matrix_sync(g, &sm.gw[16 * warp][kk], LDG);
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> wt;
+          wmma::load_matrix_sync(wt, &sm.ws[kk][16 * n], kLds<T>);
+          wmma::mma_sync(ax[n], g, wt, ax[n]);
+        }
+      }
+      if (dwh != nullptr) {
+#pragma unroll
+        for (int kk = 0; kk < BM; kk += 16) {  // dW: reduce over the tile's rows; G^T is G col-major
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> gt;
+          wmma::load_matrix_sync(gt, &sm.gx[kk][16 * warp], LDG);
+#pragma unroll
+          for (int n = 0; n < 2; ++n) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> xt;
+            wmma::load_matrix_sync(xt, &sm.xs[kk][16 * n], kLds<T>);
+            wmma::mma_sync(aw[n], gt, xt, aw[n]);
+          }
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        wmma::store_matrix_sync(&sm.cs[16 * warp][16 * n], ax[n], LDC, wmma::mem_row_major);
+        wmma::store_matrix_sync(&sm.cs[16 * warp][BK + 16 * n], aw[n], LDC, wmma::mem_row_major);
+      }
+      __syncthreads();  // products staged; the tiles may be overwritten after the flush
+      flush_products(sm.cs, dxh, dwh, r0, c0, k0, B, C, D, gscale);
+    }
   }
 }
+
+// Every tile fits the default 48 KiB of dynamic shared memory: no cudaFuncSetAttribute per launch.
+static_assert(sizeof(TileSmem<float>) <= 48 * 1024 && sizeof(TileSmem<__half>) <= 48 * 1024, "forward smem");
+static_assert(sizeof(BwdSmem<float>) <= 48 * 1024 && sizeof(BwdSmem<__half>) <= 48 * 1024, "backward smem");
 
 template <typename T>
 void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t splits, int64_t per_split,
@@ -224,7 +335,6 @@ void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t split
   if (a.B == 0) return;
   const size_t smem = sizeof(TileSmem<T>);
   auto kernel = margin_lse_forward_kernel<T>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, m_out, l_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
@@ -233,15 +343,14 @@ void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t split
 }
 
 template <typename T>
-void backward_impl(const MarginArgs& a, const float* lse, const float* gr, float* dxh, float* dwh,
-                   cudaStream_t stream) {
+void backward_impl(const MarginArgs& a, const float* lse, const float* gr, const float* gscale, float* dxh,
+                   float* dwh, cudaStream_t stream) {
   if (a.B == 0 || a.C == 0) return;
-  const size_t smem = sizeof(TileSmem<T>);
+  const size_t smem = sizeof(BwdSmem<T>);
   auto kernel = margin_ce_backward_kernel<T>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.B + BM - 1) / BM));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
-                                           a.labels, lse, gr, dxh, dwh, a.B, a.C, a.D, a.sx, a.sw, a.s, a.tau,
+                                           a.labels, lse, gr, gscale, dxh, dwh, a.B, a.C, a.D, a.sx, a.sw, a.s, a.tau,
                                            a.has_filter);
   check_launch("margin_ce_backward");
 }
@@ -260,12 +369,12 @@ void margin_lse_forward(DType dtype, const MarginArgs& a, float* m_out, float* l
   throw std::invalid_argument("margin_lse_forward: unsupported dtype code");
 }
 
-void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, float* dxh, float* dwh,
-                        cudaStream_t stream) {
+void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* gscale,
+                        float* dxh, float* dwh, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return backward_impl<float>(a, lse, gr, dxh, dwh, stream);
-    case DType::kFloat16: return backward_impl<__half>(a, lse, gr, dxh, dwh, stream);
-    case DType::kBFloat16: return backward_impl<__nv_bfloat16>(a, lse, gr, dxh, dwh, stream);
+    case DType::kFloat32: return backward_impl<float>(a, lse, gr, gscale, dxh, dwh, stream);
+    case DType::kFloat16: return backward_impl<__half>(a, lse, gr, gscale, dxh, dwh, stream);
+    case DType::kBFloat16: return backward_impl<__nv_bfloat16>(a, lse, gr, gscale, dxh, dwh, stream);
   }
   throw std::invalid_argument("margin_ce_backward: unsupported dtype code");
 }

@@ -26,8 +26,9 @@ void margin_lse_forward(DType dtype, const MarginArgs& a, float* m_out, float* l
                         int64_t per_split, cudaStream_t stream);
 
 // dxh (B, D) += G n(W); dwh (C, D) += G^T n(x) when dwh is not null; both fp32, zero-initialised by the
-// caller. G = s * exp(s*c - lse) * gr over kept non-target entries.
-void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, float* dxh, float* dwh,
-                        cudaStream_t stream);
+// caller. G = s * exp(s*c - lse) * gr over kept non-target entries. *gscale (a device scalar, > 0) is
+// max |gr|: G is formed as G / *gscale (in [0, s], safe for fp16 operands) and the sums scaled back.
+void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* gscale,
+                        float* dxh, float* dwh, cudaStream_t stream);
 
 }  // namespace mdk

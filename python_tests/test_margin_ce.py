@@ -25,13 +25,13 @@ CONFIGS = {
 SHAPES = [(1, 500, 1017), (37, 500, 1017), (64, 64, 300)]  # (B, D, C): odd D and C, B = 1
 
 
-def make(B, D, C, dtype, device="cpu", seed=0, ignore=True):
+def make(B, D, C, dtype, device="cpu", seed=0, ignore=True, pull=2.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, D, generator=g, dtype=torch.float64)
     w = torch.randn(C, D, generator=g, dtype=torch.float64)
     # pull some rows towards their centers so targets are not all near 90 degrees
     y = torch.randint(0, C, (B,), generator=g)
-    x = x + 2.0 * w[y] * torch.rand(B, 1, generator=g, dtype=torch.float64)
+    x = x + pull * w[y] * torch.rand(B, 1, generator=g, dtype=torch.float64)
     if ignore and B > 2:
         y[B // 2] = -1
     return (
@@ -297,6 +297,36 @@ def test_gpu_low_precision(backend, dtype, config):
     for name, f, p, t in zip(("loss", "dx", "dw"), fast, plain, truth, strict=True):
         assert f.shape == t.shape
         assert_close_to_truth(f, p, t, f"{config} {dtype} {name}")
+
+
+def check_tiny_gradient_terms(grad_hat, device):
+    """A backward kernel's contract (fp32 dX^ = G n(W), dW^ = G^T n(x)) in fp16 with a row weight of 1e-7
+    (a mean over a huge batch, a small loss weight): every G entry, ~1e-9, is below fp16's smallest
+    subnormal. The kernels form G / max|gr| for their fp16 operands and scale the fp32 sums back."""
+    B, D, C = 67, 500, 1017
+    x, w, y = make(B, D, C, torch.float16, device, pull=0.5)
+    x, w = x.detach(), w.detach()
+    xf, wf = x.float(), w.float()
+    rx, rw = xf.norm(dim=1).reciprocal(), wf.norm(dim=1).reciprocal()
+    xn, wn = xf * rx[:, None], wf * rw[:, None]
+    cos, s = xn @ wn.T, 64.0
+    lse = torch.logsumexp(s * cos, 1)
+    gr = torch.full((B,), 1e-7, device=device)
+    keep = torch.ones_like(cos, dtype=torch.bool)
+    rows = (y >= 0).nonzero().squeeze(1)
+    keep[rows, y[rows]] = False
+    g = torch.where(keep, s * gr[:, None] * torch.exp(s * cos - lse[:, None]), 0.0)
+    dxh, dwh = grad_hat(x, w, y, rx, rw, lse, gr, s, None, True)
+    for name, got, want in (("dx^", dxh, g @ wn), ("dW^", dwh, g.T @ xn)):
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 1e-2, f"{name}: relative error {rel:.2e} (tiny gradient terms flushed?)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if mdkernels.info()["cuda_extension"] else []))
+def test_gpu_fp16_backward_keeps_tiny_gradient_terms(backend):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_tiny_gradient_terms(mce.GRAD_HAT[backend], "cuda")
 
 
 @pytest.mark.gpu

@@ -34,6 +34,9 @@ __global__ void warp_sum_kernel(const float* in, float* out) {
   if (threadIdx.x % 32 == 0) out[threadIdx.x / 32] = v;
 }
 
+// Reads one element past the end of its input: only the AddressSanitizer build sees it.
+__global__ void out_of_bounds_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x + 1]; }
+
 __global__ void divergent_sync_kernel(float* out) {
   if (threadIdx.x < 64) __syncthreads();
   out[threadIdx.x] = 1.f;
@@ -92,6 +95,9 @@ std::vector<float> selftest(const std::string& name) {
   } else if (name == "warp_sum") {
     out.assign(kN / 32, 0.f);
     MDK_LAUNCH(warp_sum_kernel, 1, kN, 0, 0)(in.data(), out.data());
+  } else if (name == "out_of_bounds") {
+    std::vector<float> small(kN);  // exactly kN elements: thread kN - 1 reads small[kN]
+    MDK_LAUNCH(out_of_bounds_kernel, 1, kN, 0, 0)(small.data(), out.data());
   } else if (name == "divergent_sync") {
     MDK_LAUNCH(divergent_sync_kernel, 1, kN, 0, 0)(out.data());
   } else if (name == "early_return") {

@@ -14,6 +14,11 @@
 
 #include "emu_control.h"
 
+#if defined(__SANITIZE_ADDRESS__)  // the AddressSanitizer build (_cuda_emu_asan): tell ASan about stack switches
+#include <sanitizer/common_interface_defs.h>
+#define MDK_ASAN_FIBERS 1
+#endif
+
 namespace mdk_emu {
 namespace {
 
@@ -49,6 +54,8 @@ struct Block {
 };
 
 thread_local Block* g_block = nullptr;
+const void* g_main_bottom = nullptr;  // the scheduler's stack, for ASan's fiber annotations
+size_t g_main_size = 0;
 std::vector<char> g_stacks;
 std::map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 Schedule g_schedule = Schedule::kForward;
@@ -60,17 +67,46 @@ Block& cur_block() {
   return *g_block;
 }
 
-void yield_to_scheduler() {
+// From a fiber back to the scheduler; a finished fiber is never resumed.
+void switch_to_scheduler(bool finished) {
   Block& b = *g_block;
+#ifdef MDK_ASAN_FIBERS
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(finished ? nullptr : &fake, g_main_bottom, g_main_size);
+#else
+  (void)finished;
+#endif
   swapcontext(&b.fibers[b.cur].ctx, &b.main_ctx);
+#ifdef MDK_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(fake, &g_main_bottom, &g_main_size);
+#endif
+}
+
+void yield_to_scheduler() { switch_to_scheduler(false); }
+
+char* stack_of(int i) { return g_stacks.data() + static_cast<size_t>(i) * kStackBytes; }
+
+// From the scheduler into fiber i, until it yields, finishes or fails.
+void switch_to_fiber(Block& b, int i) {
+#ifdef MDK_ASAN_FIBERS
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, stack_of(i), kStackBytes);
+#endif
+  swapcontext(&b.main_ctx, &b.fibers[i].ctx);
+#ifdef MDK_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
 }
 
 void fiber_entry() {
+#ifdef MDK_ASAN_FIBERS
+  __sanitizer_finish_switch_fiber(nullptr, &g_main_bottom, &g_main_size);
+#endif
   Block& b = *g_block;
   (*b.body)();
   b.fibers[b.cur].state = State::kDone;
   ++b.done;
-  swapcontext(&b.fibers[b.cur].ctx, &b.main_ctx);  // never resumed
+  switch_to_scheduler(true);  // never resumed
 }
 
 int warp_size_of(const Block& b, int warp) { return std::min(32, b.n - 32 * warp); }
@@ -109,7 +145,7 @@ void run_block(Block& b, const std::vector<int>& order) {
     f.tid = uint3{static_cast<unsigned>(i % b.block.x), static_cast<unsigned>((i / b.block.x) % b.block.y),
                   static_cast<unsigned>(i / (b.block.x * b.block.y))};
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = g_stacks.data() + static_cast<size_t>(i) * kStackBytes;
+    f.ctx.uc_stack.ss_sp = stack_of(i);
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &b.main_ctx;
     makecontext(&f.ctx, fiber_entry, 0);
@@ -120,7 +156,7 @@ void run_block(Block& b, const std::vector<int>& order) {
       if (waiting(b, i)) continue;
       b.cur = i;
       b.fibers[i].state = State::kReady;
-      swapcontext(&b.main_ctx, &b.fibers[i].ctx);
+      switch_to_fiber(b, i);
       progressed = true;
       if (!b.error.empty()) throw std::runtime_error("mdk_emu: " + where(b) + ", thread " + std::to_string(i) + ": " + b.error);
     }
@@ -180,7 +216,7 @@ void fail(const std::string& what) {
   Block& b = cur_block();
   b.error = what;
   b.fibers[b.cur].state = State::kDone;
-  swapcontext(&b.fibers[b.cur].ctx, &b.main_ctx);  // never resumed: the launch is abandoned
+  switch_to_scheduler(true);  // never resumed: the launch is abandoned
   throw std::logic_error("unreachable");
 }
 

@@ -100,11 +100,13 @@ if HAS_TRITON:
         return acc * rx[:, None] * rw[None, :]
 
     @triton.jit
-    def _scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+    def _scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w, gscale,
                        COMPUTE_DW: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        """Given ``G = dL/dcos`` of one (rows x cols) tile: ``DXH += G n(W)``, and ``DWH += G^T n(x)`` when
-        COMPUTE_DW, over all of D (fp32 atomics: tiles of other programs add to the same rows/cols)."""
+        """Given ``G = dL/dcos / gscale`` of one (rows x cols) tile: ``DXH += gscale G n(W)``, and
+        ``DWH += gscale G^T n(x)`` when COMPUTE_DW, over all of D (fp32 atomics: tiles of other programs add
+        to the same rows/cols). G enters the dots in the input dtype: gscale keeps it away from fp16's
+        underflow (see ``_grad_scale``)."""
         rx = tl.load(RX + rows, mask=row_mask, other=0.0)
         rw = tl.load(RW + cols, mask=col_mask, other=0.0)
         g_w = g * rw[None, :]  # dL/dx^_i = sum_j g_ij w_j / |w_j|
@@ -121,7 +123,9 @@ if HAS_TRITON:
                 wt = wt.to(ACC_DTYPE)
             dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             tl.atomic_add(
-                DXH + rows[:, None].to(tl.int64) * D + dd[None, :], dx, mask=row_mask[:, None] & d_mask[None, :]
+                DXH + rows[:, None].to(tl.int64) * D + dd[None, :],
+                dx * gscale,
+                mask=row_mask[:, None] & d_mask[None, :],
             )
             if COMPUTE_DW:
                 xt = tl.load(
@@ -133,7 +137,9 @@ if HAS_TRITON:
                     xt = xt.to(ACC_DTYPE)
                 dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 tl.atomic_add(
-                    DWH + cols[:, None].to(tl.int64) * D + dd[None, :], dw, mask=col_mask[:, None] & d_mask[None, :]
+                    DWH + cols[:, None].to(tl.int64) * D + dd[None, :],
+                    dw * gscale,
+                    mask=col_mask[:, None] & d_mask[None, :],
                 )
 
     @triton.jit
@@ -213,6 +219,7 @@ if HAS_TRITON:
         Y,
         LSE,
         GR,
+        GSCALE,
         DXH,
         DWH,
         B,
@@ -267,8 +274,9 @@ if HAS_TRITON:
                 keep = keep & (cos <= tau)
                 cos = tl.where(cos > tau, 0.0, cos)
             keep = keep & (cols[None, :] != y[:, None]) & col_mask[None, :] & row_mask[:, None]
-            g = tl.where(keep, tl.exp(cos * s - lse[:, None]) * (s * gr[:, None]), 0.0)
-            _scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
+            gscale = tl.load(GSCALE)
+            g = tl.where(keep, tl.exp(cos * s - lse[:, None]) * (s * (gr / gscale)[:, None]), 0.0)
+            _scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w, gscale,
                            COMPUTE_DW, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
 
 
@@ -326,6 +334,7 @@ def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
         **common,
         "LSE": ptr(acc),
         "GR": ptr(acc),
+        "GSCALE": ptr(acc),
         "DXH": ptr(acc),
         "DWH": ptr(acc),
         **ints,
@@ -381,6 +390,20 @@ def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     return m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
 
 
+def _grad_scale(gr: torch.Tensor, dtype: torch.dtype, s: float, rx: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
+    """The backward kernels' gradient scale as a one-element device tensor (no host sync). They form
+    ``G / scale`` (entries in [0, s] for scale = max|gr|), scaled by 1/|w_j| or 1/|x_i|, as 16-bit tensor
+    operands and multiply the fp32 sums back: fp16 would flush 1/B-sized gradients to zero otherwise.
+    fp16 also raises the scale where ``s / |w_j|`` or ``s / |x_i|`` could overflow its 65504."""
+    if gr.numel() == 0:
+        return torch.ones(1, dtype=torch.float32, device=gr.device)
+    scale = gr.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
+    if dtype == torch.float16:
+        inv_norm = torch.maximum(rx.amax(), rw.amax()).float() if rw.numel() else rx.amax().float()
+        scale = scale * (s * inv_norm / 16384.0).clamp_min(1.0)
+    return scale.reshape(1)
+
+
 @guard_device
 def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     B, D = x.shape
@@ -398,6 +421,7 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
         labels,
         lse,
         gr,
+        _grad_scale(gr, x.dtype, s, rx, rw).to(cd),
         dxh,
         dwh,
         B,
@@ -461,6 +485,8 @@ def _grad_hat_cuda(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     C = w.shape[0]
     dxh = torch.zeros(B, D, dtype=torch.float32, device=x.device)
     dwh = torch.zeros(C, D, dtype=torch.float32, device=x.device) if need_dw else None
+    gr = gr.contiguous()
+    gscale = _grad_scale(gr, x.dtype, s, rx, rw)
     _cuda_ext.ext.margin_ce_backward(
         _cuda_ext.dtype_code(x),
         x.data_ptr(),
@@ -469,7 +495,8 @@ def _grad_hat_cuda(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
         rw.data_ptr(),
         labels.data_ptr(),
         lse.contiguous().data_ptr(),
-        gr.contiguous().data_ptr(),
+        gr.data_ptr(),
+        gscale.data_ptr(),
         dxh.data_ptr(),
         dwh.data_ptr() if need_dw else 0,
         B,

@@ -87,7 +87,7 @@ if mce.HAS_TRITON:
 
     @triton.jit
     def _margin_kd_backward_kernel(
-        XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, DXH, DWH,
+        XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, GSCALE, DXH, DWH,
         B, C, D, stride_xs, stride_xt, stride_w, s, inv_T, alpha,
         COMPUTE_DW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -115,9 +115,10 @@ if mce.HAS_TRITON:
             q_s = tl.exp(zs * inv_T - lse_sT[:, None])
             q_t = tl.exp(zt * inv_T - lse_tT[:, None])
             dz = (1.0 - alpha) * p_s + (alpha / inv_T) * (q_s - q_t)
-            g = tl.where(keep, dz * (s * gr[:, None]), 0.0)
+            gscale = tl.load(GSCALE)
+            g = tl.where(keep, dz * (s * (gr / gscale)[:, None]), 0.0)
             mce._scatter_grads(g, XS, W, RXS, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_xs, stride_w,
-                               COMPUTE_DW, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+                               gscale, COMPUTE_DW, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,6 +297,7 @@ def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt,
             lse_sT,
             lse_tT,
             gr,
+            mce._grad_scale(gr, xs.dtype, s, rxs, rw).to(cd),
             dxh,
             dwh,
             B,
@@ -403,8 +405,8 @@ def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
               "Y": "*i64", "B": "i32", "C": "i32", "D": "i32", "stride_xs": "i32", "stride_xt": "i32",
               "stride_w": "i32", "s": "fp32", "inv_T": "fp32"}  # fmt: skip
     fwd = {**common, "STATS": ptr(acc), "classes_per_split": "i32"}
-    bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "DXH": ptr(acc),
-           "DWH": ptr(acc), "alpha": "fp32"}  # fmt: skip
+    bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "GSCALE": ptr(acc),
+           "DXH": ptr(acc), "DWH": ptr(acc), "alpha": "fp32"}  # fmt: skip
     specs = [("margin_kd_forward", _margin_kd_forward_kernel, fwd, {**cfg, **flags}, opts)]
     for dw in (False, True):
         specs.append((f"margin_kd_backward dw={dw}", _margin_kd_backward_kernel, bwd,
