@@ -42,7 +42,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(values)
     if not cfg.data and not args.resume:
         raise SystemExit("mdk train: --data (a train.rec or an image folder) is required")
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume, overrides=set(values))
+    except ValueError as err:
+        if args.resume and "--resume" in str(err):
+            raise SystemExit(f"mdk train: {err}") from None
+        raise
     metrics = {k: v for k, v in result["metrics"].items() if k != "roc"}
     print(json.dumps({"checkpoint": result["checkpoint"], "step": result["step"], **metrics}, indent=1))
     return 0

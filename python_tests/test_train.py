@@ -251,6 +251,13 @@ def test_trainer_edge_cases(rec_data, tmp_path):
     train(small_cfg(rec_data, tmp_path / "m", max_steps=3, val=None))
     again = train(small_cfg(rec_data, tmp_path / "m", max_steps=3, val=None), resume=True)
     assert again["step"] == 3 and load_checkpoint(tmp_path / "m" / "last.pt")["step"] == 3
+    # a resume refuses explicit settings that would change the run, and takes those that may change
+    changed = small_cfg(rec_data, tmp_path / "m", max_steps=3, val=None, lr=0.5, s=16.0)
+    with pytest.raises(ValueError, match=r"--lr 0.5 \(saved 0.1\), --s 16.0 \(saved 32.0\)\. Drop them"):
+        train(changed, resume=True, overrides={"lr", "s", "max_steps"})
+    moved = train(small_cfg(rec_data, tmp_path / "m", max_steps=3, val=None, save_every=7, lr=0.5), resume=True,
+                  overrides={"save_every", "max_steps"})  # fmt: skip
+    assert moved["step"] == 3 and load_checkpoint(tmp_path / "m" / "last.pt")["config"]["lr"] == 0.1
     # evaluations go to eval.csv; log.csv keeps one header
     train(small_cfg(rec_data, tmp_path / "e", epochs=2, eval_every=1))
     import csv

@@ -346,9 +346,39 @@ class _Logger:
                     self.writer.add_scalar(k, v, row["step"])
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+# Settings a resume may change: where files are, how the run is shown and saved, and when it stops.
+# Anything else would make the resumed run differ from the one the checkpoint belongs to.
+RESUME_OVERRIDABLE = frozenset(
+    {"out", "data", "val", "teacher", "workers", "progress", "tensorboard", "save_every", "eval_every", "max_steps",
+     "backend"}
+)  # fmt: skip
+
+
+def _resume_config(saved: TrainConfig, cfg: TrainConfig, overrides) -> TrainConfig:
+    """The checkpoint's config, with max_steps/progress/workers from ``cfg`` and the explicitly given
+    ``overrides`` that a resume may change. Other explicit settings that differ are an error, not
+    silently dropped."""
+    conflicts = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)  # in the config's order, whatever the order of overrides
+        if f.name in overrides and f.name not in RESUME_OVERRIDABLE and getattr(cfg, f.name) != getattr(saved, f.name)
+    ]
+    if conflicts:
+        shown = ", ".join(
+            f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved {getattr(saved, f)!r})" for f in conflicts
+        )
+        raise ValueError(
+            f"--resume continues the saved run exactly, but these settings differ from its checkpoint: {shown}. "
+            "Drop them to resume, or train into a new --out to change them"
+        )
+    keep = {"max_steps", "progress", "workers"} | (set(overrides) & RESUME_OVERRIDABLE)
+    return dataclasses.replace(saved, **{f: getattr(cfg, f) for f in keep})
+
+
+def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
     """Train per ``cfg``; returns ``{"checkpoint", "metrics", "log"}``. ``resume`` continues from
-    ``<out>/last.pt``."""
+    ``<out>/last.pt`` with the checkpoint's config; ``overrides`` names the settings given explicitly
+    (the CLI's flags): paths, logging and max_steps may change on a resume, anything else must match."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.method in DISTILL and not cfg.teacher and not resume:
@@ -360,12 +390,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     ckpt_path = out / ("last.pt" if rank == 0 or not sharded else f"last.rank{rank}.pt")
     state = load_checkpoint(ckpt_path) if resume else None
     if state is not None:
-        saved = TrainConfig.from_dict(state["config"])
-        cfg = dataclasses.replace(saved, max_steps=cfg.max_steps, progress=cfg.progress, workers=cfg.workers)
+        cfg = _resume_config(TrainConfig.from_dict(state["config"]), cfg, overrides)
     torch.manual_seed(cfg.seed)
     dataset = D.open_dataset(cfg.data, size=cfg.input_size, train=True, seed=cfg.seed)
     num_classes = dataset.num_classes
-    # the cache sits beside the teacher checkpoint: one per (teacher, dataset), shared by every student run
     # the cache sits beside the teacher checkpoint: one per (teacher, data), shared by every student run
     teacher = (
         teacher_data(cfg.teacher, cfg.data, Path(cfg.teacher).parent / "teacher_cache", device)
