@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -88,8 +89,13 @@ def _run_under_asan(code: str) -> subprocess.CompletedProcess:
     libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0")
     prelude = "from mdkernels import _cuda_ext, _cuda_emu_asan\n_cuda_ext.emu = _cuda_emu_asan\n"
-    return subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+    return subprocess.run(  # from a neutral folder: the installed package, not a source tree in the cwd
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
