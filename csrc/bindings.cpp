@@ -12,6 +12,7 @@
 #include "angular_distill.h"
 #include "l2norm.h"
 #include "margin_ce.h"
+#include "margin_target.h"
 
 #ifdef MDK_EMULATE  // the same bindings, run by the CPU emulator (csrc/emu/cuda_emu.h)
 #include "emu/emu_control.h"
@@ -51,7 +52,8 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.attr("kernels") =
       std::vector<std::string>{"l2norm_forward",  "l2norm_backward",   "angular_forward",
-                               "angular_backward", "margin_lse_forward", "margin_ce_backward"};
+                               "angular_backward", "margin_lse_forward", "margin_ce_backward",
+                               "margin_target_forward"};
   m.attr("margin_tile_classes") = mdk::margin_tile_classes();
   m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without a driver)");
 
@@ -114,6 +116,22 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
       py::arg("gr"), py::arg("gscale"), py::arg("dxh"), py::arg("dwh"), py::arg("B"), py::arg("C"), py::arg("D"),
       py::arg("x_row_stride"), py::arg("w_row_stride"), py::arg("s"), py::arg("tau"), py::arg("has_filter"),
       py::arg("stream"));
+
+  m.def(
+      "margin_target_forward",
+      [](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t labels, std::uintptr_t rx, std::uintptr_t rw,
+         std::uintptr_t m2, std::uintptr_t raw, std::uintptr_t z, std::uintptr_t slope, int64_t B, int64_t D,
+         int64_t sx, int64_t sw, float s, float m1, float m3, bool fallback, bool straight_through,
+         std::uintptr_t stream) {
+        mdk::margin_target_forward(static_cast<mdk::DType>(dtype), ptr<const void>(x), ptr<const void>(w),
+                                   ptr<const int64_t>(labels), ptr<const float>(rx), ptr<const float>(rw),
+                                   ptr<const float>(m2), ptr<float>(raw), ptr<float>(z), ptr<float>(slope), B, D, sx,
+                                   sw, s, m1, m3, fallback, straight_through, mdk::as_stream(stream));
+      },
+      py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("labels"), py::arg("rx"), py::arg("rw"), py::arg("m2"),
+      py::arg("raw"), py::arg("z"), py::arg("slope"), py::arg("B"), py::arg("D"), py::arg("x_row_stride"),
+      py::arg("w_row_stride"), py::arg("s"), py::arg("m1"), py::arg("m3"), py::arg("fallback"),
+      py::arg("straight_through"), py::arg("stream"));
 
   m.def(
       "angular_forward",

@@ -193,6 +193,38 @@ def test_angular_kernels(dtype, shape, per, p):
         assert_close_to_truth(f, pl, tr, f"emulated cuda angular {dtype} p={p} {name}")
 
 
+# ---- target logit row kernel (csrc/margin_target.cu) -----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize(
+    "margin",
+    [dict(m1=1.0, m3=0.0, fallback=True), dict(m1=1.0, m3=0.2, fallback=False), dict(m1=1.35, m3=0.0, fallback=False)],
+    ids=["arcface", "combined", "sphereface"],
+)
+@pytest.mark.parametrize("grad", ["exact", "straight_through"])
+def test_margin_target_row_kernel(dtype, margin, grad):
+    """Rows at cos = 1, -1, in the fallback region and random, per-row m2, an ignored row, D = 500. The raw
+    cosine against fp64; z and the slope against the torch path (fp32, what the other backends run) on the
+    kernel's own cosines: near c = +-1 acos amplifies a last-bit difference of the dot product by 1e3."""
+    g = torch.Generator().manual_seed(2)
+    B, D, C = 41, 500, 97
+    w = torch.randn(C, D, generator=g).to(dtype)
+    y = torch.randint(0, C, (B,), generator=g)
+    x = torch.randn(B, D, generator=g).to(dtype)
+    x[0], x[1], x[2] = w[y[0]] * 3, -w[y[1]], -w[y[2]] + 0.3 * torch.randn(D, generator=g).to(dtype)
+    y[5] = -1
+    m2 = torch.linspace(0.1, 0.6, B)
+    rx, rw = x.float().norm(dim=1).reciprocal(), w.float().norm(dim=1).reciprocal()
+    with _cuda_ext.emulated():
+        raw, z, slope = mce._target_cuda(x, w, y, rx, rw, m2, 64.0, grad=grad, **margin)
+    valid = y >= 0
+    safe = y.clamp_min(0)
+    raw_ref = (x.double() * w.double()[safe]).sum(1) * rx.double() * rw.double()[safe]
+    z_ref, slope_ref = mce.margin_target_and_slope(raw.clamp(-1, 1), m2, s=64.0, grad=grad, **margin)
+    for name, got, want in (("raw", raw, raw_ref), ("z", z, z_ref), ("slope", slope, slope_ref)):
+        assert (got[~valid] == 0).all(), name
+        torch.testing.assert_close(got[valid].double(), want[valid].double(), rtol=2e-5, atol=2e-5, msg=name)
+
+
 # ---- fused margin CE (csrc/margin_ce.cu) ------------------------------------------------------------
 SHAPE = (67, 500, 1017)  # two row tiles (BM = 64), D not a multiple of BK = 32, C not of BN = 64
 

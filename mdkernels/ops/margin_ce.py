@@ -615,6 +615,39 @@ def _target_cos(x, w, labels, rx, rw, ignore_index):
     return valid, safe, raw
 
 
+@guard_device
+def _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad):
+    """The CUDA row kernel (csrc/margin_target.cu): ``(raw_t, z_t, slope)`` in one launch, one warp per
+    row (rows with ``labels_k < 0``: zeros). Same values as :func:`_target_cos` plus
+    :func:`margin_target_and_slope` in fp32."""
+    B, D = x.shape
+    raw, z, slope = (torch.empty(B, dtype=torch.float32, device=x.device) for _ in range(3))
+    m2 = m2.to(torch.float32).expand(B).contiguous()
+    _cuda_ext.ext.margin_target_forward(
+        _cuda_ext.dtype_code(x),
+        x.data_ptr(),
+        w.data_ptr(),
+        labels_k.data_ptr(),
+        rx.data_ptr(),
+        rw.data_ptr(),
+        m2.data_ptr(),
+        raw.data_ptr(),
+        z.data_ptr(),
+        slope.data_ptr(),
+        B,
+        D,
+        x.stride(0),
+        w.stride(0),
+        float(s),
+        float(m1),
+        float(m3),
+        bool(fallback),
+        grad == "straight_through",
+        _cuda_ext.stream_of(x),
+    )
+    return raw, z, slope
+
+
 def forward_impl(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -636,12 +669,17 @@ def forward_impl(
     check_label_values(labels, w.shape[0], ignore_index)
     x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
     rx, rw = row_rnorm(x), row_rnorm(w)
-    valid, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
-    cos_t = raw_t.clamp(-1.0, 1.0)
-    z_t, _ = margin_target_and_slope(
-        cos_t, m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad="straight_through"
-    )
+    valid = labels != ignore_index
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
+    if backend == "cuda":  # gather, dot and margin in one row kernel
+        raw_t, z_t, _ = _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, "straight_through")
+        cos_t = raw_t.clamp(-1.0, 1.0)
+    else:
+        _, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
+        cos_t = raw_t.clamp(-1.0, 1.0)
+        z_t, _ = margin_target_and_slope(
+            cos_t, m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad="straight_through"
+        )
     lse_nt = LSE_NONTARGET[backend](x, w, labels_k, rx, rw, s, interclass_filter)
     lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)  # ignored rows: lse over all classes
     loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
@@ -719,12 +757,15 @@ def backward_impl(
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
-    z_t, slope = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
+    labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
+    if backend == "cuda":
+        raw_t, z_t, slope = _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad)
+    else:
+        z_t, slope = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
+        _, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
     # target term dL/dc_t = gr (p_t - 1) dz_t/dc_t, zero where the clamp of c_t was active
-    _, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
     coef = gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -1.0) & (raw_t <= 1.0))
     xh = x.to(cd) * rx[:, None]
-    labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
     if backend in GRAD_HAT:  # kernels: raw dx^ and dW^ in fp32 buffers, then the target term and the norm
         dxh, dwh = GRAD_HAT[backend](x, w, labels_k, rx, rw, lse, gr, s, interclass_filter, need_dw)
         if need_dw:
