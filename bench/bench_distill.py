@@ -62,12 +62,14 @@ def call(op: str, impl, inputs, kw):
     return impl.triplet_distillation_loss(*inputs, **kw)
 
 
-def providers(device: str) -> dict:
+def providers(device: str, op: str = "") -> dict:
     import mdkernels
 
     out = {"reference": (mdkernels.reference, {}), "mdk_torch": (mdkernels, {"backend": "torch"})}
     if device == "cuda":
         out["mdk_triton"] = (mdkernels, {"backend": "triton"})
+        if op.startswith("angular") and mdkernels.info()["cuda_extension"]:  # the op with CUDA C++ kernels
+            out["mdk_cuda"] = (mdkernels, {"backend": "cuda"})
     return out
 
 
@@ -93,7 +95,7 @@ def run(ops, device, reps):
     rows = []
     for op in ops:
         inputs, extra = make(op, device)
-        for name, (impl, kw) in providers(device).items():
+        for name, (impl, kw) in providers(device, op).items():
             fn = lambda impl=impl, kw=kw, op=op, inputs=inputs, extra=extra: step(op, impl, inputs, kw, extra)
             if device == "cuda":
                 med, p20, p80 = harness.time_gpu(fn)

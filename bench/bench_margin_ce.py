@@ -4,7 +4,7 @@
     python -m bench.bench_margin_ce --suite gpu                      # the GPU grid, bf16 + fp32
     python -m bench.bench_margin_ce --B 1024 --C 85742 --dtype bfloat16 --modes fwd bwd fwd+bwd --frozen
 
-Providers: every mdkernels backend (``mdk_triton`` on GPU, ``mdk_torch``); the eager ``reference``;
+Providers: every mdkernels backend (``mdk_triton`` and ``mdk_cuda`` on GPU, ``mdk_torch``); the eager ``reference``;
 ``compile_reference`` (torch.compile of it); ``insightface_eager`` (normalised F.linear, margin on the
 target, F.cross_entropy: what users run today); ``pml_arcface`` (pytorch-metric-learning, where
 installed); ``torch_linear_ce`` (F.linear_cross_entropy, no margin and no normalisation: the fused CE
@@ -63,6 +63,8 @@ def providers(device: str) -> dict:
     }
     if device == "cuda":
         out = {"mdk_triton": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="triton"), **out}
+        if mdkernels.info()["cuda_extension"]:
+            out = {"mdk_cuda": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="cuda"), **out}
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from mdkernels import _cuda_ext, reference
+from mdkernels import _cuda_ext, dispatch, reference
 from mdkernels import _validate as V
 from mdkernels.ops import angular_distill as _ang
 from mdkernels.ops import margin_ce as _mce
@@ -35,16 +35,19 @@ class MarginCEStats(NamedTuple):
     loss_rows: torch.Tensor
 
 
-def resolve_backend(backend: str, t: torch.Tensor) -> str:
-    """The concrete backend ``"auto"`` means for tensor ``t`` (CUDA: triton; CPU: chunked torch).
-
-    ``"cuda"`` (the CUDA C++ kernels) is explicit opt-in until GPU measurements choose it per shape."""
+def resolve_backend(
+    backend: str, t: torch.Tensor, op: str | None = None, shape: tuple[int, int, int] = (0, 0, 0)
+) -> str:
+    """The concrete backend ``"auto"`` means for tensor ``t``: on CPU the chunked torch path; on CUDA
+    Triton, or the CUDA C++ kernels where ``op`` (one with CUDA kernels, see :mod:`mdkernels.dispatch`)
+    was measured faster on this GPU for the dtype and the nearest ``shape`` (B, C, D)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     if t.is_cuda and _mce.HAS_TRITON and not torch.are_deterministic_algorithms_enabled():
-        return "triton"  # the Triton backward accumulates with atomics: not bitwise deterministic
+        # both GPU backends accumulate gradients with atomics: neither is bitwise deterministic
+        return dispatch.gpu_backend(op, t, *shape) if op in dispatch.OPS else "triton"
     return "torch"
 
 
@@ -101,7 +104,7 @@ def margin_cross_entropy(
         V.check_finite(centers, "centers")
     if not isinstance(m2, torch.Tensor):
         warn_if_non_monotone(m1, float(m2), fallback)
-    backend = resolve_backend(backend, embeddings)
+    backend = resolve_backend(backend, embeddings, "margin_ce", (embeddings.shape[0], *centers.shape))
     tau = None if interclass_filter is None else float(interclass_filter)
     if backend == "reference":
         if return_stats:
@@ -263,16 +266,17 @@ def angular_distillation_loss(
         raise ValueError(f"student must be a floating tensor, got {student.dtype}")
     if not p >= 1:
         raise ValueError(f"p must be >= 1 (1 or 2 in the papers), got {p}")
-    if backend == "cuda":  # the CUDA C++ row kernels (csrc/angular_distill.cu)
-        if not _cuda_ext.usable(student):
-            raise ValueError("backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU")
-        s_rows, t_rows = _ang.rows_of(student, per), _ang.rows_of(teacher.detach(), per)
-        return _ang.angular_distill_forward(s_rows, t_rows, float(p), "cuda")[0].mean()
+    if backend == "auto" and student.is_cuda:  # measured per GPU and shape (rows, 1, row length)
+        numel = student.numel()
+        rows = numel // student.shape[1] if per == "position" and student.dim() > 2 else student.shape[0]
+        backend = resolve_backend(backend, student, "angular", (rows, 1, numel // max(rows, 1)))
     backend = resolve_backend(backend, student)
     if backend == "reference":
         return reference.angular_distillation_loss(student, teacher, p=p, per=per)
     if backend == "triton":
         _mce._check_backend_device(student, "triton")
+    if backend == "cuda" and not _cuda_ext.usable(student):  # the CUDA C++ row kernels (angular_distill.cu)
+        raise ValueError("backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU")
     s_rows, t_rows = _ang.rows_of(student, per), _ang.rows_of(teacher.detach(), per)
     if s_rows.shape[0] == 0:
         raise ValueError("student has no rows to compare")
