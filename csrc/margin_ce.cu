@@ -8,8 +8,8 @@
 // the filter, masks the target column and out-of-range entries, then either updates a per-row online
 // logsumexp (forward; two threads per row, merged at the end) or forms
 // G = s * exp(s*c - lse) * grad_row / max|grad_row| (backward). The backward's products
-// dX^ += G n(W) and dW^ += G^T n(x) run per BK chunk of D on tensor cores for bf16/fp16 (G scaled by
-// 1/|w_j| or 1/|x_i| as 16-bit operands, each warp a 16-row slice of both) and as SIMT FMAs for fp32; the
+// dX^ += G n(W) and dW^ += G^T n(x) run per BK chunk of D on tensor cores for bf16/fp16 (G and the
+// normalised tiles as 16-bit operands, each warp a 16-row slice of both) and as SIMT FMAs for fp32; the
 // chunks go to global memory with fp32 atomics (other blocks add to the same rows and classes).
 #include <mma.h>
 
@@ -172,16 +172,26 @@ __global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
   }
 }
 
-// Backward shared memory: the forward's tiles plus, for 16-bit inputs, G as two tensor-core operands:
-// G with column j scaled by 1/|w_j| (for dX^) and with row i scaled by 1/|x_i| (for dW^), so that the x
-// and w tiles enter the products unrounded, as stored.
+// Backward shared memory: the forward's tiles plus, for 16-bit inputs, G as a tensor-core operand.
 template <typename T>
 struct BwdSmem : TileSmem<T> {
-  T gw[BM][LDG];
-  T gx[BM][LDG];
+  T gs[BM][LDG];
 };
 template <>
 struct BwdSmem<float> : TileSmem<float> {};
+
+// Loads like load_tile, rows scaled by scale[row] = 1/|row| in fp32 before the rounding to T: the
+// normalised rows, within [-1, 1] whatever the norms (a zero row stays zero), as 16-bit operands.
+template <typename T, int R>
+__device__ inline void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
+                                            const float* __restrict__ scale, int64_t r0, int64_t rows, int64_t k0,
+                                            int64_t dim, int64_t stride) {
+  for (int e = threadIdx.x; e < R * BK; e += kThreads) {
+    const int r = e / BK, k = e % BK;
+    const int64_t gr = r0 + r, gk = k0 + k;
+    dst[r][k] = from_float<T>((gr < rows && gk < dim) ? to_float(src[gr * stride + gk]) * scale[gr] : 0.f);
+  }
+}
 
 // Adds the staged fp32 products (sm.cs) to dX^ (columns [0, BK)) and dW^ (columns [BK, 2 BK)), times gscale.
 __device__ inline void flush_products(const float (*cs)[LDC], float* dxh, float* dwh, int64_t r0, int64_t c0,
@@ -268,21 +278,19 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
       __syncthreads();
     }
   } else {
-    // 16-bit: G goes to shared memory in T; both products on tensor cores:
-    // dX^ chunk (BM x BK) = (G / |w|) . W[:, chunk], dW^ chunk (BN x BK) = (G / |x|)^T . x[:, chunk].
+    // 16-bit: G goes to shared memory in T; both products on tensor cores over normalised tiles:
+    // dX^ chunk (BM x BK) = G . n(W)[:, chunk], dW^ chunk (BN x BK) = G^T . n(x)[:, chunk]. Every operand
+    // is bounded (|G| <= s, |n(.)| <= 1), so no norm can push an fp16 operand to inf or to zero.
     using namespace nvcuda;
     for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
       const int r = e / BN, j = e % BN;
-      const int64_t grow = r0 + r, col = c0 + j;
-      const float g = grad_entry(sm.cs[r][j], grow, col, B, C, labels, rx, rw, lse, gr, inv_gscale, s, tau,
-                                 has_filter);
-      sm.gw[r][j] = from_float<T>(g == 0.f ? 0.f : g * rw[col]);
-      sm.gx[r][j] = from_float<T>(g == 0.f ? 0.f : g * rx[grow]);
+      sm.gs[r][j] = from_float<T>(grad_entry(sm.cs[r][j], r0 + r, c0 + j, B, C, labels, rx, rw, lse, gr,
+                                             inv_gscale, s, tau, has_filter));
     }
     const int warp = threadIdx.x / 32;  // warp w: rows [16w, 16w + 16) of both products, all BK columns
     for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
-      load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+      load_tile_normalised<T, BM>(sm.xs, x, rx, r0, B, k0, D, sx);
+      load_tile_normalised<T, BN>(sm.ws, w, rw, c0, C, k0, D, sw);
       __syncthreads();  // tiles and (first pass) G written; the previous flush has read cs
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> ax[2], aw[2];
 #pragma unroll
@@ -293,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
 #pragma unroll
       for (int kk = 0; kk < BN; kk += 16) {  // dX: reduce over the tile's classes
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> g;
-        wmma::load_matrix_sync(g, &sm.gw[16 * warp][kk], LDG);
+        wmma::load_matrix_sync(g, &sm.gs[16 * warp][kk], LDG);
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> wt;
@@ -305,7 +313,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
 #pragma unroll
         for (int kk = 0; kk < BM; kk += 16) {  // dW: reduce over the tile's rows; G^T is G col-major
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> gt;
-          wmma::load_matrix_sync(gt, &sm.gx[kk][16 * warp], LDG);
+          wmma::load_matrix_sync(gt, &sm.gs[kk][16 * warp], LDG);
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> xt;

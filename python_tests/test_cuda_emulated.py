@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, assert_close_to_truth
-from test_margin_ce import CONFIGS, check_tiny_gradient_terms, eager_same_dtype, make, run
+from test_margin_ce import CONFIGS, check_tiny_gradient_terms, check_zero_rows_fp16, eager_same_dtype, make, run
 
 import mdkernels
 from mdkernels import _cuda_ext
@@ -65,6 +65,7 @@ def test_emulator_exposes_a_missing_barrier():
         ("early_return", "__syncthreads after 1 threads of the block returned"),
         ("divergent_shuffle", "deadlock"),
         ("misaligned_wmma", "32-byte aligned"),
+        ("divergent_wmma", "deadlock"),
         ("too_much_smem", "cudaFuncSetAttribute"),
         ("grid_y_too_large", "65535"),
     ],
@@ -266,6 +267,11 @@ def test_margin_ce_half_precision_tensor_core_tile(dtype, config, shape):
     close_to_truth(fast[2][others], plain[2][others], truth[2][others], f"{dtype} {config} dw non-target")
 
 
+def test_margin_ce_fp16_zero_rows_keep_other_gradients():
+    with _cuda_ext.emulated():
+        check_zero_rows_fp16("cuda", "cpu")
+
+
 def test_margin_ce_fp16_backward_keeps_tiny_terms():
     with _cuda_ext.emulated():
         check_tiny_gradient_terms(mce.GRAD_HAT["cuda"], "cpu")
@@ -273,8 +279,9 @@ def test_margin_ce_fp16_backward_keeps_tiny_terms():
 
 @pytest.mark.parametrize("schedule", ["reverse", "shuffle"])
 def test_margin_ce_under_other_thread_orders(schedule):
-    """A missing barrier in the tiles would give different values under another order of the threads."""
-    x, w, y = make(*SHAPE, torch.bfloat16)
+    """A missing barrier in the tiles would give different values under another order of the threads
+    (two row tiles, three D chunks, a partial class tile)."""
+    x, w, y = make(67, 96, 300, torch.bfloat16)
     with _cuda_ext.emulated():
         first = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda")
     with _cuda_ext.emulated(schedule, seed=11):

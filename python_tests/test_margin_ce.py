@@ -322,6 +322,32 @@ def check_tiny_gradient_terms(grad_hat, device):
         assert rel < 1e-2, f"{name}: relative error {rel:.2e} (tiny gradient terms flushed?)"
 
 
+def check_zero_rows_fp16(backend, device):
+    """fp16 with an ignored all-zero embedding and an all-zero center (1/|row| = 1e12): the other rows'
+    and centers' gradients must survive (an operand scaled by 1/|row| would overflow or flush them)."""
+    x, w, y = make(67, 500, 1017, torch.float16, device, pull=0.5)
+    with torch.no_grad():
+        x[33] = 0.0  # make() ignores row B // 2 = 33
+        zero_class = int(torch.tensor([c for c in range(1017) if c not in set(y.tolist())][0]))
+        w[zero_class] = 0.0
+    xf, wf = (t.detach().float().requires_grad_() for t in (x, w))
+    ref = run(R.margin_cross_entropy, xf, wf, y)
+    out = run(mdkernels.margin_cross_entropy, x, w, y, backend=backend)
+    others = torch.arange(1017, device=device) != zero_class  # its own gradient is ~1e12-scaled: no fp16
+    for name, a, b in zip(("loss", "dx", "dw"), out, (ref[0], ref[1], ref[2]), strict=True):
+        if name == "dw":
+            a, b = a[others], b[others]
+        assert torch.isfinite(a).all(), name
+        rel = ((a.float() - b).norm() / b.norm()).item()
+        assert rel < 5e-3, f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if mdkernels.info()["cuda_extension"] else []))
+def test_gpu_fp16_zero_rows_keep_other_gradients(backend):
+    check_zero_rows_fp16(backend, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if mdkernels.info()["cuda_extension"] else []))
 def test_gpu_fp16_backward_keeps_tiny_gradient_terms(backend):

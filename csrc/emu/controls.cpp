@@ -63,6 +63,16 @@ __global__ void misaligned_wmma_kernel(float* out) {
   out[threadIdx.x] = 0.f;
 }
 
+// WMMA in lane-divergent code: undefined on the GPU, a deadlock report here.
+__global__ void divergent_wmma_kernel(float* out) {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+  if (threadIdx.x < 16) nvcuda::wmma::fill_fragment(acc, 0.f);
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::col_major> b;
+  if (threadIdx.x < 16) nvcuda::wmma::mma_sync(acc, a, b, acc);
+  out[threadIdx.x] = 0.f;
+}
+
 // 16x16 fp16 matmul through the WMMA emulation: out = A . B (A row-major, B col-major, fp32 out).
 __global__ void wmma_matmul_kernel(const __half* a, const __half* b, float* out) {
   using namespace nvcuda;
@@ -106,6 +116,8 @@ std::vector<float> selftest(const std::string& name) {
     MDK_LAUNCH(divergent_shuffle_kernel, 1, kN, 0, 0)(out.data());
   } else if (name == "misaligned_wmma") {
     MDK_LAUNCH(misaligned_wmma_kernel, 1, 32, 1024, 0)(out.data());
+  } else if (name == "divergent_wmma") {
+    MDK_LAUNCH(divergent_wmma_kernel, 1, 32, 0, 0)(out.data());
   } else if (name == "too_much_smem") {
     MDK_LAUNCH(rotate_kernel, 1, kN, 64 * 1024, 0)(in.data(), out.data(), true);
   } else if (name == "grid_y_too_large") {

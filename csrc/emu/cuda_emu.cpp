@@ -15,6 +15,7 @@
 #include "emu_control.h"
 
 #if defined(__SANITIZE_ADDRESS__)  // the AddressSanitizer build (_cuda_emu_asan): tell ASan about stack switches
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define MDK_ASAN_FIBERS 1
 #endif
@@ -178,10 +179,30 @@ const dim3& block_dim() { return cur_block().block; }
 const dim3& grid_dim() { return cur_block().grid; }
 int linear_thread() { return cur_block().cur; }
 int lane_id() { return cur_block().cur % 32; }
-unsigned char* dynamic_smem() {  // aligned like the GPU's (WMMA needs 32 bytes; CUDA gives at least 128)
-  auto p = reinterpret_cast<std::uintptr_t>(cur_block().smem.data());
+namespace {
+
+// Dynamic shared memory, aligned like the GPU's (WMMA needs 32 bytes; CUDA gives at least 128). The
+// buffer has 128 spare bytes for the alignment; the ASan build poisons them on both sides.
+unsigned char* smem_start(std::vector<unsigned char>& buf) {
+  auto p = reinterpret_cast<std::uintptr_t>(buf.data());
   return reinterpret_cast<unsigned char*>((p + 127) & ~std::uintptr_t(127));
 }
+
+void prepare_smem(std::vector<unsigned char>& buf, size_t bytes) {
+#ifdef MDK_ASAN_FIBERS
+  if (!buf.empty()) ASAN_UNPOISON_MEMORY_REGION(buf.data(), buf.size());
+#endif
+  buf.assign(bytes + 128, 0xFF);  // NaN in every float format: reads before writes show up
+#ifdef MDK_ASAN_FIBERS
+  unsigned char* start = smem_start(buf);
+  ASAN_POISON_MEMORY_REGION(buf.data(), static_cast<size_t>(start - buf.data()));
+  ASAN_POISON_MEMORY_REGION(start + bytes, static_cast<size_t>(buf.data() + buf.size() - (start + bytes)));
+#endif
+}
+
+}  // namespace
+
+unsigned char* dynamic_smem() { return smem_start(cur_block().smem); }
 void* warp_exchange_slot(int linear) { return &cur_block().exchange.at(static_cast<size_t>(linear)); }
 
 void syncthreads() {
@@ -260,7 +281,7 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::func
           b.error.clear();
           b.warp_arrived.assign(warps, 0);
           b.warp_gen.assign(warps, 0);
-          b.smem.assign(smem + 128, 0xFF);  // NaN in every float format: reads before writes show up
+          prepare_smem(b.smem, smem);
           if (g_schedule == Schedule::kShuffle) std::shuffle(order.begin(), order.end(), rng);
           run_block(b, order);
         }

@@ -15,7 +15,9 @@
 //   - launch errors: more dynamic shared memory than the default 48 KiB without cudaFuncSetAttribute
 //     (or more than an H100 has), grid.y / grid.z above 65535, more than 1024 threads per block.
 // What it cannot catch: out-of-bounds global accesses (the buffers are host memory), the GPU memory
-// model, warp-synchronous code without __syncwarp, performance. WMMA fragments keep the accumulator
+// model, warp-synchronous code without __syncwarp, static __shared__ variables (zero-initialised, kept
+// across blocks, not counted against the limit), performance. WMMA calls are warp barriers; fragments
+// keep the accumulator
 // distributed over the lanes (8 elements each, like sm_80) and full copies of the A/B operands;
 // the kernels never depend on the element-to-lane mapping, which is unspecified by CUDA.
 #pragma once
@@ -140,7 +142,10 @@ struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
 namespace detail {
+// Every WMMA operation is warp-collective: all 32 lanes must reach it (a divergent call deadlocks here,
+// as it is undefined on the GPU).
 inline void check_pointer(const void* p, unsigned ldm, size_t elem, const char* what) {
+  ::mdk_emu::warp_barrier();
   if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
     ::mdk_emu::fail(std::string(what) + ": pointer is not 32-byte aligned (WMMA requires 256-bit alignment)");
   if ((ldm * elem) % 16 != 0)
@@ -236,6 +241,7 @@ template <typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
                      const fragment<matrix_b, 16, 16, 16, T, LB>& b,
                      const fragment<accumulator, 16, 16, 16, float>& c) {
+  ::mdk_emu::warp_barrier();
   const int base = 8 * ::mdk_emu::lane_id();
   float out[8];
   for (int i = 0; i < 8; ++i) {

@@ -109,8 +109,10 @@ if HAS_TRITON:
         underflow (see ``_grad_scale``)."""
         rx = tl.load(RX + rows, mask=row_mask, other=0.0)
         rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-        g_w = g * rw[None, :]  # dL/dx^_i = sum_j g_ij w_j / |w_j|
-        g_x = g * rx[:, None]  # dL/dw^_j = sum_i g_ij x_i / |x_i|
+        # dL/dx^_i = sum_j g_ij w_j / |w_j|, dL/dw^_j = sum_i g_ij x_i / |x_i|: the tiles are normalised in
+        # the accumulator dtype before the dots, so every operand is bounded (|n(.)| <= 1, a zero row
+        # stays zero) whatever the norms; G is cast once.
+        g_in = g.to(X.dtype.element_ty) if not UPCAST else g
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_mask = dd < D
@@ -119,9 +121,8 @@ if HAS_TRITON:
                 mask=col_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
-            if UPCAST:
-                wt = wt.to(ACC_DTYPE)
-            dx = tl.dot(g_w.to(wt.dtype), wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            wt = (wt.to(ACC_DTYPE) * rw[:, None]).to(g_in.dtype)
+            dx = tl.dot(g_in, wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             tl.atomic_add(
                 DXH + rows[:, None].to(tl.int64) * D + dd[None, :],
                 dx * gscale,
@@ -133,9 +134,8 @@ if HAS_TRITON:
                     mask=row_mask[:, None] & d_mask[None, :],
                     other=0.0,
                 )
-                if UPCAST:
-                    xt = xt.to(ACC_DTYPE)
-                dw = tl.dot(tl.trans(g_x.to(xt.dtype)), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                xt = (xt.to(ACC_DTYPE) * rx[:, None]).to(g_in.dtype)
+                dw = tl.dot(tl.trans(g_in), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 tl.atomic_add(
                     DWH + cols[:, None].to(tl.int64) * D + dd[None, :],
                     dw * gscale,
@@ -390,18 +390,14 @@ def _lse_nontarget_triton(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     return m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
 
 
-def _grad_scale(gr: torch.Tensor, dtype: torch.dtype, s: float, rx: torch.Tensor, rw: torch.Tensor) -> torch.Tensor:
-    """The backward kernels' gradient scale as a one-element device tensor (no host sync). They form
-    ``G / scale`` (entries in [0, s] for scale = max|gr|), scaled by 1/|w_j| or 1/|x_i|, as 16-bit tensor
-    operands and multiply the fp32 sums back: fp16 would flush 1/B-sized gradients to zero otherwise.
-    fp16 also raises the scale where ``s / |w_j|`` or ``s / |x_i|`` could overflow its 65504."""
+def _grad_scale(gr: torch.Tensor) -> torch.Tensor:
+    """``max |gr|`` as a one-element device tensor (no host sync). The backward kernels form
+    ``G / max|gr|`` (entries bounded by s, or s((1 - alpha) + alpha T) for KD) and multiply it with the
+    normalised tiles, every operand bounded, then scale the fp32 sums back: with G itself, fp16 operands
+    would flush 1/B-sized gradient terms to zero."""
     if gr.numel() == 0:
         return torch.ones(1, dtype=torch.float32, device=gr.device)
-    scale = gr.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny)
-    if dtype == torch.float16:
-        inv_norm = torch.maximum(rx.amax(), rw.amax()).float() if rw.numel() else rx.amax().float()
-        scale = scale * (s * inv_norm / 16384.0).clamp_min(1.0)
-    return scale.reshape(1)
+    return gr.abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
 
 
 @guard_device
@@ -421,7 +417,7 @@ def _grad_hat_triton(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
         labels,
         lse,
         gr,
-        _grad_scale(gr, x.dtype, s, rx, rw).to(cd),
+        _grad_scale(gr).to(cd),
         dxh,
         dwh,
         B,
@@ -486,7 +482,7 @@ def _grad_hat_cuda(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
     dxh = torch.zeros(B, D, dtype=torch.float32, device=x.device)
     dwh = torch.zeros(C, D, dtype=torch.float32, device=x.device) if need_dw else None
     gr = gr.contiguous()
-    gscale = _grad_scale(gr, x.dtype, s, rx, rw)
+    gscale = _grad_scale(gr)
     _cuda_ext.ext.margin_ce_backward(
         _cuda_ext.dtype_code(x),
         x.data_ptr(),
