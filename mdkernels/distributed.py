@@ -221,15 +221,16 @@ def sharded_margin_cross_entropy(
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         V.check_label_values(labels, num_classes, ignore_index)
-    except (ValueError, TypeError) as err:
+        backend = resolve_backend(backend, embeddings)
+        if backend == "reference":
+            backend = "torch"  # the sharded path is always fused; 'reference' means the unsharded oracle
+        mce._check_backend_device(embeddings, backend)  # e.g. 'cuda' with CPU tensors: an error, not a launch
+    except (ValueError, TypeError, RuntimeError) as err:
         error = str(err)
     collective_check(error, group, embeddings.device)
     sizes = _gather_plain(torch.tensor([embeddings.shape[0]], device=embeddings.device), group)
     if int(sizes.min()) != int(sizes.max()):
         raise ValueError(f"every rank must pass the same local batch size; got {sizes.tolist()}")
-    backend = resolve_backend(backend, embeddings)
-    if backend == "reference":
-        backend = "torch"  # the sharded path is always fused; 'reference' means the unsharded oracle
     m2_rows = margin_rows(m2, embeddings)
     x = _GatherRows.apply(embeddings, group, float(embedding_grad_scale))
     y = _gather_plain(labels.long(), group)

@@ -51,6 +51,16 @@ def resolve_backend(
     return "torch"
 
 
+def _no_cuda_kernel(op: str, backend: str) -> None:
+    """``backend="cuda"`` for an op the CUDA C++ backend does not cover: an error, never a silent fallback."""
+    if backend == "cuda":
+        raise ValueError(
+            f"backend='cuda' has no kernel for {op}: the CUDA C++ backend covers margin_cross_entropy (and "
+            "margin_distillation_loss / proxyless_kd_loss, built on it) and angular_distillation_loss; "
+            "use backend='triton' or 'auto'"
+        )
+
+
 def margin_rows(m2: float | torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """``m2`` as one margin per row ``(B,)`` in the compute dtype, without gradient."""
     cd = _mce.compute_dtype(embeddings)
@@ -314,6 +324,7 @@ def triplet_distillation_loss(
     if mining not in ("all", "hard", "semihard"):
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
     backend = resolve_backend(backend, student)
+    _no_cuda_kernel("triplet_distillation_loss", backend)
     if triplets is None and labels is None:
         raise ValueError("pass triplets (N, 3) or labels (B,) to mine them from")
     if triplets is None:
@@ -379,6 +390,7 @@ def margin_kd_loss(
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     backend = resolve_backend(backend, student_embeddings)
+    _no_cuda_kernel("margin_kd_loss", backend)
     if backend == "reference":
         return reference.margin_kd_loss(
             student_embeddings,

@@ -307,3 +307,11 @@ def test_cuda_angular_kernels_against_truth(dtype, shape, per):
 def test_cuda_backend_is_a_clear_error_without_cuda_tensors():
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):
         mdkernels.angular_distillation_loss(torch.randn(2, 8), torch.randn(2, 8), backend="cuda")
+
+
+def test_cuda_backend_without_a_kernel_is_an_error_not_a_fallback():
+    s, t, y, w = torch.randn(8, 16), torch.randn(8, 16), torch.randint(0, 3, (8,)), torch.randn(10, 16)
+    with pytest.raises(ValueError, match="no kernel for triplet_distillation_loss"):
+        mdkernels.triplet_distillation_loss(s, t, labels=y, backend="cuda")
+    with pytest.raises(ValueError, match="no kernel for margin_kd_loss"):
+        mdkernels.margin_kd_loss(s, t, w, y, backend="cuda")

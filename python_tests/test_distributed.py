@@ -73,6 +73,13 @@ def _worker(rank, world, init_file, out_dir, mode):
             except ValueError as err:
                 results["error"] = str(err)
             results["seconds"] = time.time() - t0
+            try:  # a backend that cannot run these tensors: an error on every rank, never a kernel launch
+                mdist.sharded_margin_cross_entropy(x[rank * B_LOCAL : (rank + 1) * B_LOCAL], w[start : start + n],
+                                                   y[rank * B_LOCAL : (rank + 1) * B_LOCAL], class_start=start,
+                                                   num_classes=C, backend="cuda")  # fmt: skip
+                results["cuda_error"] = None
+            except ValueError as err:
+                results["cuda_error"] = str(err)
         elif mode == "crash":
             if rank == 1:
                 os._exit(3)
@@ -268,6 +275,8 @@ def test_bad_arguments_on_one_rank_fail_every_rank(tmp_path):
     assert "crash" not in results[0] and "crash" not in results[1]
     assert "rank 1: labels must be in [0, 1001)" in results[1]["error"]
     assert "rank(s) [1] rejected their arguments" in results[0]["error"]
+    for r in results:
+        assert "backend='cuda' needs CUDA" in r["cuda_error"]
     assert max(r["seconds"] for r in results) < 10
 
 
