@@ -320,3 +320,41 @@ def test_margin_ce_large_margin_stays_finite():
     for a, b in zip(out, ref, strict=True):
         assert torch.isfinite(a).all()
         assert_close(a, b, torch.float32, "m1=4")
+
+
+# ---- a few training steps through the drop-in modules ---------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_steps_with_the_cuda_backend_follow_the_torch_backend(dtype):
+    """nn.ArcFace(backend="cuda") behind a small backbone, 6 SGD steps with momentum, plus a MarginDistillation
+    term against frozen teacher centers: the loss curve and final weights follow backend="torch" (custom ops, autograd,
+    parameter updates and the CUDA kernels together)."""
+
+    def train(backend):
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.PReLU(), torch.nn.Linear(96, 64)).to(dtype)
+        head = mdkernels.nn.ArcFace(64, 203, backend=backend).to(dtype)
+        teacher_centers = torch.randn(203, 64).to(dtype)
+        opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(6):
+            x = torch.randn(70, 48, generator=g).to(dtype)
+            y = torch.randint(0, 203, (70,), generator=g)
+            t = teacher_centers[y] + 0.3 * torch.randn(70, 64, generator=g).to(dtype)
+            emb = body(x)
+            loss = head(emb, y) + 0.5 * mdkernels.margin_distillation_loss(
+                emb, teacher_centers, y, teacher_embeddings=t, backend=backend
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return losses, head.weight.detach().float(), body[0].weight.detach().float()
+
+    with _cuda_ext.emulated():
+        fast = train("cuda")
+    plain = train("torch")
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(torch.tensor(fast[0]), torch.tensor(plain[0]), rtol=tol, atol=tol)
+    for a, b in zip(fast[1:], plain[1:], strict=True):
+        assert ((a - b).norm() / b.norm()).item() < tol
