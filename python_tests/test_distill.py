@@ -151,6 +151,21 @@ def triplet_data(B, D, dtype, dev, classes=5, seed=0):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_triplet_all_with_large_and_singleton_classes(backend):
+    """Classes larger than a tile of positives (the Triton path walks each anchor's sorted range of
+    positives in tiles), a class of one (no positives), ignored rows, labels in no particular order."""
+    s, t, _ = triplet_data(150, 64, torch.float64, device_for(backend))
+    g = torch.Generator().manual_seed(3)
+    y = torch.cat([torch.zeros(80, dtype=torch.long), torch.ones(60, dtype=torch.long), torch.tensor([7]),
+                   torch.full((9,), -1)])[torch.randperm(150, generator=g)].to(s.device)  # fmt: skip
+    kw = dict(labels=y, m_min=0.1, m_max=0.6)
+    ref = grads(R.triplet_distillation_loss(s, t, **kw), s)
+    out = grads(mdkernels.triplet_distillation_loss(s, t, backend=backend, **kw), s)
+    for a, b in zip(out, ref, strict=True):
+        assert_close(a, b, torch.float64, "triplet all, large classes")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
 @pytest.mark.parametrize("distance", ["l2", "angle"])

@@ -7,8 +7,10 @@ triplets ``(a, p, n)`` is a reduction over ``B^3`` terms; it is streamed:
   gap) and the triplet count. Pass 2 sums the hinge ``max(D_ap - D_an + F(d_apn), 0)`` and, in the
   same sweep, the gradient with respect to the ``(B, B)`` student distances: ``+1/N`` at ``(a, p)`` and
   ``-1/N`` at ``(a, n)`` for every active triplet. Torch walks chunks of (anchor, positive) pairs
-  against all negatives (a chunk holds at most ``2^20`` terms). Triton runs one program per (anchor,
-  tile of p) or (anchor, tile of n); each program owns its output slice, so there are no atomics.
+  against all negatives (a chunk holds at most ``2^20`` terms). Triton sorts the rows by label, so that
+  every anchor's positives are one contiguous range, and runs one program per (anchor, tile of its
+  positives) or (anchor, tile of n) walking only its positives: pairs x B work, as in torch. Each
+  program owns its output slice, so there are no atomics.
 * ``"hard"``/``"semihard"``/explicit triplets give at most ``B^2`` triplets; they are mined in anchor
   chunks and the loss is a gather (autograd).
 """
@@ -34,12 +36,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _triplet_all_kernel(
-        DS, DT, Y, OUT_A, OUT_B, PARAMS, B, ignore_index,
+        DS, DT, Y, POS_START, POS_END, OUT_A, OUT_B, PARAMS, B, ignore_index,
         MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
     ):  # fmt: skip
-        """Program (anchor a, tile j). MODE 0: tile j of positives; per p, max teacher gap and count of
-        negatives. MODE 1: tile j of positives; per p, active-triplet count (dL/dD_ap * N) and hinge sum.
-        MODE 2: tile j of negatives; per n, active-triplet count (-dL/dD_an * N)."""
+        """Program (anchor a, tile j), rows sorted by label so that a's positives are the contiguous range
+        [POS_START[a], POS_END[a]) (a itself excluded below). MODE 0: tile j of a's positives; per p, max
+        teacher gap and count of negatives. MODE 1: tile j of positives; per p, active-triplet count
+        (dL/dD_ap * N) and hinge sum. MODE 2: tile j of negatives; per n, active-triplet count
+        (-dL/dD_an * N), walking only a's positives. The work is pairs x B, not B^3."""
         a = tl.program_id(0)
         j = tl.program_id(1)
         d_max = tl.load(PARAMS)  # (d_max, m_min, m_max) in the accumulator dtype: fp64 stays fp64
@@ -47,11 +51,20 @@ if HAS_TRITON:
         m_max = tl.load(PARAMS + 2)
         ya = tl.load(Y + a)
         a_valid = ya != ignore_index
+        p_start = tl.load(POS_START + a)
+        p_end = tl.load(POS_END + a)
         if MODE == 2:
             outer = j * BLOCK_N + tl.arange(0, BLOCK_N)
+            o_mask = outer < B
+            i_begin = p_start
+            i_end = p_end
         else:
-            outer = j * BLOCK_P + tl.arange(0, BLOCK_P)
-        o_mask = outer < B
+            outer = p_start + j * BLOCK_P + tl.arange(0, BLOCK_P)
+            o_mask = outer < p_end
+            i_begin = 0
+            i_end = B
+            if p_start + j * BLOCK_P >= p_end:  # a tile past a's positives: nothing to do
+                i_end = 0
         yo = tl.load(Y + outer, mask=o_mask, other=ignore_index)
         if MODE == 2:  # outer index is a negative
             o_ok = o_mask & a_valid & (yo != ignore_index) & (yo != ya)
@@ -64,9 +77,9 @@ if HAS_TRITON:
         if MODE == 0:
             acc1 = tl.full(outer.shape, -1.0, ACC_DTYPE)
         inner_block: tl.constexpr = BLOCK_P if MODE == 2 else BLOCK_N
-        for i0 in range(0, B, inner_block):
+        for i0 in range(i_begin, i_end, inner_block):
             inner = i0 + tl.arange(0, inner_block)
-            i_mask = inner < B
+            i_mask = inner < i_end
             yi = tl.load(Y + inner, mask=i_mask, other=ignore_index)
             ds_i = tl.load(DS + a * B + inner, mask=i_mask, other=0.0)
             dt_i = tl.load(DT + a * B + inner, mask=i_mask, other=0.0)
@@ -142,30 +155,49 @@ def _all_torch(ds, dt, labels, m_min, m_max, ignore_index):
     return total / count, grad / count, count
 
 
+def _sorted_positive_ranges(labels: torch.Tensor, ignore_index: int):
+    """Rows sorted by label (ignored rows last): the permutation, the sorted labels, and per sorted row
+    the range [start, end) of rows with its label (empty for ignored rows)."""
+    y = labels.long()
+    key = torch.where(y == ignore_index, torch.full_like(y, torch.iinfo(torch.int64).max), y)
+    key, perm = torch.sort(key, stable=True)
+    _, counts = torch.unique_consecutive(key, return_counts=True)
+    ends = counts.cumsum(0)
+    end = torch.repeat_interleave(ends, counts)
+    start = end - torch.repeat_interleave(counts, counts)
+    valid = y[perm] != ignore_index
+    start, end = torch.where(valid, start, 0), torch.where(valid, end, 0)
+    return perm, y[perm].contiguous(), start.contiguous(), end.contiguous(), int(counts.max()) if len(y) else 0
+
+
 @guard_device
 def _all_triton(ds, dt, labels, m_min, m_max, ignore_index):
     B = ds.shape[0]
     acc = torch.float64 if ds.dtype == torch.float64 else torch.float32
-    ds32, dt32 = ds.to(acc).contiguous(), dt.to(acc).contiguous()
+    perm, y, start, end, largest = _sorted_positive_ranges(labels, ignore_index)
+    ds32 = ds.to(acc)[perm][:, perm].contiguous()  # sorted rows and columns: positives are contiguous
+    dt32 = dt.to(acc)[perm][:, perm].contiguous()
     flags = dict(BLOCK_P=64 if interpreting() else 32, BLOCK_N=64 if interpreting() else 128,
                  ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32)  # fmt: skip
-    y = labels.long().contiguous()
     bp, bn = flags["BLOCK_P"], flags["BLOCK_N"]
     params = torch.tensor([0.0, m_min, m_max], dtype=acc, device=ds.device)
-    gmax = torch.empty(B, B, dtype=acc, device=ds.device)
-    gcnt = torch.empty_like(gmax)
-    grid_p = (B, triton.cdiv(B, bp))
-    _triplet_all_kernel[grid_p](ds32, dt32, y, gmax, gcnt, params, B, ignore_index, MODE=0, **flags)  # fmt: skip
+    gmax = torch.zeros(B, B, dtype=acc, device=ds.device)  # only (anchor, positive) entries are written
+    gcnt = torch.zeros_like(gmax)
+    grid_p = (B, max(1, triton.cdiv(largest, bp)))  # tiles of the largest class's positives
+    args = (ds32, dt32, y, start, end)
+    _triplet_all_kernel[grid_p](*args, gmax, gcnt, params, B, ignore_index, MODE=0, **flags)  # fmt: skip
     count = int(gcnt.sum().item())
     if count == 0:
         return ds.new_zeros(()), torch.zeros_like(ds), 0
     params[0] = gmax.max()
-    act_p, hinge = torch.empty_like(gmax), torch.empty_like(gmax)
-    _triplet_all_kernel[grid_p](ds32, dt32, y, act_p, hinge, params, B, ignore_index, MODE=1, **flags)  # fmt: skip
+    act_p, hinge = torch.zeros_like(gmax), torch.zeros_like(gmax)
+    _triplet_all_kernel[grid_p](*args, act_p, hinge, params, B, ignore_index, MODE=1, **flags)  # fmt: skip
     act_n = torch.empty_like(gmax)
-    _triplet_all_kernel[(B, triton.cdiv(B, bn))](ds32, dt32, y, act_n, act_n, params, B, ignore_index,
-                                                 MODE=2, **flags)  # fmt: skip
-    grad = ((act_p - act_n) / count).to(ds.dtype)
+    _triplet_all_kernel[(B, triton.cdiv(B, bn))](*args, act_n, act_n, params, B, ignore_index, MODE=2,
+                                                 **flags)  # fmt: skip
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(B, device=perm.device)
+    grad = ((act_p - act_n) / count)[inv][:, inv].to(ds.dtype)  # back to the caller's row order
     return (hinge.sum() / count).to(ds.dtype), grad, count
 
 
@@ -217,7 +249,7 @@ def triplet_loss_from_distances(ds, dt, triplets, m_min, m_max):
 
 def compile_specs(dtype: torch.dtype) -> list:
     """The kernel as the GPU launcher compiles it (distances are fp32 whatever the input dtype)."""
-    sig = {"DS": "*fp32", "DT": "*fp32", "Y": "*i64", "OUT_A": "*fp32", "OUT_B": "*fp32", "PARAMS": "*fp32",
-           "B": "i32", "ignore_index": "i32"}  # fmt: skip
+    sig = {"DS": "*fp32", "DT": "*fp32", "Y": "*i64", "POS_START": "*i64", "POS_END": "*i64", "OUT_A": "*fp32",
+           "OUT_B": "*fp32", "PARAMS": "*fp32", "B": "i32", "ignore_index": "i32"}  # fmt: skip
     return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, "BLOCK_P": 32, "BLOCK_N": 128, "ACC_DTYPE": tl.float32}, {})
             for m in (0, 1, 2)]  # fmt: skip
