@@ -13,6 +13,7 @@
 // chunks go to global memory with fp32 atomics (other blocks add to the same rows and classes).
 #include <mma.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "margin_ce.h"
@@ -38,21 +39,45 @@ struct TileSmem {
   float cs[BM][LDC];
 };
 
-// Loads rows [r0, r0 + R) x cols [k0, k0 + BK) of a row-major matrix into shared memory, zero-filled.
+// Visits rows [r0, r0 + R) x cols [k0, k0 + BK) of a row-major matrix: store(r, k, global row, value,
+// in range), zero outside it. vec: 16-byte loads of 16 / sizeof(T) elements (the launcher checked that
+// D, the row stride and the base pointer allow them), else one element per load.
+template <typename T, int R, typename Store>
+__device__ inline void visit_tile(const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0, int64_t dim,
+                                  int64_t stride, bool vec, Store store) {
+  constexpr int V = 16 / sizeof(T);
+  if (vec) {
+    for (int e = threadIdx.x; e < R * BK / V; e += kThreads) {
+      const int r = e / (BK / V), k = (e % (BK / V)) * V;
+      const int64_t gr = r0 + r, gk = k0 + k;
+      const bool in = gr < rows && gk < dim;  // dim % V == 0: a vector is wholly in or out
+      const uint4 bits = in ? *reinterpret_cast<const uint4*>(src + gr * stride + gk) : make_uint4(0u, 0u, 0u, 0u);
+      T v[V];
+      memcpy(v, &bits, sizeof(bits));  // not a pointer cast: that would break strict aliasing
+#pragma unroll
+      for (int i = 0; i < V; ++i) store(r, k + i, gr, v[i], in);
+    }
+  } else {
+    for (int e = threadIdx.x; e < R * BK; e += kThreads) {
+      const int r = e / BK, k = e % BK;
+      const int64_t gr = r0 + r, gk = k0 + k;
+      const bool in = gr < rows && gk < dim;
+      store(r, k, gr, in ? src[gr * stride + gk] : from_float<T>(0.f), in);
+    }
+  }
+}
+
+// Loads the tile into shared memory as stored, zero-filled.
 template <typename T, int R>
 __device__ inline void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
-                                 int64_t dim, int64_t stride) {
-  for (int e = threadIdx.x; e < R * BK; e += kThreads) {
-    const int r = e / BK, k = e % BK;
-    const int64_t gr = r0 + r, gk = k0 + k;
-    dst[r][k] = (gr < rows && gk < dim) ? src[gr * stride + gk] : from_float<T>(0.f);
-  }
+                                 int64_t dim, int64_t stride, bool vec) {
+  visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t, T v, bool) { dst[r][k] = v; });
 }
 
 // acc tile (fp32, in smem.cs) = x[r0:r0+BM] . w[c0:c0+BN]^T over all of D.
 template <typename T>
 __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __restrict__ w, int64_t r0, int64_t c0,
-                         int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw) {
+                         int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, bool vec) {
   using namespace nvcuda;
   const int warp = threadIdx.x / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // this warp's 32x32 quarter
@@ -62,8 +87,8 @@ __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __re
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = 0; k0 < D; k0 += BK) {
-    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
-    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx, vec);
+    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw, vec);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
@@ -93,12 +118,13 @@ __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __re
 // one-word padding puts in 8 different banks.
 template <>
 __device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
-                                int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw) {
+                                int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw,
+                                bool vec) {
   const int tr = (threadIdx.x / 8) * 4, tc = threadIdx.x % 8;  // 16 x 8 threads, 4 x 8 outputs each
   float acc[4][8] = {};
   for (int64_t k0 = 0; k0 < D; k0 += BK) {
-    load_tile<float, BM>(sm.xs, x, r0, B, k0, D, sx);
-    load_tile<float, BN>(sm.ws, w, c0, C, k0, D, sw);
+    load_tile<float, BM>(sm.xs, x, r0, B, k0, D, sx, vec);
+    load_tile<float, BN>(sm.ws, w, c0, C, k0, D, sw, vec);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < BK; ++k) {
@@ -138,7 +164,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, float* m_out, float* l_out, int64_t B, int64_t C, int64_t D, int64_t sx,
-    int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter) {
+    int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, bool vec) {
   MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
   TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
   const int64_t r0 = int64_t(blockIdx.x) * BM;
@@ -150,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
   const float rxi = grow < B ? rx[grow] : 0.f;
   LseState<float> st = LseState<float>::empty();
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
-    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sw);
+    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sw, vec);
     if (grow < B) {
       for (int j = half * (BN / 2); j < (half + 1) * (BN / 2); ++j) {
         const int64_t col = c0 + j;
@@ -185,12 +211,10 @@ struct BwdSmem<float> : TileSmem<float> {};
 template <typename T, int R>
 __device__ inline void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
                                             const float* __restrict__ scale, int64_t r0, int64_t rows, int64_t k0,
-                                            int64_t dim, int64_t stride) {
-  for (int e = threadIdx.x; e < R * BK; e += kThreads) {
-    const int r = e / BK, k = e % BK;
-    const int64_t gr = r0 + r, gk = k0 + k;
-    dst[r][k] = from_float<T>((gr < rows && gk < dim) ? to_float(src[gr * stride + gk]) * scale[gr] : 0.f);
-  }
+                                            int64_t dim, int64_t stride, bool vec) {
+  visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t gr, T v, bool in) {
+    dst[r][k] = from_float<T>(in ? to_float(v) * scale[gr] : 0.f);
+  });
 }
 
 // Adds the staged fp32 products (sm.cs) to dX^ (columns [0, BK)) and dW^ (columns [BK, 2 BK)), times gscale.
@@ -230,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
     const float* __restrict__ gscale_ptr, float* dxh, float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx,
-    int64_t sw, float s, float tau, bool has_filter) {
+    int64_t sw, float s, float tau, bool has_filter, bool vec) {
   MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
   BwdSmem<T>& sm = *reinterpret_cast<BwdSmem<T>*>(smem_raw);
   const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
@@ -243,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
   __syncthreads();
   if (!any_weight) return;
   const float gscale = *gscale_ptr, inv_gscale = 1.f / gscale;
-  cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw);
+  cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw, vec);
   if constexpr (std::is_same<T, float>::value) {
     // fp32: G stays fp32 in cs; the products run as FMAs from shared memory (IEEE fp32, like the forward)
     for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
@@ -254,8 +278,8 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
     __syncthreads();
     // dX^[rows, k] += sum_j G[r, j] * w[j, k] / |w_j|;  dW^[cols, k] += sum_r G[r, j] * x[r, k] / |x_r|
     for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx);
-      load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw);
+      load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx, vec);
+      load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw, vec);
       __syncthreads();
       for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
         const int r = e / BK, k = e % BK;
@@ -289,8 +313,8 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
     }
     const int warp = threadIdx.x / 32;  // warp w: rows [16w, 16w + 16) of both products, all BK columns
     for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      load_tile_normalised<T, BM>(sm.xs, x, rx, r0, B, k0, D, sx);
-      load_tile_normalised<T, BN>(sm.ws, w, rw, c0, C, k0, D, sw);
+      load_tile_normalised<T, BM>(sm.xs, x, rx, r0, B, k0, D, sx, vec);
+      load_tile_normalised<T, BN>(sm.ws, w, rw, c0, C, k0, D, sw, vec);
       __syncthreads();  // tiles and (first pass) G written; the previous flush has read cs
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> ax[2], aw[2];
 #pragma unroll
@@ -333,6 +357,15 @@ __global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
   }
 }
 
+// 16-byte tile loads need D and both row strides to be multiples of 16 / sizeof(T) elements and 16-byte
+// aligned base pointers (torch's allocations are; a view at an odd offset falls back to scalar loads).
+template <typename T>
+bool vectorizable(const MarginArgs& a) {
+  constexpr int64_t V = 16 / sizeof(T);
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return a.D % V == 0 && a.sx % V == 0 && a.sw % V == 0 && aligned(a.x) && aligned(a.w);
+}
+
 // Every tile fits the default 48 KiB of dynamic shared memory: no cudaFuncSetAttribute per launch.
 static_assert(sizeof(TileSmem<float>) <= 48 * 1024 && sizeof(TileSmem<__half>) <= 48 * 1024, "forward smem");
 static_assert(sizeof(BwdSmem<float>) <= 48 * 1024 && sizeof(BwdSmem<__half>) <= 48 * 1024, "backward smem");
@@ -346,7 +379,7 @@ void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t split
   const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, m_out, l_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
-                                           a.tau, a.has_filter);
+                                           a.tau, a.has_filter, vectorizable<T>(a));
   check_launch("margin_lse_forward");
 }
 
@@ -359,7 +392,7 @@ void backward_impl(const MarginArgs& a, const float* lse, const float* gr, const
   const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.B + BM - 1) / BM));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, lse, gr, gscale, dxh, dwh, a.B, a.C, a.D, a.sx, a.sw, a.s, a.tau,
-                                           a.has_filter);
+                                           a.has_filter, vectorizable<T>(a));
   check_launch("margin_ce_backward");
 }
 

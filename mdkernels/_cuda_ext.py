@@ -26,8 +26,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def built() -> bool:
-    """True when the CUDA module was compiled into this install."""
-    return ext is not None
+    """True when the CUDA module was compiled into this install (whatever :func:`emulated` does)."""
+    return compiled is not None
 
 
 _ARCH_OK: dict[int, bool] = {}

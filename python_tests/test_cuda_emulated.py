@@ -120,7 +120,7 @@ def test_every_cuda_op_stays_in_bounds_under_address_sanitizer():
         """
         import torch, mdkernels
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for B, D, C in ((1, 500, 1017), (67, 37, 129)):
+            for B, D, C in ((1, 500, 1017), (67, 37, 129), (67, 64, 129)):
                 g = torch.Generator().manual_seed(B)
                 x = torch.randn(B, D, generator=g).to(dtype).requires_grad_()
                 w = torch.randn(C, D, generator=g).to(dtype).requires_grad_()
@@ -249,9 +249,10 @@ def close_to_truth(fast, plain, truth, what):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("config", ["arcface", "filter"])
-@pytest.mark.parametrize("shape", [(1, 500, 1017), SHAPE], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 500, 1017), SHAPE, (40, 128, 300)], ids=lambda s: "x".join(map(str, s)))
 def test_margin_ce_half_precision_tensor_core_tile(dtype, config, shape):
-    """bf16/fp16: the WMMA tiles. Inputs are rounded once; the fused error against the fp64 truth on
+    """bf16/fp16: the WMMA tiles (D = 128: 16-byte tile loads; D = 500: one element per load). Inputs are
+    rounded once; the fused error against the fp64 truth on
     those inputs is at most 2x that of eager PyTorch in the input dtype, for the loss, dx, dW and, on their own,
     the non-target centers' dW (far smaller than the targets': an error there would hide in the max)."""
     x, w, y = make(*shape, dtype, pull=0.5)  # a mild pull: gradients of every class stay well above 0
@@ -265,6 +266,33 @@ def test_margin_ce_half_precision_tensor_core_tile(dtype, config, shape):
     others = torch.ones(shape[2], dtype=torch.bool)
     others[y[y >= 0]] = False
     close_to_truth(fast[2][others], plain[2][others], truth[2][others], f"{dtype} {config} dw non-target")
+
+
+@pytest.mark.parametrize(
+    "dtype,D,offset",
+    [(torch.float32, 37, 0), (torch.float32, 64, 1), (torch.bfloat16, 64, 1), (torch.float16, 72, 3)],
+    ids=["fp32-odd-D", "fp32-misaligned", "bf16-misaligned", "fp16-misaligned"],
+)
+def test_margin_ce_scalar_tile_loads(dtype, D, offset):
+    """The scalar tile loads: D not a multiple of the 16-byte vector, or tensors that start off a 16-byte
+    boundary (views at an element offset, which the launcher must detect)."""
+    x, w, y = make(37, D, 203, dtype)
+    x = torch.empty(37 * D + offset, dtype=dtype)[offset:].view(37, D).copy_(x.detach()).requires_grad_()
+    w = torch.empty(203 * D + offset, dtype=dtype)[offset:].view(203, D).copy_(w.detach()).requires_grad_()
+    assert offset == 0 or x.data_ptr() % 16 != 0
+    if dtype == torch.float32:
+        ref = run(R.margin_cross_entropy, x, w, y)
+        with _cuda_ext.emulated():
+            out = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda")
+        for name, a, b in zip(("loss", "dx", "dw"), out, ref, strict=True):
+            assert_close(a, b, torch.float32, name)
+        return
+    truth = run(R.margin_cross_entropy, x.double(), w.double(), y)
+    plain = run(eager_same_dtype, x, w, y)
+    with _cuda_ext.emulated():
+        fast = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda")
+    for name, f, p, t in zip(("loss", "dx", "dw"), fast, plain, truth, strict=True):
+        close_to_truth(f, p, t, f"{dtype} {name}")
 
 
 def test_margin_ce_fp16_zero_rows_keep_other_gradients():
