@@ -399,6 +399,14 @@ def test_cuda_backend_fp32_matches_reference(config, shape):
         assert_close(a, b, torch.float32, f"cuda {config} {name}")
 
 
+@pytest.mark.skipif("triton" not in FUSED_BACKENDS, reason="needs Triton (GPU or interpreter)")
+def test_a_batch_beyond_the_backward_grid_is_a_clear_error():
+    x, w = torch.zeros(65535 * 64 + 1, 1, device=device_for("triton")), torch.ones(3, 1, device=device_for("triton"))
+    y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    with pytest.raises(ValueError, match="at most 65535 \\* 64 = 4194240"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="triton")
+
+
 def test_cuda_backend_needs_cuda_tensors():
     x, w, y = make(4, 8, 10, torch.float32)
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA"):

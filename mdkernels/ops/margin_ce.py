@@ -663,6 +663,11 @@ def forward_impl(
     selects the backward's target derivative."""
     _check_backend_device(x, backend)
     check_label_values(labels, w.shape[0], ignore_index)
+    if backend in GRAD_HAT and -(-x.shape[0] // 64) > 65535:  # the backward grid's row tiles: CUDA's axis-1 cap
+        raise ValueError(
+            f"embeddings has {x.shape[0]} rows: the {backend} backward handles at most 65535 * 64 = 4194240 per "
+            "call; split the batch, or use backend='torch'"
+        )
     x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
     rx, rw = row_rnorm(x), row_rnorm(w)
     valid = labels != ignore_index
