@@ -168,15 +168,11 @@ inline float as_float<__nv_bfloat16>(__nv_bfloat16 v) {
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment;
 
-// A and B operands: every lane keeps the whole 16x16 tile (row r, col c at [r * 16 + c] in logical
-// A (M x K) or B (K x N) coordinates, whatever the memory layout).
-template <typename T, typename Layout>
-struct fragment<matrix_a, 16, 16, 16, T, Layout> {
-  static constexpr int num_elements = 256;
-  T x[256];
-};
-template <typename T, typename Layout>
-struct fragment<matrix_b, 16, 16, 16, T, Layout> {
+// A and B operands (Use = matrix_a or matrix_b): every lane keeps the whole 16x16 tile (row r, col c at
+// [r * 16 + c] in logical A (M x K) or B (K x N) coordinates, whatever the memory layout).
+template <typename Use, typename T, typename Layout>
+struct fragment<Use, 16, 16, 16, T, Layout> {
+  static_assert(std::is_same<Use, matrix_a>::value || std::is_same<Use, matrix_b>::value, "operand fragment");
   static constexpr int num_elements = 256;
   T x[256];
 };
@@ -192,29 +188,12 @@ inline void fill_fragment(Frag& f, float v) {
   for (int i = 0; i < Frag::num_elements; ++i) f.x[i] = v;
 }
 
-template <typename T>
-inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync(matrix_a)");
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  constexpr bool col = std::is_same<Layout, col_major>::value;
+  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync(operand)");
   for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ldm + c];
-}
-template <typename T>
-inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync(matrix_a)");
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[c * ldm + r];
-}
-template <typename T>
-inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync(matrix_b)");
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ldm + c];
-}
-template <typename T>
-inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
-  detail::check_pointer(p, ldm, sizeof(T), "wmma::load_matrix_sync(matrix_b)");
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[c * ldm + r];
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = col ? p[c * ldm + r] : p[r * ldm + c];
 }
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
