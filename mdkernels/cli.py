@@ -28,6 +28,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _close_process_group() -> None:
+    """Tear down the process group the trainer started under torchrun. Left to interpreter exit, gloo's
+    threads can outlive it and abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mdkernels.train.trainer import TrainConfig, train
 
@@ -48,6 +57,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume and "--resume" in str(err):
             raise SystemExit(f"mdk train: {err}") from None
         raise
+    finally:
+        _close_process_group()
     metrics = {k: v for k, v in result["metrics"].items() if k != "roc"}
     print(json.dumps({"checkpoint": result["checkpoint"], "step": result["step"], **metrics}, indent=1))
     return 0
