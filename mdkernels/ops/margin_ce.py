@@ -644,6 +644,18 @@ def _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad):
     return raw, z, slope
 
 
+def _target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad, backend):
+    """``(raw_t, z_t, slope)`` of every row (``labels_k < 0``: ignored): the CUDA row kernel for
+    ``backend="cuda"``, else the gather-dot and :func:`margin_target_and_slope` in torch."""
+    if backend == "cuda":  # gather, dot and margin in one row kernel
+        return _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad)
+    _, _, raw_t = _target_cos(x, w, labels_k, rx, rw, -1)
+    z_t, slope = margin_target_and_slope(
+        raw_t.clamp(-1.0, 1.0), m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad
+    )
+    return raw_t, z_t, slope
+
+
 def forward_impl(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -672,15 +684,8 @@ def forward_impl(
     rx, rw = row_rnorm(x), row_rnorm(w)
     valid = labels != ignore_index
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    if backend == "cuda":  # gather, dot and margin in one row kernel
-        raw_t, z_t, _ = _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, "straight_through")
-        cos_t = raw_t.clamp(-1.0, 1.0)
-    else:
-        _, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
-        cos_t = raw_t.clamp(-1.0, 1.0)
-        z_t, _ = margin_target_and_slope(
-            cos_t, m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad="straight_through"
-        )
+    raw_t, z_t, _ = _target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, "straight_through", backend)
+    cos_t = raw_t.clamp(-1.0, 1.0)
     lse_nt = LSE_NONTARGET[backend](x, w, labels_k, rx, rw, s, interclass_filter)
     lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)  # ignored rows: lse over all classes
     loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
@@ -739,7 +744,6 @@ def backward_impl(
     labels: torch.Tensor,
     m2: torch.Tensor,
     lse: torch.Tensor,
-    cos_t: torch.Tensor,
     rx: torch.Tensor,
     rw: torch.Tensor,
     s: float,
@@ -759,11 +763,7 @@ def backward_impl(
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    if backend == "cuda":
-        raw_t, z_t, slope = _target_cuda(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad)
-    else:
-        z_t, slope = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
-        _, _, raw_t = _target_cos(x, w, labels, rx, rw, ignore_index)
+    raw_t, z_t, slope = _target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad, backend)
     # target term dL/dc_t = gr (p_t - 1) dz_t/dc_t, zero where the clamp of c_t was active
     coef = gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -1.0) & (raw_t <= 1.0))
     xh = x.to(cd) * rx[:, None]
@@ -796,7 +796,6 @@ def margin_ce_backward(
     labels: torch.Tensor,
     m2: torch.Tensor,
     lse: torch.Tensor,
-    cos_t: torch.Tensor,
     rx: torch.Tensor,
     rw: torch.Tensor,
     s: float,
@@ -817,7 +816,6 @@ def margin_ce_backward(
         labels,
         m2,
         lse,
-        cos_t,
         rx,
         rw,
         s,
@@ -840,7 +838,6 @@ def _(
     labels,
     m2,
     lse,
-    cos_t,
     rx,
     rw,
     s,
@@ -858,14 +855,14 @@ def _(
 
 def _setup_context(ctx, inputs, output):
     x, w, labels, m2, s, m1, m3, fallback, grad, tau, ignore_index, backend = inputs
-    _, lse, cos_t, rx, rw = output
-    ctx.save_for_backward(x, w, labels, m2, lse, cos_t, rx, rw)
+    _, lse, _, rx, rw = output
+    ctx.save_for_backward(x, w, labels, m2, lse, rx, rw)
     ctx.args = (s, m1, m3, fallback, grad, tau, ignore_index, backend)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_rows, *_unused):
-    x, w, labels, m2, lse, cos_t, rx, rw = ctx.saved_tensors
+    x, w, labels, m2, lse, rx, rw = ctx.saved_tensors
     s, m1, m3, fallback, grad, tau, ignore_index, backend = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dx or need_dw):
@@ -877,7 +874,6 @@ def _backward(ctx, grad_rows, *_unused):
         labels,
         m2,
         lse,
-        cos_t,
         rx,
         rw,
         s,
