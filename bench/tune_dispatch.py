@@ -17,15 +17,11 @@ import math
 import pprint
 from pathlib import Path
 
+from mdkernels import dispatch_table
+
 OPS = {"margin_ce": "margin_ce", "angular": "angular", "angular_maps": "angular"}  # CSV op -> dispatch op
 TABLE = Path(__file__).resolve().parents[1] / "mdkernels" / "dispatch_table.py"
-HEADER = '''"""Measured fwd+bwd times of the Triton and CUDA C++ backends per GPU, dtype and shape, written by
-``python -m bench.tune_dispatch`` from the benchmark CSV of a GPU run (see :mod:`mdkernels.dispatch`).
-
-Empty until a GPU session has measured both backends: ``backend="auto"`` then picks Triton on CUDA.
-"""
-
-'''
+HEADER = f'"""{dispatch_table.__doc__}"""\n\n'  # the table module keeps its docstring
 
 
 def measured_rows(csv_path: Path) -> list[dict]:
