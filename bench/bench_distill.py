@@ -3,8 +3,9 @@
     python -m bench.bench_distill                      # CPU set
     python -m bench.bench_distill --ops margin_kd --device cuda
 
-Ops: margin_distillation, proxyless_kd, margin_kd (B=256, D=512, C=100k), angular (embeddings B=256,
-D=512 and feature maps 64x64x28x28), triplet_all (B=256 and 512, D=512). Rows go to
+Ops (the registry's names, :data:`mdkernels.ops.OPS`): margin_distillation, proxyless_kd, margin_kd
+(B=256, D=512, C=100k), angular_distill (embeddings B=256, D=512, and variant "maps": feature maps
+64x64x28x28), triplet_distill (variant "all": B=256 and 512, D=512). Rows go to
 bench/results/<device>.csv.
 """
 
@@ -18,29 +19,30 @@ import torch
 
 from bench import harness
 
-SHAPES = {
-    "margin_distillation": dict(B=256, D=512, C=100_000),
-    "proxyless_kd": dict(B=256, D=512, C=100_000),
-    "margin_kd": dict(B=256, D=512, C=100_000),
-    "angular": dict(B=256, D=512, C=0),
-    "angular_maps": dict(B=64, D=64 * 28 * 28, C=0),
-    "triplet_all": dict(B=256, D=512, C=0),
-    "triplet_all_512": dict(B=512, D=512, C=0),
-}
+# (op, variant, shape): op names are the registry's; a variant is a case of the op
+CASES = [
+    ("margin_distillation", "", dict(B=256, D=512, C=100_000)),
+    ("proxyless_kd", "", dict(B=256, D=512, C=100_000)),
+    ("margin_kd", "", dict(B=256, D=512, C=100_000)),
+    ("angular_distill", "", dict(B=256, D=512, C=0)),
+    ("angular_distill", "maps", dict(B=64, D=64 * 28 * 28, C=0)),
+    ("triplet_distill", "all", dict(B=256, D=512, C=0)),
+    ("triplet_distill", "all", dict(B=512, D=512, C=0)),
+]
+OPS = sorted({op for op, _, _ in CASES})  # this module's bench keys
 
 
-def make(op: str, device: str, dtype=torch.float32, scale: float = 1.0):
-    sh = SHAPES[op]
+def make(op: str, variant: str, sh: dict, device: str, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     B, D, C = sh["B"], sh["D"], sh["C"]
-    if op == "angular_maps":
+    if variant == "maps":
         s = torch.randn(B, 64, 28, 28, generator=g).to(device, dtype).requires_grad_()
         return (s, torch.randn(B, 64, 28, 28, generator=g).to(device, dtype)), {}
     x = torch.randn(B, D, generator=g).to(device, dtype).requires_grad_()
     if C == 0:
         t = torch.randn(B, D, generator=g).to(device, dtype)
         y = torch.randint(0, B // 8, (B,), generator=g).to(device)
-        return (x, t), ({"labels": y} if op.startswith("triplet") else {})
+        return (x, t), ({"labels": y} if op == "triplet_distill" else {})
     w = torch.randn(C, D, generator=g).to(device, dtype)
     y = torch.randint(0, C, (B,), generator=g).to(device)
     t = (torch.nn.functional.normalize(w[y].float(), dim=1) + 0.5 * torch.randn(B, D, generator=g).to(device)).to(dtype)
@@ -57,7 +59,7 @@ def call(op: str, impl, inputs, kw):
     if op == "margin_kd":
         x, w, y, t = inputs
         return impl.margin_kd_loss(x, t, w, y, **kw)
-    if op.startswith("angular"):
+    if op == "angular_distill":
         return impl.angular_distillation_loss(*inputs, **kw)
     return impl.triplet_distillation_loss(*inputs, **kw)
 
@@ -68,7 +70,7 @@ def providers(device: str, op: str = "") -> dict:
     out = {"reference": (mdkernels.reference, {}), "mdk_torch": (mdkernels, {"backend": "torch"})}
     if device == "cuda":
         out["mdk_triton"] = (mdkernels, {"backend": "triton"})
-        if op.startswith("angular") and mdkernels.info()["cuda_extension"]:  # the op with CUDA C++ kernels
+        if "cuda" in mdkernels.ops.OPS[op].backends and mdkernels.info()["cuda_extension"]:
             out["mdk_cuda"] = (mdkernels, {"backend": "cuda"})
     return out
 
@@ -82,7 +84,7 @@ def step(op, impl, inputs, kw, extra):
 def child(spec: dict) -> None:
     op, name = spec["op"], spec["provider"]
     impl, kw = providers("cpu")[name]
-    inputs, extra = make(op, "cpu")
+    inputs, extra = make(op, spec["variant"], spec["shape"], "cpu")
     step(op, impl, inputs, kw, extra)  # warm-up: page in code, then measure a second call
     if not harness.reset_peak_rss():
         raise SystemExit("cannot reset the peak RSS on this OS: CPU peak memory needs Linux")
@@ -93,8 +95,10 @@ def child(spec: dict) -> None:
 
 def run(ops, device, reps):
     rows = []
-    for op in ops:
-        inputs, extra = make(op, device)
+    for op, variant, shape in CASES:
+        if op not in ops:
+            continue
+        inputs, extra = make(op, variant, shape, device)
         for name, (impl, kw) in providers(device, op).items():
             fn = lambda impl=impl, kw=kw, op=op, inputs=inputs, extra=extra: step(op, impl, inputs, kw, extra)
             if device == "cuda":
@@ -102,10 +106,11 @@ def run(ops, device, reps):
                 peak = harness.peak_gpu(fn)
             else:
                 med, p20, p80 = harness.time_cpu(fn, reps=reps)
-                peak = harness.peak_cpu_subprocess("bench_distill", {"op": op, "provider": name})
-            row = harness.base_row(op, device)
+                spec = {"op": op, "variant": variant, "shape": shape, "provider": name}
+                peak = harness.peak_cpu_subprocess("bench_distill", spec)
+            row = harness.base_row(op, device, variant)
             row.update(provider=name, mode="fwd+bwd", dtype="float32", ms_median=med, ms_p20=p20, ms_p80=p80,
-                       peak_mem_bytes=peak, tflops="", **SHAPES[op])  # fmt: skip
+                       peak_mem_bytes=peak, tflops="", **shape)  # fmt: skip
             rows.append(row)
     return rows
 
@@ -115,14 +120,16 @@ def main(argv=None) -> None:
         child(json.loads(sys.argv[2]))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--ops", nargs="*", default=OPS, choices=OPS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     rows = run(args.ops, args.device, args.reps)
     for r in rows:
-        print(f"{r['op']:>20} {r['provider']:>10}  {r['ms_median']:9.1f} ms  {r['peak_mem_bytes'] / 2**20:8.1f} MiB")
+        mib = r["peak_mem_bytes"] / 2**20
+        case = f"{r['op']:>20} {r['variant']:>5} B={r['B']:<4}"
+        print(f"{case} {r['provider']:>10}  {r['ms_median']:9.1f} ms  {mib:8.1f} MiB")
     if not args.no_save:
         print("appended to", harness.append_rows(rows, args.device))
 

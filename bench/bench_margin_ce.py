@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from bench import harness
 
+OPS = ["margin_ce"]  # this module's bench keys (the registry's names, mdkernels.ops.OPS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUITES = {
     "cpu": dict(B=[256], C=[10_000, 100_000], dtypes=["float32"], device="cpu"),
@@ -155,7 +156,6 @@ def child(spec: dict) -> None:
 def run(B, D, C, dtype, device, frozen, reps, only, modes):
     rows = []
     x, w, y = make_inputs(B, D, C, DTYPES[dtype], device, frozen)
-    op = "margin_ce" + ("_frozen" if frozen else "")
     for name, fn in providers(device).items():
         if only and name not in only:
             continue
@@ -175,7 +175,7 @@ def run(B, D, C, dtype, device, frozen, reps, only, modes):
                 peak = ""
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            row = harness.base_row(op, device)
+            row = harness.base_row("margin_ce", device, "frozen" if frozen else "")
             flops = gemm_count(mode, frozen) * 2 * B * C * D
             tflops = round(flops / (med * 1e-3) / 1e12, 3) if med == med else ""
             row.update(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, ms_median=med, ms_p20=p20, ms_p80=p80,

@@ -17,7 +17,7 @@ if [ "$step" = test ]; then
   MDK_BUILD_CUDA=ON pip install --no-build-isolation --no-deps . 2>&1 | tail -3
   (cd /tmp && python -m mdkernels.info) | tee "$OUT/info.json"
   python -m pytest python_tests -q -m gpu -rs -x --durations=20 2>&1 | tee "$OUT/gpu_tests.txt"
-  python -m mdkernels.ops.gpu_compile 2>&1 | tail -3
+  python -m mdkernels.tools.gpu_compile 2>&1 | tail -3
 elif [ "$step" = bench ]; then
   python -m bench.bench_margin_ce --suite gpu --modes fwd+bwd 2>&1 | tee "$OUT/bench_margin_ce.txt"
   python -m bench.bench_margin_ce --B 1024 --C 85742 --dtype bfloat16 --modes fwd bwd 2>&1 | tee -a "$OUT/bench_margin_ce.txt"

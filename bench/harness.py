@@ -27,6 +27,7 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = [
     "op",
+    "variant",  # a case of the op: "frozen" centers, feature "maps", triplet mining "all"; "" otherwise
     "provider",
     "mode",
     "B",
@@ -168,9 +169,11 @@ def append_rows(rows: list[dict], device: str) -> Path:
     return path
 
 
-def base_row(op: str, device: str) -> dict:
+def base_row(op: str, device: str, variant: str = "") -> dict:
+    """The fields every row shares; ``op`` is a name of the registry (:data:`mdkernels.ops.OPS`)."""
     return {
         "op": op,
+        "variant": variant,
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version(),

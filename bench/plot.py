@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def plot_op(csv_path: str | Path, op: str) -> list[Path]:
-    """One PNG per (op variant, mode, B, dtype); the newest row wins for repeated measurements."""
+    """One PNG per (op, variant, mode, B, dtype); the newest row wins for repeated measurements."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,8 +22,9 @@ def plot_op(csv_path: str | Path, op: str) -> list[Path]:
     latest: dict = {}
     with open(csv_path) as f:
         for row in csv.DictReader(f):
-            if row["op"].startswith(op):
-                latest[(row["op"], row["mode"], row["B"], row["dtype"], row["provider"], int(row["C"]))] = row
+            if row["op"] == op:
+                name = "_".join(filter(None, (row["op"], row.get("variant", ""))))
+                latest[(name, row["mode"], row["B"], row["dtype"], row["provider"], int(row["C"]))] = row
     groups = defaultdict(lambda: defaultdict(list))
     for (o, mode, b, dt, prov, c), row in sorted(latest.items(), key=lambda kv: kv[0][-1]):
         groups[(o, mode, b, dt)][prov].append((c, row))

@@ -1,7 +1,7 @@
-"""Turn a GPU benchmark run into the table behind ``backend="auto"`` (see mdkernels/dispatch.py).
+"""Turn a GPU benchmark run into the table behind ``backend="auto"`` (see mdkernels/backends.py).
 
     python -m bench.bench_margin_ce --suite gpu --modes fwd+bwd      # times mdk_triton and mdk_cuda
-    python -m bench.bench_distill --device cuda --ops angular angular_maps
+    python -m bench.bench_distill --device cuda --ops angular_distill
     python -m bench.tune_dispatch                                     # this GPU's CSV -> dispatch_table.py
 
 For every (op, dtype, B, C, D) where both backends were timed in fwd+bwd, the latest pair of medians
@@ -18,8 +18,12 @@ import pprint
 from pathlib import Path
 
 from mdkernels import dispatch_table
+from mdkernels.ops import OPS
 
-OPS = {"margin_ce": "margin_ce", "angular": "angular", "angular_maps": "angular"}  # CSV op -> dispatch op
+# the ops with both GPU backends, and the variants measured on the same shapes as auto's calls (frozen
+# centers would collide with the trainable rows of the same shape)
+TABLE_OPS = [name for name, op in OPS.items() if {"triton", "cuda"} <= set(op.backends)]
+TABLE_VARIANTS = ("", "maps")
 TABLE = Path(__file__).resolve().parents[1] / "mdkernels" / "dispatch_table.py"
 HEADER = f'"""{dispatch_table.__doc__}"""\n\n'  # the table module keeps its docstring
 
@@ -29,7 +33,9 @@ def measured_rows(csv_path: Path) -> list[dict]:
     latest: dict[tuple, dict] = {}
     with csv_path.open() as f:
         for r in csv.DictReader(f):
-            if r["op"] not in OPS or r["mode"] != "fwd+bwd" or r["provider"] not in ("mdk_triton", "mdk_cuda"):
+            if r["op"] not in TABLE_OPS or r.get("variant", "") not in TABLE_VARIANTS:
+                continue
+            if r["mode"] != "fwd+bwd" or r["provider"] not in ("mdk_triton", "mdk_cuda"):
                 continue
             try:
                 ms = float(r["ms_median"])
@@ -37,7 +43,7 @@ def measured_rows(csv_path: Path) -> list[dict]:
                 continue
             if not math.isfinite(ms) or ms <= 0:
                 continue
-            key = (r["device"], OPS[r["op"]], r["dtype"], int(r["B"]), max(int(r["C"]), 1), int(r["D"]))
+            key = (r["device"], r["op"], r["dtype"], int(r["B"]), max(int(r["C"]), 1), int(r["D"]))
             latest.setdefault(key, {})[r["provider"]] = ms  # later rows of the file win
     rows = []
     for (device, op, dtype, B, C, D), ms in sorted(latest.items()):

@@ -110,3 +110,39 @@ def check_margin_ce_args(
     check_scale(s)
     check_grad_mode(grad)
     check_reduction(reduction)
+
+
+MARGIN_FAMILIES = ("arcface", "cosface", "sphereface")
+
+
+def margin_triple(margin: str, m: float) -> tuple[float, float, float]:
+    """(m1, m2, m3) of a named margin family with margin size ``m``."""
+    if margin == "arcface":
+        return 1.0, m, 0.0
+    if margin == "cosface":
+        return 1.0, 0.0, m
+    if margin == "sphereface":
+        return m, 0.0, 0.0
+    raise ValueError(f"margin must be one of {MARGIN_FAMILIES}, got {margin!r}")
+
+
+def check_proxyless_dims(embeddings: torch.Tensor, teacher_centers: torch.Tensor) -> None:
+    if embeddings.dim() == 2 and teacher_centers.dim() == 2 and embeddings.shape[1] != teacher_centers.shape[1]:
+        raise ValueError(
+            f"ProxylessKD trains the student in the teacher's embedding space: embeddings have D="
+            f"{embeddings.shape[1]} but teacher_centers have D={teacher_centers.shape[1]}; make the student's "
+            "embedding size equal, or use mdkernels.nn.ProxylessKD(..., projection=True)"
+        )
+
+
+def check_triplets(triplets: torch.Tensor, batch: int) -> None:
+    if triplets.dim() != 2 or triplets.shape[1] != 3:
+        raise ValueError(
+            f"triplets must have shape (N, 3) of (anchor, positive, negative), got {tuple(triplets.shape)}"
+        )
+    if triplets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"triplets must be int64 indices, got {triplets.dtype}")
+    if triplets.numel() and (int(triplets.min()) < 0 or int(triplets.max()) >= batch):
+        raise ValueError(
+            f"triplets must index rows in [0, {batch}), got values in [{int(triplets.min())}, {int(triplets.max())}]"
+        )

@@ -31,11 +31,14 @@ import torch.distributed as dist
 from torch import nn
 
 from mdkernels import _validate as V
-from mdkernels import reference
-from mdkernels.functional import margin_rows, resolve_backend
-from mdkernels.ops import margin_ce as mce
-from mdkernels.ops.l2norm import row_rnorm
-from mdkernels.ops.margin import margin_target_and_slope
+from mdkernels import backends
+from mdkernels._spec import compute_dtype
+from mdkernels.functional import margin_rows
+from mdkernels.ops import margin_ce
+from mdkernels.ops._common.epilogue import finish_center_grad, finish_embedding_grad
+from mdkernels.ops._common.margin import distillation_margins, margin_target_and_slope
+from mdkernels.ops.l2norm import l2_normalize, row_rnorm
+from mdkernels.ops.margin_ce import torch_backend as margin_ce_torch
 
 
 def _world(group) -> tuple[int, int]:
@@ -102,7 +105,7 @@ class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local):
         x, w = x.contiguous(), w.contiguous()
-        cd = mce.compute_dtype(x)
+        cd = compute_dtype(x)
         rx, rw = row_rnorm(x), row_rnorm(w)
         here = local_target >= 0
         safe = local_target.clamp_min(0)
@@ -117,7 +120,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         z_t, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
         # local non-target logsumexp, then the global one: max, then sum
         if w.shape[0]:
-            lse_local = mce.LSE_NONTARGET[backend](x, w, local_target, rx, rw, s, tau)
+            lse_local = margin_ce.LSE_NONTARGET[backend](x, w, local_target, rx, rw, s, tau)
         else:
             lse_local = torch.full_like(cos_t, -math.inf)
         m = lse_local.clone()
@@ -153,17 +156,17 @@ class _ShardedMarginCE(torch.autograd.Function):
         if w.shape[0] == 0:
             dxh = torch.zeros_like(xh)
             dw = torch.zeros_like(w) if need_dw else None
-        elif backend in mce.GRAD_HAT:
-            dxh, dwh = mce.GRAD_HAT[backend](x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
+        elif backend in margin_ce.GRAD_HAT:
+            dxh, dwh = margin_ce.GRAD_HAT[backend](x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
             if need_dw:
-                dw = mce.finish_center_grad(w, dwh, safe, coef_here, xh)
+                dw = finish_center_grad(w, dwh, safe, coef_here, xh)
         else:
-            dxh, dw = mce._grad_hat_torch(
+            dxh, dw = margin_ce_torch.grad_hat(
                 x, w, local_target, rx, rw, lse, gr, s, tau, need_dw,
                 target_dw=lambda rows: coef_here[rows, None] * xh[rows],
             )  # fmt: skip
         # this rank's share of dL/dx for the whole gathered batch; _GatherRows sums the shares
-        dx = mce.finish_embedding_grad(x, dxh, w, safe, rw, coef_here)
+        dx = finish_embedding_grad(x, dxh, w, safe, rw, coef_here)
         return dx, dw, *(None,) * 12
 
 
@@ -221,10 +224,9 @@ def sharded_margin_cross_entropy(
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         V.check_label_values(labels, num_classes, ignore_index)
-        backend = resolve_backend(backend, embeddings)
-        if backend == "reference":
-            backend = "torch"  # the sharded path is always fused; 'reference' means the unsharded oracle
-        mce._check_backend_device(embeddings, backend)  # e.g. 'cuda' with CPU tensors: an error, not a launch
+        # the sharded path is always fused ('reference' means the unsharded oracle); 'cuda' with CPU tensors
+        # is an error here, before any collective or launch
+        backend = backends.resolve("margin_ce", "torch" if backend == "reference" else backend, embeddings)
     except (ValueError, TypeError, RuntimeError) as err:
         error = str(err)
     collective_check(error, group, embeddings.device)
@@ -283,19 +285,20 @@ def sharded_margin_distillation_loss(
         y_all = _gather_plain(labels.long(), group)
         here_all = (y_all != ignore_index) & (y_all >= class_start) & (y_all < class_start + len(local_teacher_centers))
         local = torch.where(here_all, y_all - class_start, torch.zeros_like(y_all))
-        c = torch.zeros(y_all.shape[0], dtype=mce.compute_dtype(embeddings), device=embeddings.device)
+        c = torch.zeros(y_all.shape[0], dtype=compute_dtype(embeddings), device=embeddings.device)
         if len(local_teacher_centers):
-            ct = (reference.normalize(t_all) * reference.normalize(local_teacher_centers.detach()[local])).sum(1)
+            w_y = local_teacher_centers.detach()[local]
+            ct = (l2_normalize(t_all.to(c.dtype)) * l2_normalize(w_y.to(c.dtype))).sum(1)
             c = torch.where(here_all, ct.to(c.dtype), c)
         dist.all_reduce(c, group=group)
         rank, _ = _world(group)
         teacher_cos = c[rank * labels.shape[0] : (rank + 1) * labels.shape[0]]
-    teacher_cos = teacher_cos.detach().to(mce.compute_dtype(embeddings))
+    teacher_cos = teacher_cos.detach().to(compute_dtype(embeddings))
     if isinstance(dmax, str):
         d = torch.where(valid, teacher_cos, torch.full_like(teacher_cos, -math.inf)).max()
         dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
         dmax = float(d) if math.isfinite(float(d)) else 1.0
-    m = reference.distillation_margins(teacher_cos, valid, m_min=m_min, m_max=m_max, dmax=float(dmax))
+    m = distillation_margins(teacher_cos, valid, m_min=m_min, m_max=m_max, dmax=float(dmax))
     return sharded_margin_cross_entropy(
         embeddings, local_teacher_centers.detach(), labels, class_start=class_start, num_classes=num_classes,
         group=group, s=s, m1=1.0, m2=m, m3=0.0, fallback=fallback, **kwargs,
@@ -305,8 +308,8 @@ def sharded_margin_distillation_loss(
 def sharded_proxyless_kd_loss(embeddings, local_teacher_centers, labels, *, class_start, num_classes,
                               margin="arcface", s=64.0, m=0.5, group=None, **kwargs):  # fmt: skip
     """ProxylessKD with sharded, frozen teacher centers."""
-    reference.check_proxyless_dims(embeddings, local_teacher_centers)
-    m1, m2, m3 = reference.margin_triple(margin, m)
+    V.check_proxyless_dims(embeddings, local_teacher_centers)
+    m1, m2, m3 = V.margin_triple(margin, m)
     return sharded_margin_cross_entropy(
         embeddings, local_teacher_centers.detach(), labels, class_start=class_start, num_classes=num_classes,
         group=group, s=s, m1=m1, m2=m2, m3=m3, **kwargs,

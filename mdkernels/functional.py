@@ -1,8 +1,8 @@
-"""Public functions of mdkernels: validate on the host, pick a backend, call the fused op.
+"""Public functions of mdkernels: validate on the host, resolve the backend, call the fused op.
 
-Backends: ``"triton"`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (the
-fused algorithm chunked over classes in torch: the CPU default), ``"reference"`` (the eager oracle of
-:mod:`mdkernels.reference`, which materialises ``B x C``) and ``"auto"``.
+Each function validates its arguments (:mod:`mdkernels._validate`), asks :func:`mdkernels.backends.resolve`
+for a backend that can run it (``"triton"``, ``"cuda"``, ``"torch"``, ``"reference"``; ``"auto"`` picks),
+and calls its op in :mod:`mdkernels.ops` (or the eager oracle of :mod:`mdkernels.reference`).
 """
 
 from __future__ import annotations
@@ -11,16 +11,13 @@ from typing import NamedTuple
 
 import torch
 
-from mdkernels import _cuda_ext, dispatch, reference
 from mdkernels import _validate as V
-from mdkernels.ops import angular_distill as _ang
-from mdkernels.ops import margin_ce as _mce
-from mdkernels.ops import margin_kd as _kd
-from mdkernels.ops import triplet_distill as _trip
+from mdkernels import backends, reference
+from mdkernels._spec import compute_dtype
+from mdkernels.ops import angular_distill, margin_ce, margin_kd, triplet_distill
+from mdkernels.ops._common.margin import distillation_margins, teacher_target_cosine, warn_if_non_monotone
 from mdkernels.ops.l2norm import l2_normalize
-from mdkernels.ops.margin import warn_if_non_monotone
-
-BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+from mdkernels.ops.triplet_distill import torch_backend as triplet_torch
 
 
 class MarginCEStats(NamedTuple):
@@ -36,34 +33,16 @@ class MarginCEStats(NamedTuple):
 
 
 def resolve_backend(
-    backend: str, t: torch.Tensor, op: str | None = None, shape: tuple[int, int, int] = (0, 0, 0)
+    backend: str, t: torch.Tensor, op: str = "margin_ce", shape: tuple[int, int, int] = (0, 0, 0)
 ) -> str:
-    """The concrete backend ``"auto"`` means for tensor ``t``: on CPU the chunked torch path; on CUDA
-    Triton, or the CUDA C++ kernels where ``op`` (one with CUDA kernels, see :mod:`mdkernels.dispatch`)
-    was measured faster on this GPU for the dtype and the nearest ``shape`` (B, C, D)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if t.is_cuda and _mce.HAS_TRITON and not torch.are_deterministic_algorithms_enabled():
-        # both GPU backends accumulate gradients with atomics: neither is bitwise deterministic
-        return dispatch.gpu_backend(op, t, *shape) if op in dispatch.OPS else "triton"
-    return "torch"
-
-
-def _no_cuda_kernel(op: str, backend: str) -> None:
-    """``backend="cuda"`` for an op the CUDA C++ backend does not cover: an error, never a silent fallback."""
-    if backend == "cuda":
-        raise ValueError(
-            f"backend='cuda' has no kernel for {op}: the CUDA C++ backend covers margin_cross_entropy (and "
-            "margin_distillation_loss / proxyless_kd_loss, built on it) and angular_distillation_loss; "
-            "use backend='triton' or 'auto'"
-        )
+    """The concrete backend ``backend`` means for ``op`` on tensor ``t`` (see :func:`mdkernels.backends.resolve`,
+    where every backend rule lives)."""
+    return backends.resolve(op, backend, t, shape)
 
 
 def margin_rows(m2: float | torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """``m2`` as one margin per row ``(B,)`` in the compute dtype, without gradient."""
-    cd = _mce.compute_dtype(embeddings)
+    cd = compute_dtype(embeddings)
     if isinstance(m2, torch.Tensor):
         return m2.detach().to(cd)
     return torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
@@ -114,7 +93,7 @@ def margin_cross_entropy(
         V.check_finite(centers, "centers")
     if not isinstance(m2, torch.Tensor):
         warn_if_non_monotone(m1, float(m2), fallback)
-    backend = resolve_backend(backend, embeddings, "margin_ce", (embeddings.shape[0], *centers.shape))
+    backend = backends.resolve("margin_ce", backend, embeddings, (embeddings.shape[0], *centers.shape))
     tau = None if interclass_filter is None else float(interclass_filter)
     if backend == "reference":
         if return_stats:
@@ -134,7 +113,7 @@ def margin_cross_entropy(
             reduction=reduction,
         )
     m2_rows = margin_rows(m2, embeddings)
-    loss_rows, lse, cos_t, _, _ = _mce.margin_ce_forward(
+    loss_rows, lse, cos_t, _, _ = margin_ce.margin_ce_forward(
         embeddings,
         centers,
         labels,
@@ -194,12 +173,10 @@ def margin_distillation_loss(
         )
         V.check_same(teacher_embeddings, teacher_centers, "teacher_embeddings", "teacher_centers")
         V.check_label_values(labels, teacher_centers.shape[0], ignore_index)
-        teacher_cos = reference.teacher_target_cosine(teacher_embeddings, teacher_centers, labels, ignore_index)
+        teacher_cos = teacher_target_cosine(teacher_embeddings, teacher_centers, labels, ignore_index)
     elif not isinstance(teacher_cos, torch.Tensor) or teacher_cos.shape != (embeddings.shape[0],):
         raise ValueError(f"teacher_cos must be a tensor of shape ({embeddings.shape[0]},)")
-    m = reference.distillation_margins(
-        teacher_cos.to(_mce.compute_dtype(embeddings)), valid, m_min=m_min, m_max=m_max, dmax=dmax
-    )
+    m = distillation_margins(teacher_cos.to(compute_dtype(embeddings)), valid, m_min=m_min, m_max=m_max, dmax=dmax)
     return margin_cross_entropy(
         embeddings,
         teacher_centers.detach(),
@@ -233,8 +210,8 @@ def proxyless_kd_loss(
     ``margin``: ``"arcface"`` (m2 = m), ``"cosface"`` (m3 = m) or ``"sphereface"`` (m1 = m). A student
     whose embedding size differs raises (see :class:`mdkernels.nn.ProxylessKD` for a projection).
     """
-    reference.check_proxyless_dims(embeddings, teacher_centers)
-    m1, m2, m3 = reference.margin_triple(margin, m)
+    V.check_proxyless_dims(embeddings, teacher_centers)
+    m1, m2, m3 = V.margin_triple(margin, m)
     return margin_cross_entropy(
         embeddings,
         teacher_centers.detach(),
@@ -276,21 +253,15 @@ def angular_distillation_loss(
         raise ValueError(f"student must be a floating tensor, got {student.dtype}")
     if not p >= 1:
         raise ValueError(f"p must be >= 1 (1 or 2 in the papers), got {p}")
-    if backend == "auto" and student.is_cuda:  # measured per GPU and shape (rows, 1, row length)
-        numel = student.numel()
-        rows = numel // student.shape[1] if per == "position" and student.dim() > 2 else student.shape[0]
-        backend = resolve_backend(backend, student, "angular", (rows, 1, numel // max(rows, 1)))
-    backend = resolve_backend(backend, student)
+    numel = student.numel()  # the dispatch table is measured per (rows, 1, row length)
+    rows = numel // student.shape[1] if per == "position" and student.dim() > 2 else student.shape[0]
+    backend = backends.resolve("angular_distill", backend, student, (rows, 1, numel // max(rows, 1)))
     if backend == "reference":
         return reference.angular_distillation_loss(student, teacher, p=p, per=per)
-    if backend == "triton":
-        _mce._check_backend_device(student, "triton")
-    if backend == "cuda" and not _cuda_ext.usable(student):  # the CUDA C++ row kernels (angular_distill.cu)
-        raise ValueError("backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU")
-    s_rows, t_rows = _ang.rows_of(student, per), _ang.rows_of(teacher.detach(), per)
+    s_rows, t_rows = angular_distill.rows_of(student, per), angular_distill.rows_of(teacher.detach(), per)
     if s_rows.shape[0] == 0:
         raise ValueError("student has no rows to compare")
-    loss_rows = _ang.angular_distill_forward(s_rows, t_rows, float(p), backend)[0]
+    loss_rows = angular_distill.angular_distill_forward(s_rows, t_rows, float(p), backend)[0]
     return loss_rows.mean()
 
 
@@ -323,14 +294,13 @@ def triplet_distillation_loss(
         raise ValueError(f"distance must be 'l2' or 'angle', got {distance!r}")
     if mining not in ("all", "hard", "semihard"):
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
-    backend = resolve_backend(backend, student)
-    _no_cuda_kernel("triplet_distillation_loss", backend)
+    backend = backends.resolve("triplet_distill", backend, student)
     if triplets is None and labels is None:
         raise ValueError("pass triplets (N, 3) or labels (B,) to mine them from")
     if triplets is None:
         V.check_labels(labels, student.shape[0], student.device)
     else:
-        reference.check_triplets(triplets, student.shape[0])
+        V.check_triplets(triplets, student.shape[0])
     if backend == "reference":
         return reference.triplet_distillation_loss(
             student,
@@ -343,15 +313,14 @@ def triplet_distillation_loss(
             m_max=m_max,
             ignore_index=ignore_index,
         )
-    if backend == "triton":
-        _mce._check_backend_device(student, "triton")
-    ds = reference.pairwise_distance(student, distance)
-    dt = reference.pairwise_distance(teacher.detach(), distance)
+    ds = triplet_distill.pairwise_distance(student, distance)
+    dt = triplet_distill.pairwise_distance(teacher.detach(), distance)
     if triplets is None and mining == "all":
-        return _trip._TripletAll.apply(ds, dt, labels.long(), float(m_min), float(m_max), int(ignore_index), backend)
+        return triplet_distill.TripletAll.apply(ds, dt, labels.long(), float(m_min), float(m_max), int(ignore_index),
+                                                backend)  # fmt: skip
     if triplets is None:
-        triplets = _trip.mine_triplets_chunked(ds, labels.long(), mining, ignore_index)
-    return _trip.triplet_loss_from_distances(ds, dt, triplets, m_min, m_max)
+        triplets = triplet_torch.mine(ds, labels.long(), mining, ignore_index)
+    return triplet_torch.loss_from_triplets(ds, dt, triplets, m_min, m_max)
 
 
 def margin_kd_loss(
@@ -389,8 +358,7 @@ def margin_kd_loss(
         raise ValueError(f"T (the temperature) must be > 0, got {T}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    backend = resolve_backend(backend, student_embeddings)
-    _no_cuda_kernel("margin_kd_loss", backend)
+    backend = backends.resolve("margin_kd", backend, student_embeddings, (student_embeddings.shape[0], *centers.shape))
     if backend == "reference":
         return reference.margin_kd_loss(
             student_embeddings,
@@ -407,7 +375,7 @@ def margin_kd_loss(
             ignore_index=ignore_index,
             reduction=reduction,
         )
-    loss_rows = _kd.margin_kd_forward(
+    loss_rows = margin_kd.margin_kd_forward(
         student_embeddings,
         teacher_embeddings.detach(),
         centers,

@@ -16,13 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from mdkernels import _validate as V
-
-EPS = 1e-12  # n(v) = v / max(||v||, EPS), as F.normalize
-THETA_CLAMP = 1e-7  # the exact ArcFace derivative takes theta from c clamped to [-1 + 1e-7, 1 - 1e-7]
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from mdkernels._spec import EPS, THETA_CLAMP
+from mdkernels._spec import compute_dtype as _compute_dtype
 
 
 def normalize(v: torch.Tensor) -> torch.Tensor:
@@ -217,29 +212,6 @@ def margin_distillation_loss(
     )
 
 
-MARGIN_FAMILIES = ("arcface", "cosface", "sphereface")
-
-
-def margin_triple(margin: str, m: float) -> tuple[float, float, float]:
-    """(m1, m2, m3) of a named margin family with margin size ``m``."""
-    if margin == "arcface":
-        return 1.0, m, 0.0
-    if margin == "cosface":
-        return 1.0, 0.0, m
-    if margin == "sphereface":
-        return m, 0.0, 0.0
-    raise ValueError(f"margin must be one of {MARGIN_FAMILIES}, got {margin!r}")
-
-
-def check_proxyless_dims(embeddings: torch.Tensor, teacher_centers: torch.Tensor) -> None:
-    if embeddings.dim() == 2 and teacher_centers.dim() == 2 and embeddings.shape[1] != teacher_centers.shape[1]:
-        raise ValueError(
-            f"ProxylessKD trains the student in the teacher's embedding space: embeddings have D="
-            f"{embeddings.shape[1]} but teacher_centers have D={teacher_centers.shape[1]}; make the student's "
-            "embedding size equal, or use mdkernels.nn.ProxylessKD(..., projection=True)"
-        )
-
-
 def proxyless_kd_loss(
     embeddings: torch.Tensor,
     teacher_centers: torch.Tensor,
@@ -252,8 +224,8 @@ def proxyless_kd_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """SPEC section 3 (arXiv 2011.00265): margin softmax on the teacher's frozen classifier."""
-    check_proxyless_dims(embeddings, teacher_centers)
-    m1, m2, m3 = margin_triple(margin, m)
+    V.check_proxyless_dims(embeddings, teacher_centers)
+    m1, m2, m3 = V.margin_triple(margin, m)
     return margin_cross_entropy(
         embeddings,
         teacher_centers.detach(),
@@ -368,26 +340,13 @@ def triplet_distillation_loss(
         V.check_labels(labels, B, student.device)
         triplets = mine_triplets(d_s, labels, mining, ignore_index)
     else:
-        check_triplets(triplets, B)
+        V.check_triplets(triplets, B)
     if triplets.shape[0] == 0:
         return (student.sum() * 0).to(d_s.dtype)
     a, p, n = triplets.long().unbind(1)
     gap = (d_t[a, n] - d_t[a, p]).clamp_min(0)
     margin = (m_max - m_min) / gap.max().clamp_min(EPS) * gap + m_min
     return (d_s[a, p] - d_s[a, n] + margin).clamp_min(0).mean()
-
-
-def check_triplets(triplets: torch.Tensor, batch: int) -> None:
-    if triplets.dim() != 2 or triplets.shape[1] != 3:
-        raise ValueError(
-            f"triplets must have shape (N, 3) of (anchor, positive, negative), got {tuple(triplets.shape)}"
-        )
-    if triplets.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"triplets must be int64 indices, got {triplets.dtype}")
-    if triplets.numel() and (int(triplets.min()) < 0 or int(triplets.max()) >= batch):
-        raise ValueError(
-            f"triplets must index rows in [0, {batch}), got values in [{int(triplets.min())}, {int(triplets.max())}]"
-        )
 
 
 def margin_kd_loss(

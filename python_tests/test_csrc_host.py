@@ -1,5 +1,5 @@
 """The CUDA backend's shared device math (csrc/margin_math.h), compiled for the host and run on the CPU:
-hand-derived checks in C++, then the C++ margin function against mdkernels.ops.margin on a grid."""
+hand-derived checks in C++, then the C++ margin function against mdkernels.ops._common.margin on a grid."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdkernels.ops.margin import margin_target_and_slope
+from mdkernels.ops._common.margin import margin_target_and_slope
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "csrc" / "tests" / "test_margin_math.cpp"

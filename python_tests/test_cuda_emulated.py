@@ -24,8 +24,10 @@ from test_margin_ce import CONFIGS, check_tiny_gradient_terms, check_zero_rows_f
 import mdkernels
 from mdkernels import _cuda_ext
 from mdkernels import reference as R
-from mdkernels.ops import margin_ce as mce
+from mdkernels.ops import margin_ce
+from mdkernels.ops._common.margin import margin_target_and_slope
 from mdkernels.ops.l2norm import normalize_backward
+from mdkernels.ops.margin_ce import cuda_backend
 
 pytestmark = pytest.mark.skipif(_cuda_ext.emu is None, reason="CUDA module (and its emulator) not built")
 
@@ -216,11 +218,11 @@ def test_margin_target_row_kernel(dtype, margin, grad):
     m2 = torch.linspace(0.1, 0.6, B)
     rx, rw = x.float().norm(dim=1).reciprocal(), w.float().norm(dim=1).reciprocal()
     with _cuda_ext.emulated():
-        raw, z, slope = mce._target_cuda(x, w, y, rx, rw, m2, 64.0, grad=grad, **margin)
+        raw, z, slope = cuda_backend.target_terms(x, w, y, rx, rw, m2, 64.0, grad=grad, **margin)
     valid = y >= 0
     safe = y.clamp_min(0)
     raw_ref = (x.double() * w.double()[safe]).sum(1) * rx.double() * rw.double()[safe]
-    z_ref, slope_ref = mce.margin_target_and_slope(raw.clamp(-1, 1), m2, s=64.0, grad=grad, **margin)
+    z_ref, slope_ref = margin_target_and_slope(raw.clamp(-1, 1), m2, s=64.0, grad=grad, **margin)
     for name, got, want in (("raw", raw, raw_ref), ("z", z, z_ref), ("slope", slope, slope_ref)):
         assert (got[~valid] == 0).all(), name
         torch.testing.assert_close(got[valid].double(), want[valid].double(), rtol=2e-5, atol=2e-5, msg=name)
@@ -302,7 +304,7 @@ def test_margin_ce_fp16_zero_rows_keep_other_gradients():
 
 def test_margin_ce_fp16_backward_keeps_tiny_terms():
     with _cuda_ext.emulated():
-        check_tiny_gradient_terms(mce.GRAD_HAT["cuda"], "cpu")
+        check_tiny_gradient_terms(margin_ce.GRAD_HAT["cuda"], "cpu")
 
 
 @pytest.mark.parametrize("schedule", ["reverse", "shuffle"])

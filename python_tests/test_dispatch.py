@@ -6,16 +6,17 @@ import pytest
 import torch
 
 import mdkernels
-from mdkernels import dispatch
+from mdkernels import backends as dispatch
 from mdkernels.dispatch_table import ROWS
 from mdkernels.functional import resolve_backend
+from mdkernels.ops import OPS
 
 H100 = "NVIDIA H100 80GB HBM3"
 TABLE = [
     dict(op="margin_ce", device=H100, dtype="bfloat16", B=128, C=10_000, D=512, ms_triton=1.0, ms_cuda=0.8),
     dict(op="margin_ce", device=H100, dtype="bfloat16", B=1024, C=360_232, D=512, ms_triton=20.0, ms_cuda=25.0),
     dict(op="margin_ce", device=H100, dtype="float32", B=1024, C=360_232, D=512, ms_triton=90.0, ms_cuda=60.0),
-    dict(op="angular", device=H100, dtype="bfloat16", B=1024, C=1, D=512, ms_triton=0.02, ms_cuda=0.01),
+    dict(op="angular_distill", device=H100, dtype="bfloat16", B=1024, C=1, D=512, ms_triton=0.02, ms_cuda=0.01),
 ]
 
 
@@ -23,13 +24,13 @@ def test_nearest_measured_shape_decides():
     assert dispatch.choose("margin_ce", H100, torch.bfloat16, 256, 20_000, 512, TABLE) == "cuda"
     assert dispatch.choose("margin_ce", H100, torch.bfloat16, 1024, 2_000_000, 512, TABLE) == "triton"
     assert dispatch.choose("margin_ce", H100, torch.float32, 128, 10_000, 512, TABLE) == "cuda"  # its only row
-    assert dispatch.choose("angular", H100, torch.bfloat16, 64, 1, 256, TABLE) == "cuda"
+    assert dispatch.choose("angular_distill", H100, torch.bfloat16, 64, 1, 256, TABLE) == "cuda"
 
 
 def test_no_matching_row_means_no_choice():
     assert dispatch.choose("margin_ce", "NVIDIA H200", torch.bfloat16, 128, 10_000, 512, TABLE) is None
     assert dispatch.choose("margin_ce", H100, torch.float16, 128, 10_000, 512, TABLE) is None
-    assert dispatch.choose("triplet", H100, torch.bfloat16, 128, 10_000, 512, TABLE) is None
+    assert dispatch.choose("triplet_distill", H100, torch.bfloat16, 128, 10_000, 512, TABLE) is None
 
 
 def test_cpu_tensors_never_consult_the_table():
@@ -40,7 +41,7 @@ def test_cpu_tensors_never_consult_the_table():
 
 def test_the_shipped_table_is_well_formed():
     for row in ROWS:
-        assert row["op"] in dispatch.OPS and row["dtype"] in ("float32", "bfloat16", "float16")
+        assert "cuda" in OPS[row["op"]].backends and row["dtype"] in ("float32", "bfloat16", "float16")
         assert min(row["B"], row["C"], row["D"]) > 0 and row["ms_triton"] > 0 and row["ms_cuda"] > 0
 
 
@@ -70,22 +71,25 @@ def test_tune_dispatch_turns_a_benchmark_csv_into_the_table(tmp_path, monkeypatc
 
     path = tmp_path / "gpu.csv"
     rows = [
-        ("margin_ce", "mdk_triton", "fwd+bwd", 1024, 512, 85742, "bfloat16", 5.0),
-        ("margin_ce", "mdk_cuda", "fwd+bwd", 1024, 512, 85742, "bfloat16", 6.0),
-        ("margin_ce", "mdk_cuda", "fwd+bwd", 1024, 512, 85742, "bfloat16", 4.0),  # a later run: wins
-        ("margin_ce", "mdk_triton", "fwd", 1024, 512, 85742, "bfloat16", 1.0),  # not fwd+bwd
-        ("margin_ce", "mdk_triton", "fwd+bwd", 128, 512, 10000, "bfloat16", 1.0),  # no cuda pair
-        ("margin_ce_frozen", "mdk_cuda", "fwd+bwd", 1024, 512, 85742, "bfloat16", 1.0),  # not an op of the table
-        ("angular_maps", "mdk_triton", "fwd+bwd", 64, 50176, 0, "float32", 0.3),
-        ("angular_maps", "mdk_cuda", "fwd+bwd", 64, 50176, 0, "float32", float("nan")),  # failed run
+        ("margin_ce", "", "mdk_triton", "fwd+bwd", 1024, 512, 85742, "bfloat16", 5.0),
+        ("margin_ce", "", "mdk_cuda", "fwd+bwd", 1024, 512, 85742, "bfloat16", 6.0),
+        ("margin_ce", "", "mdk_cuda", "fwd+bwd", 1024, 512, 85742, "bfloat16", 4.0),  # a later run: wins
+        ("margin_ce", "", "mdk_triton", "fwd", 1024, 512, 85742, "bfloat16", 1.0),  # not fwd+bwd
+        ("margin_ce", "", "mdk_triton", "fwd+bwd", 128, 512, 10000, "bfloat16", 1.0),  # no cuda pair
+        ("margin_ce", "frozen", "mdk_cuda", "fwd+bwd", 1024, 512, 85742, "bfloat16", 1.0),  # not a variant of the table
+        ("angular_distill", "maps", "mdk_triton", "fwd+bwd", 64, 50176, 0, "float32", 0.3),
+        ("angular_distill", "maps", "mdk_cuda", "fwd+bwd", 64, 50176, 0, "float32", float("nan")),  # failed run
     ]
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=harness.COLUMNS)
         w.writeheader()
-        for op, prov, mode, B, D, C, dt, ms in rows:
-            w.writerow(dict(op=op, provider=prov, mode=mode, B=B, D=D, C=C, dtype=dt, device=H100, ms_median=ms))
+        for op, variant, prov, mode, B, D, C, dt, ms in rows:
+            w.writerow(dict(op=op, variant=variant, provider=prov, mode=mode, B=B, D=D, C=C, dtype=dt, device=H100,
+                            ms_median=ms))  # fmt: skip
     out = tmp_path / "table.py"
-    other = dict(op="angular", device="NVIDIA H200", dtype="float32", B=64, C=1, D=50176, ms_triton=1.0, ms_cuda=2.0)
+    other = dict(
+        op="angular_distill", device="NVIDIA H200", dtype="float32", B=64, C=1, D=50176, ms_triton=1.0, ms_cuda=2.0
+    )
     tune_dispatch.write_table([other], out)
     tune_dispatch.main(["--csv", str(path), "--out", str(out)])
     table: dict = {}

@@ -12,13 +12,13 @@ import sys
 
 import pytest
 
-from mdkernels.ops.margin_ce import HAS_TRITON
+from mdkernels.ops._common.env import HAS_TRITON
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_all_kernels_compile_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "mdkernels.ops.gpu_compile"], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-m", "mdkernels.tools.gpu_compile"], capture_output=True, text=True, env=env)
     lines = res.stdout.splitlines()
     assert res.returncode == 0, "\n".join(line for line in lines if line.startswith("FAIL")) + res.stderr[-3000:]
     # 2 archs x (3 dtypes x (6 margin CE + 3 margin KD + 2 angular) + 3 triplet modes)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import FUSED_BACKENDS, HAS_CUDA, assert_close, assert_close_to_truth, device_for
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import FUSED_BACKENDS, HAS_CUDA, LargestAllocation, assert_close, assert_close_to_truth, device_for, make
 
 import mdkernels
 from mdkernels import reference as R
 from mdkernels.ops import margin_ce as mce
+from mdkernels.ops.margin_ce import torch_backend, triton_backend
 
 CONFIGS = {
     "arcface": dict(m2=0.5),
@@ -23,22 +23,6 @@ CONFIGS = {
     "filter": dict(m2=0.5, interclass_filter=0.05),
 }
 SHAPES = [(1, 500, 1017), (37, 500, 1017), (64, 64, 300)]  # (B, D, C): odd D and C, B = 1
-
-
-def make(B, D, C, dtype, device="cpu", seed=0, ignore=True, pull=2.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=torch.float64)
-    w = torch.randn(C, D, generator=g, dtype=torch.float64)
-    # pull some rows towards their centers so targets are not all near 90 degrees
-    y = torch.randint(0, C, (B,), generator=g)
-    x = x + pull * w[y] * torch.rand(B, 1, generator=g, dtype=torch.float64)
-    if ignore and B > 2:
-        y[B // 2] = -1
-    return (
-        x.to(device=device, dtype=dtype).requires_grad_(),
-        w.to(device=device, dtype=dtype).requires_grad_(),
-        y.to(device),
-    )
 
 
 def run(fn, x, w, y, **kw):
@@ -114,8 +98,8 @@ def test_frozen_centers_skip_the_dw_gemm(backend, monkeypatch):
     x, w, y = make(13, 500, 1017, torch.float64, device_for(backend))
     w = w.detach()
     seen = []
-    name = "_grad_hat_triton" if backend == "triton" else "_grad_hat_torch"
-    real = getattr(mce, name)
+    module = triton_backend if backend == "triton" else torch_backend
+    real = module.grad_hat
 
     def spy(*args, **kwargs):
         seen.append(args[9])  # need_dw
@@ -126,7 +110,7 @@ def test_frozen_centers_skip_the_dw_gemm(backend, monkeypatch):
     if backend in mce.GRAD_HAT:
         monkeypatch.setitem(mce.GRAD_HAT, backend, spy)
     else:
-        monkeypatch.setattr(mce, name, spy)
+        monkeypatch.setattr(module, "grad_hat", spy)
     loss = mdkernels.margin_cross_entropy(x, w, y, backend=backend)
     (gx,) = torch.autograd.grad(loss, x)
     assert seen == [False]
@@ -189,24 +173,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(p.grad, g)
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest floating tensor any aten op produces while active (the Triton interpreter's
-    own uint8 storage copies of kernel arguments are not ours and are not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket is torch.ops.aten.set_:  # the interpreter re-viewing argument storage
-            return out
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("need_dw", [True, False])
 def test_no_batch_by_classes_allocation(backend, need_dw):
@@ -216,7 +182,7 @@ def test_no_batch_by_classes_allocation(backend, need_dw):
     x, w, y = (t.detach() for t in make(B, D, C, torch.float32, dev))
     m2 = torch.full((B,), 0.5, device=dev)
     args = (16.0, 1.0, 0.0, True)
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         loss_rows, lse, _, rx, rw = mce.forward_impl(x, w, y, m2, *args, "exact", None, -1, backend)
         mce.backward_impl(torch.ones_like(lse), x, w, y, m2, lse, rx, rw, *args, "exact", None, -1, need_dw, backend)
     limit = max(C * D if need_dw else B * D, B * C // 16)

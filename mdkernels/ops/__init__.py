@@ -1,1 +1,72 @@
-"""Fused ops: Triton kernels, chunked-torch paths, CUDA-module wrappers and their autograd wiring."""
+"""The op registry: every op of mdkernels by its one name, and where each piece of it lives.
+
+An op's name is used everywhere: the package ``mdkernels/ops/<name>/`` (when it has kernels of its
+own), the tests ``python_tests/test_<name>.py``, the benchmark key ``<name>`` (CSV rows and the dispatch
+table) and the ``mdkernels::<name>_*`` custom ops. ``python_tests/test_layout.py`` walks this table and
+checks each piece exists. Nothing here imports an op: the table is plain data, read by
+:mod:`mdkernels.backends` and :mod:`mdkernels.tools.gpu_compile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op. ``functions``: its public functions in :mod:`mdkernels.functional`. ``package``: the module
+    holding its kernels and custom ops, or None when it is built on another op (``built_on``), whose
+    kernels it runs. ``backends``: the fused backends with kernels for it ("reference" and "auto" exist for
+    every loss). ``csrc``: its CUDA C++ sources. ``custom_ops``: its ``mdkernels::`` op names."""
+
+    functions: tuple[str, ...]
+    package: str | None
+    backends: tuple[str, ...]
+    csrc: tuple[str, ...] = ()
+    custom_ops: tuple[str, ...] = ()
+    built_on: str | None = None
+
+
+_MARGIN_CE_BACKENDS = ("triton", "cuda", "torch")
+
+OPS: dict[str, Op] = {
+    "l2norm": Op(
+        functions=("l2_normalize",),
+        package="mdkernels.ops.l2norm",
+        backends=("cuda", "torch"),
+        csrc=("csrc/l2norm.cu",),
+        custom_ops=("l2_normalize", "l2_normalize_backward"),
+    ),
+    "margin_ce": Op(
+        functions=("margin_cross_entropy",),
+        package="mdkernels.ops.margin_ce",
+        backends=_MARGIN_CE_BACKENDS,
+        csrc=("csrc/margin_ce.cu", "csrc/margin_target.cu"),
+        custom_ops=("margin_ce_forward", "margin_ce_backward"),
+    ),
+    "margin_distillation": Op(
+        functions=("margin_distillation_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce"
+    ),
+    "proxyless_kd": Op(functions=("proxyless_kd_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce"),
+    "margin_kd": Op(
+        functions=("margin_kd_loss",),
+        package="mdkernels.ops.margin_kd",
+        backends=("triton", "torch"),
+        custom_ops=("margin_kd_forward", "margin_kd_backward"),
+    ),
+    "angular_distill": Op(
+        functions=("angular_distillation_loss",),
+        package="mdkernels.ops.angular_distill",
+        backends=("triton", "cuda", "torch"),
+        csrc=("csrc/angular_distill.cu",),
+        custom_ops=("angular_distill_forward", "angular_distill_backward"),
+    ),
+    "triplet_distill": Op(
+        functions=("triplet_distillation_loss",), package="mdkernels.ops.triplet_distill", backends=("triton", "torch")
+    ),
+}
+
+
+def kernel_op(name: str) -> str:
+    """The op whose kernels (and measured dispatch rows) serve ``name``."""
+    return OPS[name].built_on or name

@@ -10,19 +10,15 @@ from __future__ import annotations
 import torch
 
 from mdkernels import _cuda_ext
+from mdkernels._spec import EPS, compute_dtype
 from mdkernels._validate import FLOAT_DTYPES
 
-EPS = 1e-12
 _ROW_CHUNK = 8192  # rows per torch chunk: bounds temporaries to ~8192*D fp32 elements
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def row_rnorm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """``1 / max(||x_r||, eps)`` per row of ``x: (R, D)`` in fp32 (fp64 for fp64 input): shape (R,)."""
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     out = torch.empty(x.shape[0], dtype=cd, device=x.device)
     if _cuda_ext.usable(x) and x.stride(1) == 1:
         _cuda_ext.ext.l2norm_forward(
@@ -75,7 +71,7 @@ def normalize_backward(
             _cuda_ext.stream_of(x),
         )
         return out
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     for r0 in range(0, x.shape[0], _ROW_CHUNK):
         xc = x[r0 : r0 + _ROW_CHUNK].to(cd)
         gc = dy[r0 : r0 + _ROW_CHUNK].to(cd)
@@ -116,7 +112,7 @@ def _l2_normalize_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
 
 @_l2_normalize_op.register_fake
 def _(x, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=_compute_dtype(x))
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=compute_dtype(x))
 
 
 @torch.library.custom_op("mdkernels::l2_normalize_backward", mutates_args=())

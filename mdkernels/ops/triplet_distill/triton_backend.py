@@ -1,32 +1,12 @@
-"""Triplet distillation (Feng et al., SPEC section 5) without a ``B^3`` tensor.
-
-Student and teacher distances are ``(B, B)`` matrices (the student's through autograd). The loss over
-triplets ``(a, p, n)`` is a reduction over ``B^3`` terms; it is streamed:
-
-* ``mining="all"``: two passes over every valid triplet. Pass 1 finds ``d_max`` (the largest teacher
-  gap) and the triplet count. Pass 2 sums the hinge ``max(D_ap - D_an + F(d_apn), 0)`` and, in the
-  same sweep, the gradient with respect to the ``(B, B)`` student distances: ``+1/N`` at ``(a, p)`` and
-  ``-1/N`` at ``(a, n)`` for every active triplet. Torch walks chunks of (anchor, positive) pairs
-  against all negatives (a chunk holds at most ``2^20`` terms). Triton sorts the rows by label, so that
-  every anchor's positives are one contiguous range, and runs one program per (anchor, tile of its
-  positives) or (anchor, tile of n) walking only its positives: pairs x B work, as in torch. Each
-  program owns its output slice, so there are no atomics.
-* ``"hard"``/``"semihard"``/explicit triplets give at most ``B^2`` triplets; they are mined in anchor
-  chunks and the loss is a gather (autograd).
-"""
+"""Triton backend of triplet distillation's "all" mining: rows sorted by label, pairs x B work, no atomics."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mdkernels import reference
 from mdkernels._cuda_ext import guard_device
-from mdkernels.ops.margin_ce import HAS_TRITON, interpreting
-
-_CHUNK_TERMS = 1 << 20  # triplet terms per torch chunk: 4 MB in fp32
-EPS = 1e-12
+from mdkernels._spec import EPS
+from mdkernels.ops._common.env import HAS_TRITON, interpreting
 
 if HAS_TRITON:
     import triton
@@ -107,55 +87,7 @@ if HAS_TRITON:
             tl.store(OUT_B + a * B + outer, acc2, mask=o_mask)
 
 
-def _masks(labels: torch.Tensor, ignore_index: int):
-    valid = labels != ignore_index
-    same = (labels[:, None] == labels[None, :]) & valid[:, None] & valid[None, :]
-    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    neg = ~same & valid[:, None] & valid[None, :]
-    return pos, neg
-
-
-def _anchor_chunks(B: int):
-    step = max(1, _CHUNK_TERMS // max(B * B, 1))
-    for a0 in range(0, B, step):
-        yield a0, min(B, a0 + step)
-
-
-def _all_torch(ds, dt, labels, m_min, m_max, ignore_index):
-    """(loss, dL/dDs, N): the mean hinge over every valid triplet and its gradient.
-
-    Walks the (anchor, positive) pairs (at most B^2, usually about B times the class size) in chunks,
-    each against every negative: the work is pairs x B, not B^3, and a chunk holds ``_CHUNK_TERMS``.
-    """
-    B = ds.shape[0]
-    pos, neg = _masks(labels, ignore_index)
-    a_all, p_all = pos.nonzero().unbind(1)
-    step = max(1, _CHUNK_TERMS // max(B, 1))
-    chunks = [(a_all[i : i + step], p_all[i : i + step]) for i in range(0, a_all.numel(), step)]
-    d_max = torch.zeros((), dtype=ds.dtype, device=ds.device)
-    count = 0
-    for a, p in chunks:
-        ok = neg[a]
-        gap = (dt[a] - dt[a, p][:, None]).clamp_min_(0)
-        d_max = torch.maximum(d_max, torch.where(ok, gap, torch.zeros_like(gap)).amax())
-        count += int(ok.sum())
-    grad = torch.zeros_like(ds)
-    total = torch.zeros((), dtype=ds.dtype, device=ds.device)
-    if count == 0:
-        return total, grad, 0
-    slope = (m_max - m_min) / d_max.clamp_min(EPS)
-    for a, p in chunks:
-        h = (dt[a] - dt[a, p][:, None]).clamp_min_(0).mul_(slope).add_(m_min)
-        h.sub_(ds[a]).add_(ds[a, p][:, None])  # D_ap - D_an + F(d_apn), (pairs, negatives)
-        active = (h > 0) & neg[a]
-        act = active.to(ds.dtype)
-        total += (h * act).sum()
-        grad[a, p] += act.sum(1)  # d/dD_ap: (a, p) pairs are unique
-        grad.index_add_(0, a, -act)  # d/dD_an
-    return total / count, grad / count, count
-
-
-def _sorted_positive_ranges(labels: torch.Tensor, ignore_index: int):
+def sorted_positive_ranges(labels: torch.Tensor, ignore_index: int):
     """Rows sorted by label (ignored rows last): the permutation, the sorted labels, and per sorted row
     the range [start, end) of rows with its label (empty for ignored rows)."""
     y = labels.long()
@@ -171,10 +103,10 @@ def _sorted_positive_ranges(labels: torch.Tensor, ignore_index: int):
 
 
 @guard_device
-def _all_triton(ds, dt, labels, m_min, m_max, ignore_index):
+def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
     B = ds.shape[0]
     acc = torch.float64 if ds.dtype == torch.float64 else torch.float32
-    perm, y, start, end, largest = _sorted_positive_ranges(labels, ignore_index)
+    perm, y, start, end, largest = sorted_positive_ranges(labels, ignore_index)
     ds32 = ds.to(acc)[perm][:, perm].contiguous()  # sorted rows and columns: positives are contiguous
     dt32 = dt.to(acc)[perm][:, perm].contiguous()
     flags = dict(BLOCK_P=64 if interpreting() else 32, BLOCK_N=64 if interpreting() else 128,
@@ -201,50 +133,6 @@ def _all_triton(ds, dt, labels, m_min, m_max, ignore_index):
     return (hinge.sum() / count).to(ds.dtype), grad, count
 
 
-class _TripletAll(torch.autograd.Function):
-    """Loss over every valid triplet as a function of the (B, B) student distances."""
-
-    @staticmethod
-    def forward(ctx, ds, dt, labels, m_min, m_max, ignore_index, backend):
-        impl = _all_triton if backend == "triton" else _all_torch
-        loss, grad, _ = impl(ds.detach(), dt, labels, m_min, m_max, ignore_index)
-        ctx.save_for_backward(grad)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad * g, None, None, None, None, None, None
-
-
-def mine_triplets_chunked(dist: torch.Tensor, labels: torch.Tensor, mining: str, ignore_index: int) -> torch.Tensor:
-    """``reference.mine_triplets`` for "hard"/"semihard" without a ``B^3`` tensor (anchor chunks)."""
-    if mining == "hard":
-        return reference.mine_triplets(dist, labels, "hard", ignore_index)  # already O(B^2)
-    if mining != "semihard":
-        raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
-    pos, neg = _masks(labels, ignore_index)
-    dist = dist.detach()
-    out = []
-    for a0, a1 in _anchor_chunks(dist.shape[0]):
-        ap = (pos[a0:a1] & neg[a0:a1].any(1, keepdim=True)).nonzero()
-        a, p = ap[:, 0] + a0, ap[:, 1]
-        d_an, d_ap = dist[a], dist[a, p][:, None]
-        outside = neg[a] & (d_an > d_ap)
-        n_out = torch.where(outside, d_an, torch.full_like(d_an, math.inf)).argmin(1)
-        n_in = torch.where(neg[a], d_an, torch.full_like(d_an, -math.inf)).argmax(1)
-        out.append(torch.stack([a, p, torch.where(outside.any(1), n_out, n_in)], 1))
-    return torch.cat(out) if out else torch.zeros(0, 3, dtype=torch.long, device=dist.device)
-
-
-def triplet_loss_from_distances(ds, dt, triplets, m_min, m_max):
-    """Mean hinge over explicit triplets ``(N, 3)``; differentiable in ``ds``."""
-    if triplets.shape[0] == 0:
-        return ds.sum() * 0
-    a, p, n = triplets.long().unbind(1)
-    gap = (dt[a, n] - dt[a, p]).clamp_min(0)
-    margin = (m_max - m_min) / gap.max().clamp_min(EPS) * gap + m_min
-    return (ds[a, p] - ds[a, n] + margin).clamp_min(0).mean()
 
 
 def compile_specs(dtype: torch.dtype) -> list:

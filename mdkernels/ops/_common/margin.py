@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-THETA_CLAMP = 1e-7
+from mdkernels._spec import THETA_CLAMP, compute_dtype
+from mdkernels.ops.l2norm import row_rnorm
 
 
 def margin_target_and_slope(
@@ -56,3 +57,40 @@ def warn_if_non_monotone(m1: float, m2: float, fallback: bool) -> None:
             "in the angle for theta > (pi - m2)/m1; pass fallback=True (m1 == 1 only) to avoid it",
             stacklevel=3,
         )
+
+
+def distillation_margins(
+    teacher_cos: torch.Tensor, valid: torch.Tensor, *, m_min: float, m_max: float, dmax: str | float
+) -> torch.Tensor:
+    """MarginDistillation's per-row margins ``(m_max - m_min)/Dmax * cT + m_min`` (no gradient), ``(B,)``.
+
+    ``dmax``: ``"batch"`` (the largest valid ``cT``), ``"global"`` (the same over every rank) or a float.
+    """
+    if isinstance(dmax, str):
+        if dmax not in ("batch", "global"):
+            raise ValueError(f"dmax must be 'batch', 'global' or a positive float, got {dmax!r}")
+        largest = teacher_cos.detach().masked_fill(~valid, -math.inf).amax()
+        if dmax == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        dmax = float(largest)
+        if dmax == -math.inf:  # no valid row anywhere: the margins are never used
+            return torch.full_like(teacher_cos, m_min)
+    if not dmax > 0:
+        raise ValueError(
+            f"MarginDistillation needs Dmax > 0 (the largest teacher cosine to its own center), got {dmax}: "
+            "the teacher does not separate this batch; check teacher_centers/teacher embeddings, or pass dmax=<float>"
+        )
+    return teacher_cos.detach() * ((m_max - m_min) / dmax) + m_min
+
+
+@torch.no_grad()
+def teacher_target_cosine(
+    teacher_embeddings: torch.Tensor, teacher_centers: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """``cT_i = <n(t_i), n(W_T[y_i])>`` for every row ``(B,)`` (0 for ignored rows), without gradient: a
+    gathered dot product, O(B*D), whatever C."""
+    valid = labels != ignore_index
+    w_y = teacher_centers[torch.where(valid, labels, torch.zeros_like(labels)).long()]
+    cd = compute_dtype(teacher_embeddings)
+    dot = torch.bmm(teacher_embeddings.to(cd).unsqueeze(1), w_y.to(cd).unsqueeze(2)).view(-1)
+    return torch.where(valid, dot * row_rnorm(teacher_embeddings) * row_rnorm(w_y), torch.zeros_like(dot))

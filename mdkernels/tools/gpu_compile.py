@@ -4,23 +4,20 @@ CI has no GPU and runs the kernels in Triton's interpreter, which accepts code t
 rejects (non-constexpr globals, dtype mismatches in ``tl.dot``, unsupported layouts). This module
 compiles each kernel, with the exact constexprs its launcher uses, down to a cubin for sm_80/sm_90:
 
-    python -m mdkernels.ops.gpu_compile            # every op, bf16/fp16/fp32, sm_80 and sm_90
+    python -m mdkernels.tools.gpu_compile           # every op, bf16/fp16/fp32, sm_80 and sm_90
 
 Must run without ``TRITON_INTERPRET=1`` (the decorator then yields interpretable functions).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 
 import torch
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
-
-
-def ptr(dtype: torch.dtype) -> str:
-    return _PTR[dtype]
+from mdkernels.ops import OPS
 
 
 def compile_kernel(fn, runtime_sig: dict, constexprs: dict, options: dict, arch: int):
@@ -39,13 +36,15 @@ def compile_kernel(fn, runtime_sig: dict, constexprs: dict, options: dict, arch:
 
 
 def all_specs(dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list:
-    from mdkernels.ops import angular_distill, margin_ce, margin_kd, triplet_distill
-
+    """(name, kernel, signature, constexprs, options) of every Triton kernel in the registry's ops: each
+    op's ``triton_backend.compile_specs(dtype)``, for every dtype it takes (triplet distances are fp32)."""
     specs = []
-    for dtype in dtypes:
-        for mod in (margin_ce, margin_kd, angular_distill):
-            specs += [(f"{name} {dtype}", *rest) for name, *rest in mod.compile_specs(dtype)]
-    specs += [(f"{name} fp32 distances", *rest) for name, *rest in triplet_distill.compile_specs(torch.float32)]
+    for name, op in OPS.items():
+        if op.package is None or "triton" not in op.backends:
+            continue
+        backend = importlib.import_module(f"{op.package}.triton_backend")
+        for dtype in (torch.float32,) if name == "triplet_distill" else dtypes:
+            specs += [(f"{kernel} {dtype}", *rest) for kernel, *rest in backend.compile_specs(dtype)]
     return specs
 
 

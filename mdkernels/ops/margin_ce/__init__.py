@@ -1,0 +1,13 @@
+"""The fused margin-softmax cross-entropy op (SPEC section 1): ``op`` holds the custom ops and their
+autograd; ``triton_backend``, ``cuda_backend`` and ``torch_backend`` the kernels and launchers."""
+
+from mdkernels.ops.margin_ce.op import (
+    GRAD_HAT,
+    LSE_NONTARGET,
+    backward_impl,
+    forward_impl,
+    margin_ce_backward,
+    margin_ce_forward,
+)
+
+__all__ = ["GRAD_HAT", "LSE_NONTARGET", "backward_impl", "forward_impl", "margin_ce_backward", "margin_ce_forward"]
