@@ -1,0 +1,167 @@
+"""The loss of each ``--method`` of ``mdk train``, the monitoring accuracy, and the cached teacher data."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import mdkernels
+from mdkernels.train import data as D
+from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint
+from mdkernels.train.config import DISTILL, TrainConfig
+
+
+class MethodLoss(nn.Module):
+    """``forward(emb, labels, index) -> loss``; owns the head and any adapter; reads cached teacher data."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, teacher: dict | None, group=None) -> None:
+        super().__init__()
+        self.cfg, self.method = cfg, cfg.method
+        m, backend = cfg.margin(), cfg.backend
+        margins = {"arcface": (1.0, m, 0.0), "cosface": (1.0, 0.0, m), "sphereface": (m, 0.0, 0.0)}
+        if cfg.method in ("arcface", "cosface", "sphereface", "angular", "triplet"):
+            m1, m2, m3 = margins.get(cfg.method, margins["arcface"])
+            if cfg.sharded and dist.is_initialized():
+                from mdkernels.distributed import ShardedMarginHead
+
+                self.head = ShardedMarginHead(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3, backend=backend)
+            else:
+                self.head = mdkernels.nn.CombinedMargin(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3,
+                                                        backend=backend)  # fmt: skip
+        if cfg.method not in DISTILL:
+            self.teacher_emb = None
+        else:
+            if teacher is None:
+                raise ValueError(f"--method {cfg.method} needs --teacher <checkpoint>")
+            centers = teacher["centers"]
+            if centers.shape[0] != num_classes:
+                raise ValueError(f"the teacher has {centers.shape[0]} classes but the data has {num_classes}")
+            self.teacher_emb = teacher["embeddings"]  # (N, Dt) memmap on the CPU, read per batch
+            t_dim = centers.shape[1]
+            if cfg.method == "margindistill":
+                self.loss = mdkernels.nn.MarginDistillation(centers, s=cfg.s, m_min=cfg.m_min, m_max=cfg.m_max,
+                                                            backend=backend)  # fmt: skip
+            elif cfg.method == "proxyless":
+                self.loss = mdkernels.nn.ProxylessKD(centers, s=cfg.s, m=m, backend=backend,
+                                                     projection=cfg.embedding_size != t_dim,
+                                                     embedding_size=cfg.embedding_size)  # fmt: skip
+            elif cfg.method == "hinton":
+                self.loss = mdkernels.nn.MarginKD(centers, T=cfg.T, alpha=cfg.alpha, s=cfg.s, m2=m, backend=backend)
+            else:
+                self.adapter = nn.Linear(cfg.embedding_size, t_dim, bias=False) if cfg.embedding_size != t_dim else None
+            if cfg.method in ("margindistill", "hinton") and cfg.embedding_size != t_dim:
+                raise ValueError(f"--method {cfg.method} needs the student's embedding size ({cfg.embedding_size}) "
+                                 f"to equal the teacher's ({t_dim})")  # fmt: skip
+
+    def monitored(self, emb: torch.Tensor) -> torch.Tensor:
+        """The embedding that is compared with :meth:`centers` (after ProxylessKD's projection)."""
+        projection = getattr(getattr(self, "loss", None), "projection", None)
+        return projection(emb.float()) if projection is not None else emb
+
+    def centers(self) -> torch.Tensor:
+        """The class centers used for monitoring accuracy."""
+        if hasattr(self, "head"):
+            return self.head.weight
+        return self.loss.teacher_centers if hasattr(self.loss, "teacher_centers") else self.loss.centers
+
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        emb = emb.float()
+        method, cfg = self.method, self.cfg
+        t = None
+        if self.teacher_emb is not None:
+            idx = index.cpu().numpy()
+            order = np.argsort(idx)
+            rows = np.empty((len(idx), self.teacher_emb.shape[1]), dtype=np.float32)
+            rows[order] = self.teacher_emb[idx[order]]  # read the memmap in file order
+            t = torch.from_numpy(rows).to(emb.device)
+        if method in ("arcface", "cosface", "sphereface"):
+            return self.head(emb, labels)
+        if method == "margindistill":
+            return self.loss(emb, labels, teacher_embeddings=t)
+        if method == "proxyless":
+            return self.loss(emb, labels)
+        if method == "hinton":
+            return self.loss(emb, t, labels)
+        student = self.adapter(emb) if self.adapter is not None else emb
+        if method == "angular":
+            extra = mdkernels.angular_distillation_loss(student, t, p=cfg.p, backend=cfg.backend)
+        else:
+            extra = mdkernels.triplet_distillation_loss(student, t, labels=labels, mining=cfg.mining,
+                                                        distance=cfg.distance, backend=cfg.backend)  # fmt: skip
+        return self.head(emb, labels) + cfg.distill_weight * extra
+
+
+@torch.no_grad()
+def batch_accuracy(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, chunk: int = 65536) -> float:
+    """Top-1 identification against the centers, chunked over classes (no B x C tensor at once)."""
+    x = torch.nn.functional.normalize(emb.float(), dim=1)
+    best = torch.full((x.shape[0],), -2.0, device=x.device)
+    arg = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    for c0 in range(0, centers.shape[0], chunk):
+        cos = x @ torch.nn.functional.normalize(centers[c0 : c0 + chunk].float(), dim=1).T
+        v, i = cos.max(1)
+        better = v > best
+        best, arg = torch.where(better, v, best), torch.where(better, i + c0, arg)
+    return (arg == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# teacher data (cached once per dataset)
+# ----------------------------------------------------------------------------------------------------
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _data_fingerprint(data: str) -> str:
+    """The data's resolved path with the size and mtime of its files (a .rec/.idx pair or a folder)."""
+    path = Path(data).resolve()
+    files = [path, path.with_suffix(".idx")] if path.suffix == ".rec" else sorted(path.rglob("*"))
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    return hashlib.sha256(repr((str(path), stats)).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def teacher_data(teacher_path: str, data: str, cache_dir: Path, device, batch_size: int = 256,
+                 wait_seconds: float = 6 * 3600) -> dict:  # fmt: skip
+    """Teacher centers ``(C, Dt)`` and embeddings ``(N, Dt)`` of every training image (no augmentation,
+    decoded at the teacher's input size), cached as a memmap keyed by the teacher checkpoint and the data
+    files. Rank 0 builds the cache; other ranks wait for the file (no collective: a long teacher pass must
+    not hit a NCCL timeout). The embeddings stay on the CPU, read per batch."""
+    ckpt = load_checkpoint(teacher_path)
+    centers = ckpt["head"]["head.weight"].float()
+    dataset = D.open_dataset(data, size=ckpt["config"]["input_size"], train=False)
+    key = hashlib.sha256(f"{_file_digest(Path(teacher_path))}|{_data_fingerprint(data)}|{len(dataset)}"
+                         .encode()).hexdigest()[:16]  # fmt: skip
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"teacher_{key}.npy"
+    if dist.is_initialized() and dist.get_rank() != 0:
+        deadline = time.time() + wait_seconds
+        while not path.is_file():
+            if time.time() > deadline:
+                raise TimeoutError(f"rank {dist.get_rank()}: rank 0 did not write the teacher cache {path}")
+            time.sleep(2)
+    if path.is_file():
+        emb = np.load(path, mmap_mode="r")
+    else:
+        model = backbone_from_checkpoint(ckpt).to(device).eval()
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), centers.shape[1]))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+        for imgs, _, idx in loader:
+            emb[idx.numpy()] = model(imgs.to(device)).float().cpu().numpy()
+        emb.flush()
+        del emb
+        os.replace(tmp, path)
+        emb = np.load(path, mmap_mode="r")
+    return {"centers": centers, "embeddings": emb, "path": str(path)}
