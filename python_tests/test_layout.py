@@ -1,0 +1,180 @@
+"""The layout the README and ARCHITECTURE.md promise: one op, one name, no import cycle, no cross-op privates.
+
+The import graph is read with ``ast`` from the source files (function-level imports included, so that
+a cycle cannot hide inside a function), not by importing anything.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import mdkernels
+from mdkernels.ops import OPS
+
+PACKAGE = Path(mdkernels.__file__).resolve().parent
+REPO = PACKAGE.parent
+HAS_TREE = (REPO / "bench").is_dir() and (REPO / "csrc").is_dir()
+needs_tree = pytest.mark.skipif(not HAS_TREE, reason="needs the source tree (bench/, csrc/)")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+EXTENSIONS = {"mdkernels._cuda", "mdkernels._cuda_emu", "mdkernels._cuda_emu_asan"}  # CMakeLists.txt's modules
+
+
+def imports_of(path: Path, with_alias: bool = False) -> list[tuple]:
+    """(module, imported name or None, line[, bound name]) of every mdkernels import in ``path``, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, None, node.lineno, a.asname or a.name) for a in node.names
+                      if a.name.split(".")[0] == "mdkernels"]  # fmt: skip
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "mdkernels":
+            found += [(node.module, a.name, node.lineno, a.asname or a.name) for a in node.names]
+    return found if with_alias else [f[:3] for f in found]
+
+
+def target(module: str, name: str | None) -> str:
+    """The module an import loads: ``from a.b import c`` loads a.b.c when that is a module, else a.b."""
+    if name is not None and (f"{module}.{name}" in MODULES or f"{module}.{name}" in EXTENSIONS):
+        return f"{module}.{name}"
+    return module
+
+
+def graph() -> dict[str, set[str]]:
+    return {m: {target(mod, name) for mod, name, _ in imports_of(p)} - {m} for m, p in MODULES.items()}
+
+
+def test_no_import_cycle_inside_mdkernels():
+    g = graph()
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g.get(m, ())):
+            if state.get(n) == 1:
+                cycle = stack[stack.index(n) :] + [n]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if n in g and n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m)
+
+
+def owner(module: str) -> str:
+    """The unit that may share underscore names: an op's package, or else the module's own package."""
+    parts = module.split(".")
+    if parts[:2] == ["mdkernels", "ops"] and len(parts) > 2:
+        return ".".join(parts[:3])
+    return module if MODULES.get(module, Path()).name == "__init__.py" else ".".join(parts[:-1])
+
+
+def test_no_module_imports_another_units_private_names():
+    bad = []
+    for m, path in MODULES.items():
+        aliases = {}
+        for mod, name, line, bound in imports_of(path, with_alias=True):
+            loaded = target(mod, name)
+            if name is None or loaded != mod:  # a module: remember its alias for attribute access below
+                aliases[bound] = loaded
+            elif name.startswith("_") and owner(mod) != owner(m):
+                bad.append(f"{path.name}:{line} imports {mod}.{name}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                src = aliases[node.value.id]
+                private = node.attr.startswith("_") and not node.attr.startswith("__")
+                if private and f"{src}.{node.attr}" not in MODULES and owner(src) != owner(m):
+                    bad.append(f"{path.name}:{node.lineno} reads {src}.{node.attr}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_reference_imports_nothing_of_the_fused_paths():
+    allowed = {"mdkernels._validate", "mdkernels._spec"}
+    used = {target(mod, name) for mod, name, _ in imports_of(MODULES["mdkernels.reference"])}
+    assert used <= allowed, f"mdkernels/reference.py imports {sorted(used - allowed)}"
+
+
+def test_no_file_is_above_500_lines():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"split these files (one concern each): {long}"
+
+
+def test_every_spec_constant_is_defined_once():
+    pattern = re.compile(r"^(EPS|THETA_CLAMP|NEG_BIG)\s*=|^def compute_dtype\(", re.M)
+    where = [
+        f"{p.relative_to(REPO)}: {m.group(0)}" for p in PACKAGE.rglob("*.py") for m in pattern.finditer(p.read_text())
+    ]
+    names = [w.split(": ")[1].split("=")[0].strip() for w in where]
+    assert len(names) == len(set(names)), "\n".join(where)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_each_registered_op_has_every_piece(name):
+    op = OPS[name]
+    for fn in op.functions:
+        assert callable(getattr(mdkernels.functional, fn, None)), f"mdkernels.functional.{fn}"
+        assert fn in mdkernels.__all__, f"{fn} is not exported by mdkernels"
+    if op.built_on is not None:
+        assert op.package is None and op.built_on in OPS and set(op.backends) <= set(OPS[op.built_on].backends)
+    else:
+        module = importlib.import_module(op.package)
+        if MODULES[op.package].name == "__init__.py":  # an op package: one module per backend
+            assert f"{op.package}.op" in MODULES, f"{op.package} has no op.py"
+            for backend in op.backends:
+                assert f"{op.package}.{backend}_backend" in MODULES, f"{op.package} has no {backend}_backend.py"
+        assert module is not None
+    for custom in op.custom_ops:
+        assert hasattr(torch.ops.mdkernels, custom), f"mdkernels::{custom} is not registered"
+        assert custom.startswith(name) or name == "l2norm", f"mdkernels::{custom} does not carry the op's name"
+    if HAS_TREE:
+        assert (REPO / "python_tests" / f"test_{name}.py").is_file(), f"python_tests/test_{name}.py"
+        for src in op.csrc:
+            assert (REPO / src).is_file(), src
+        assert ("cuda" in op.backends) == bool(op.csrc) or op.built_on is not None
+
+
+@needs_tree
+def test_bench_keys_csv_rows_and_dispatch_rows_use_the_op_names(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    keys = []
+    for path in sorted((REPO / "bench").glob("bench_*.py")):
+        keys += importlib.import_module(f"bench.{path.stem}").OPS
+    assert sorted(keys) == sorted(OPS), "every op has exactly one bench key, its own name"
+    import csv
+
+    for path in (REPO / "bench" / "results").glob("*.csv"):
+        with path.open() as f:
+            ops = {row["op"] for row in csv.DictReader(f)}
+        assert ops <= set(OPS), f"{path.name}: rows of unknown ops {sorted(ops - set(OPS))}"
+    from mdkernels.dispatch_table import ROWS
+
+    assert {r["op"] for r in ROWS} <= set(OPS)
+
+
+@needs_tree
+def test_architecture_and_readme_name_files_that_exist():
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:mdkernels|csrc)/[\w/]+\.(?:py|cu|h|cpp))`", text))
+    assert len(named) >= 8, "ARCHITECTURE.md names the file at each step"
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, f"ARCHITECTURE.md names missing files: {missing}"
+    readme = (REPO / "README.md").read_text()
+    for name, op in OPS.items():
+        if op.package and MODULES[op.package].name == "__init__.py":
+            assert f"{name}/" in readme, f"the README's layout section lacks ops/{name}/"
