@@ -52,9 +52,10 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.attr("kernels") =
       std::vector<std::string>{"l2norm_forward",  "l2norm_backward",   "angular_forward",
-                               "angular_backward", "margin_lse_forward", "margin_ce_backward",
+                               "angular_backward", "margin_ce_forward", "margin_ce_center_grad",
                                "margin_target_forward"};
   m.attr("margin_tile_classes") = mdk::margin_tile_classes();
+  m.attr("margin_accumulator_columns") = mdk::margin_accumulator_columns();
   m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without a driver)");
 
   m.def(
@@ -86,36 +87,36 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
   };
 
   m.def(
-      "margin_lse_forward",
+      "margin_ce_forward",
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
-                    std::uintptr_t labels, std::uintptr_t m_out, std::uintptr_t l_out, int64_t B, int64_t C,
-                    int64_t D, int64_t sx, int64_t sw, int64_t splits, int64_t per_split, float s, float tau,
-                    bool has_filter, std::uintptr_t stream) {
-        mdk::margin_lse_forward(static_cast<mdk::DType>(dtype),
-                                margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
-                                ptr<float>(m_out), ptr<float>(l_out), splits, per_split, mdk::as_stream(stream));
+                    std::uintptr_t labels, std::uintptr_t m_out, std::uintptr_t l_out, std::uintptr_t o_out, int64_t B,
+                    int64_t C, int64_t D, int64_t sx, int64_t sw, int64_t splits, int64_t per_split, float s,
+                    float tau, bool has_filter, std::uintptr_t stream) {
+        mdk::margin_ce_forward(static_cast<mdk::DType>(dtype),
+                               margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
+                               ptr<float>(m_out), ptr<float>(l_out), ptr<float>(o_out), splits, per_split,
+                               mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("m_out"),
-      py::arg("l_out"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("x_row_stride"), py::arg("w_row_stride"),
-      py::arg("splits"), py::arg("per_split"), py::arg("s"), py::arg("tau"), py::arg("has_filter"),
-      py::arg("stream"));
+      py::arg("l_out"), py::arg("o_out"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("x_row_stride"),
+      py::arg("w_row_stride"), py::arg("splits"), py::arg("per_split"), py::arg("s"), py::arg("tau"),
+      py::arg("has_filter"), py::arg("stream"));
 
   m.def(
-      "margin_ce_backward",
+      "margin_ce_center_grad",
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
-                    std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t gr, std::uintptr_t gscale,
-                    std::uintptr_t dxh, std::uintptr_t dwh, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s, float tau,
-                    bool has_filter, std::uintptr_t stream) {
-        mdk::margin_ce_backward(static_cast<mdk::DType>(dtype),
-                                margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
-                                ptr<const float>(lse), ptr<const float>(gr), ptr<const float>(gscale),
-                                ptr<float>(dxh), ptr<float>(dwh),
-                                mdk::as_stream(stream));
+                    std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t gr, std::uintptr_t coef,
+                    std::uintptr_t gscale, std::uintptr_t dw, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw,
+                    int64_t sdw, float s, float tau, bool has_filter, std::uintptr_t stream) {
+        mdk::margin_ce_center_grad(static_cast<mdk::DType>(dtype),
+                                   margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
+                                   ptr<const float>(lse), ptr<const float>(gr), ptr<const float>(coef),
+                                   ptr<const float>(gscale), ptr<void>(dw), sdw, mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("lse"),
-      py::arg("gr"), py::arg("gscale"), py::arg("dxh"), py::arg("dwh"), py::arg("B"), py::arg("C"), py::arg("D"),
-      py::arg("x_row_stride"), py::arg("w_row_stride"), py::arg("s"), py::arg("tau"), py::arg("has_filter"),
-      py::arg("stream"));
+      py::arg("gr"), py::arg("coef"), py::arg("gscale"), py::arg("dw"), py::arg("B"), py::arg("C"), py::arg("D"),
+      py::arg("x_row_stride"), py::arg("w_row_stride"), py::arg("dw_row_stride"), py::arg("s"), py::arg("tau"),
+      py::arg("has_filter"), py::arg("stream"));
 
   m.def(
       "margin_target_forward",

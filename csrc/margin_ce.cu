@@ -1,16 +1,21 @@
-// Fused margin-softmax cross-entropy core (SPEC section 1), CUDA C++: the non-target logsumexp per row
-// (forward) and dx^ / dW^ accumulation (backward), never materialising B x C.
+// Fused margin-softmax cross-entropy core (SPEC section 1), CUDA C++, flash-style (K = V = n(W)):
+// never B x C, no atomics in global memory, no fp32 C x D scratch.
 //
-// Tiling: a block owns BM = 64 rows x BN = 64 classes, 128 threads (4 warps). The cosine tile
+// Tiling: a block holds BM = 64 rows x BN = 64 classes, 128 threads (4 warps). The cosine tile
 // acc = x_tile . w_tile^T is built over D in BK = 32 steps from shared memory: tensor cores (WMMA
-// 16x16x16, fp32 accumulation) for bf16/fp16, fp32 FMAs (SIMT) for fp32. Each warp owns a 32x32 quarter.
-// The tile goes to shared memory as fp32. The epilogue scales by 1/|x_i| and 1/|w_j|, clamps, applies
-// the filter, masks the target column and out-of-range entries, then either updates a per-row online
-// logsumexp (forward; two threads per row, merged at the end) or forms
-// G = s * exp(s*c - lse) * grad_row / max|grad_row| (backward). The backward's products
-// dX^ += G n(W) and dW^ += G^T n(x) run per BK chunk of D on tensor cores for bf16/fp16 (G and the
-// normalised tiles as 16-bit operands, each warp a 16-row slice of both) and as SIMT FMAs for fp32; the
-// chunks go to global memory with fp32 atomics (other blocks add to the same rows and classes).
+// 16x16x16, fp32 accumulation) for bf16/fp16, fp32 FMAs (SIMT) for fp32. It goes to shared memory as fp32;
+// each entry is scaled by 1/|x_i| and 1/|w_j|, clamped and filtered (tile_cos).
+//
+// Forward (margin_ce_forward): a block owns a row tile, a class split and kAccCols columns of D (the grid's
+// third axis splits D above that). Per class tile, two threads per row find the tile's row max, rescale the
+// running sum-exp, and write P = exp(s*c - m) in [0, 1] (0 where no gradient passes) as a 16-bit operand;
+// then O = O * alpha + P . n(W) over the block's columns, O in shared memory (fp32), on tensor cores for
+// 16-bit inputs. The block writes its (m, l, O) partials; the host merges the splits (flash-decoding).
+//
+// Center gradient (margin_ce_center_grad): a block owns a class tile and kAccCols columns of D, and loops
+// over every row tile: cosines again, G = dL/dc (the target's coefficient in its column) as G / gscale,
+// dW^ += G^T . n(x) into shared memory, dot_j += sum_i G_ij c_ij. Its epilogue finishes the normalisation
+// backward, dW_j = |w_j|^-1 gscale dW^_j - w_j |w_j|^-2 dot_j, and writes dW once in the centers' dtype.
 #include <mma.h>
 
 #include <cstring>
@@ -23,14 +28,21 @@ namespace mdk {
 namespace {
 
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;
+constexpr int kAccCols = 256;        // columns of D one block accumulates (O or dW^) in shared memory
+constexpr int LDA = kAccCols + 4;    // row stride of the fp32 accumulator (a multiple of 4: WMMA ldm)
+constexpr float kZeroRowRw = 0.5e12f;  // 1/|w| at or above this (|w| <= 2 EPS): a zero row, no projection
 // Shared row stride of the x / w tiles: 16-bit tiles feed WMMA (ldm a multiple of 8 elements); fp32 rows
 // are padded by one word so that the SIMT tile reads 8 different rows per warp without bank conflicts.
 template <typename T>
 constexpr int kLds = std::is_same<T, float>::value ? BK + 1 : BK + 8;
-constexpr int LDC = BN + 4;   // shared row stride of the fp32 accumulator tile
-constexpr int LDG = BN + 8;   // shared row stride of the 16-bit G tile (backward)
-static_assert(2 * BK <= BN, "the backward stages its dX^ and dW^ chunks side by side in the cs tile");
+constexpr int LDC = BN + 4;  // shared row stride of the fp32 cosine tile
+constexpr int LDG = BN + 8;  // shared row stride of the 16-bit P / G tile
 static_assert(BM == BN && BM == 16 * (kThreads / 32), "one 16-row slice of each product per warp");
+static_assert(kAccCols % BK == 0, "the accumulator is filled in BK-wide chunks");
+
+// The P (forward) or G (center gradient) tile: a 16-bit WMMA operand, or fp32 for the SIMT path.
+template <typename T>
+using OperandT = typename std::conditional<std::is_same<T, float>::value, float, T>::type;
 
 template <typename T>
 struct TileSmem {
@@ -72,6 +84,17 @@ template <typename T, int R>
 __device__ inline void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
                                  int64_t dim, int64_t stride, bool vec) {
   visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t, T v, bool) { dst[r][k] = v; });
+}
+
+// Loads like load_tile, rows scaled by scale[row] = 1/|row| in fp32 before the rounding to T: the
+// normalised rows, within [-1, 1] whatever the norms (a zero row stays zero), as 16-bit operands.
+template <typename T, int R>
+__device__ inline void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
+                                            const float* __restrict__ scale, int64_t r0, int64_t rows, int64_t k0,
+                                            int64_t dim, int64_t stride, bool vec) {
+  visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t gr, T v, bool in) {
+    dst[r][k] = from_float<T>(in ? to_float(v) * scale[gr] : 0.f);
+  });
 }
 
 // acc tile (fp32, in smem.cs) = x[r0:r0+BM] . w[c0:c0+BN]^T over all of D.
@@ -160,200 +183,196 @@ __device__ inline float tile_cos(float raw, float rx, float rw, bool has_filter,
   return cc;
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) margin_lse_forward_kernel(
-    const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
-    const int64_t* __restrict__ labels, float* m_out, float* l_out, int64_t B, int64_t C, int64_t D, int64_t sx,
-    int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, bool vec) {
-  MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
-  TileSmem<T>& sm = *reinterpret_cast<TileSmem<T>*>(smem_raw);
-  const int64_t r0 = int64_t(blockIdx.x) * BM;
-  const int64_t c_begin = int64_t(blockIdx.y) * classes_per_split;
-  const int64_t c_end = c_begin + classes_per_split < C ? c_begin + classes_per_split : C;
-  const int my_row = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per row, 32 columns each
-  const int64_t grow = r0 + my_row;
-  const int64_t y = grow < B ? labels[grow] : -1;
-  const float rxi = grow < B ? rx[grow] : 0.f;
-  LseState<float> st = LseState<float>::empty();
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
-    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sw, vec);
-    if (grow < B) {
-      for (int j = half * (BN / 2); j < (half + 1) * (BN / 2); ++j) {
-        const int64_t col = c0 + j;
-        if (col >= c_end || col == y) continue;
-        bool keep;
-        st.push(s * tile_cos(sm.cs[my_row][j], rxi, rw[col], has_filter, tau, &keep));
-      }
-    }
-    __syncthreads();  // cs is overwritten by the next tile
-  }
-  // merge the two halves of each row (adjacent lanes)
-  LseState<float> other;
-  other.m = __shfl_xor_sync(0xffffffffu, st.m, 1);
-  other.l = __shfl_xor_sync(0xffffffffu, st.l, 1);
-  st.merge(other);
-  if (half == 0 && grow < B) {
-    m_out[int64_t(blockIdx.y) * B + grow] = st.m;
-    l_out[int64_t(blockIdx.y) * B + grow] = st.l;
-  }
-}
-
-// Backward shared memory: the forward's tiles plus, for 16-bit inputs, G as a tensor-core operand.
-template <typename T>
-struct BwdSmem : TileSmem<T> {
-  T gs[BM][LDG];
-};
-template <>
-struct BwdSmem<float> : TileSmem<float> {};
-
-// Loads like load_tile, rows scaled by scale[row] = 1/|row| in fp32 before the rounding to T: the
-// normalised rows, within [-1, 1] whatever the norms (a zero row stays zero), as 16-bit operands.
-template <typename T, int R>
-__device__ inline void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
-                                            const float* __restrict__ scale, int64_t r0, int64_t rows, int64_t k0,
-                                            int64_t dim, int64_t stride, bool vec) {
-  visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t gr, T v, bool in) {
-    dst[r][k] = from_float<T>(in ? to_float(v) * scale[gr] : 0.f);
-  });
-}
-
-// Adds the staged fp32 products (sm.cs) to dX^ (columns [0, BK)) and dW^ (columns [BK, 2 BK)), times gscale.
-__device__ inline void flush_products(const float (*cs)[LDC], float* dxh, float* dwh, int64_t r0, int64_t c0,
-                                      int64_t k0, int64_t B, int64_t C, int64_t D, float gscale) {
-  for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
-    const int r = e / BK, k = e % BK;
-    const int64_t grow = r0 + r, gk = k0 + k;
-    const float v = cs[r][k];
-    if (grow < B && gk < D && v != 0.f) atomicAdd(&dxh[grow * D + gk], v * gscale);
-  }
-  if (dwh == nullptr) return;
-  for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
-    const int j = e / BK, k = e % BK;
-    const int64_t col = c0 + j, gk = k0 + k;
-    const float v = cs[j][BK + k];
-    if (col < C && gk < D && v != 0.f) atomicAdd(&dwh[col * D + gk], v * gscale);
-  }
-}
-
-// G = s * exp(s*c - lse) * gr / gscale on kept, non-target, in-range entries (0 elsewhere). Dividing by
-// gscale = max |gr| keeps G in [0, s] whatever the reduction: fp16 operands would flush 1/B-sized
-// values to zero. The products are multiplied back by gscale in fp32.
-__device__ inline float grad_entry(float raw, int64_t grow, int64_t col, int64_t B, int64_t C,
-                                   const int64_t* __restrict__ labels, const float* __restrict__ rx,
-                                   const float* __restrict__ rw, const float* __restrict__ lse,
-                                   const float* __restrict__ gr, float inv_gscale, float s, float tau,
-                                   bool has_filter) {
-  if (grow >= B || col >= C || col == labels[grow]) return 0.f;
-  bool keep;
-  const float c = tile_cos(raw, rx[grow], rw[col], has_filter, tau, &keep);
-  return keep ? s * (gr[grow] * inv_gscale) * __expf(s * c - lse[grow]) : 0.f;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) margin_ce_backward_kernel(
-    const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
-    const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
-    const float* __restrict__ gscale_ptr, float* dxh, float* dwh, int64_t B, int64_t C, int64_t D, int64_t sx,
-    int64_t sw, float s, float tau, bool has_filter, bool vec) {
-  MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
-  BwdSmem<T>& sm = *reinterpret_cast<BwdSmem<T>*>(smem_raw);
-  const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
-  const int64_t r0 = int64_t(blockIdx.y) * BM;
-  // skip tiles whose rows all have zero weight (ignored rows)
-  __shared__ int any_weight;
-  if (threadIdx.x == 0) any_weight = 0;
-  __syncthreads();
-  if (threadIdx.x < BM && r0 + threadIdx.x < B && gr[r0 + threadIdx.x] != 0.f) any_weight = 1;
-  __syncthreads();
-  if (!any_weight) return;
-  const float gscale = *gscale_ptr, inv_gscale = 1.f / gscale;
-  cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw, vec);
-  if constexpr (std::is_same<T, float>::value) {
-    // fp32: G stays fp32 in cs; the products run as FMAs from shared memory (IEEE fp32, like the forward)
-    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-      const int r = e / BN, j = e % BN;
-      sm.cs[r][j] = grad_entry(sm.cs[r][j], r0 + r, c0 + j, B, C, labels, rx, rw, lse, gr, inv_gscale, s, tau,
-                               has_filter);
-    }
+// acc[BM][kAccCols] (fp32, shared) += P[BM][BN] . V[BN][BK chunk] for every BK chunk of the block's columns
+// [d_begin, d_end), with V rows loaded by load_v(k0) into ws. 16-bit: each warp owns a 16-row slice on
+// tensor cores, the accumulator fragments loaded from and stored back to shared memory. fp32: SIMT.
+template <typename T, typename LoadV, typename PAt>
+__device__ void accumulate_products(TileSmem<T>& sm, float (*acc)[LDA], PAt p_at, const OperandT<T>* p_base,
+                                    int64_t d_begin, int64_t d_end, LoadV load_v, bool transpose_p) {
+  for (int64_t k0 = d_begin; k0 < d_end; k0 += BK) {
+    load_v(k0);
     __syncthreads();
-    // dX^[rows, k] += sum_j G[r, j] * w[j, k] / |w_j|;  dW^[cols, k] += sum_r G[r, j] * x[r, k] / |x_r|
-    for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx, vec);
-      load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw, vec);
-      __syncthreads();
+    const int kl = static_cast<int>(k0 - d_begin);
+    if constexpr (std::is_same<T, float>::value) {
       for (int e = threadIdx.x; e < BM * BK; e += kThreads) {
         const int r = e / BK, k = e % BK;
-        const int64_t grow = r0 + r, gk = k0 + k;
-        if (grow >= B || gk >= D) continue;
-        float acc = 0.f;
-        for (int j = 0; j < BN && c0 + j < C; ++j) acc += sm.cs[r][j] * rw[c0 + j] * sm.ws[j][k];
-        if (acc != 0.f) atomicAdd(&dxh[grow * D + gk], acc * gscale);
+        float v = 0.f;
+        for (int j = 0; j < BN; ++j) v += p_at(r, j) * sm.ws[j][k];
+        acc[r][kl + k] += v;
       }
-      if (dwh != nullptr) {
-        for (int e = threadIdx.x; e < BN * BK; e += kThreads) {
-          const int j = e / BK, k = e % BK;
-          const int64_t col = c0 + j, gk = k0 + k;
-          if (col >= C || gk >= D) continue;
-          float acc = 0.f;
-          for (int r = 0; r < BM && r0 + r < B; ++r) acc += sm.cs[r][j] * rx[r0 + r] * sm.xs[r][k];
-          if (acc != 0.f) atomicAdd(&dwh[col * D + gk], acc * gscale);
-        }
-      }
-      __syncthreads();
-    }
-  } else {
-    // 16-bit: G goes to shared memory in T; both products on tensor cores over normalised tiles:
-    // dX^ chunk (BM x BK) = G . n(W)[:, chunk], dW^ chunk (BN x BK) = G^T . n(x)[:, chunk]. Every operand
-    // is bounded (|G| <= s, |n(.)| <= 1), so no norm can push an fp16 operand to inf or to zero.
-    using namespace nvcuda;
-    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-      const int r = e / BN, j = e % BN;
-      sm.gs[r][j] = from_float<T>(grad_entry(sm.cs[r][j], r0 + r, c0 + j, B, C, labels, rx, rw, lse, gr,
-                                             inv_gscale, s, tau, has_filter));
-    }
-    const int warp = threadIdx.x / 32;  // warp w: rows [16w, 16w + 16) of both products, all BK columns
-    for (int64_t k0 = 0; k0 < D; k0 += BK) {
-      load_tile_normalised<T, BM>(sm.xs, x, rx, r0, B, k0, D, sx, vec);
-      load_tile_normalised<T, BN>(sm.ws, w, rw, c0, C, k0, D, sw, vec);
-      __syncthreads();  // tiles and (first pass) G written; the previous flush has read cs
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> ax[2], aw[2];
+    } else {
+      using namespace nvcuda;
+      const int warp = threadIdx.x / 32;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        wmma::fill_fragment(ax[n], 0.f);
-        wmma::fill_fragment(aw[n], 0.f);
-      }
+      for (int n = 0; n < 2; ++n) wmma::load_matrix_sync(f[n], &acc[16 * warp][kl + 16 * n], LDA, wmma::mem_row_major);
 #pragma unroll
-      for (int kk = 0; kk < BN; kk += 16) {  // dX: reduce over the tile's classes
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> g;
-        wmma::load_matrix_sync(g, &sm.gs[16 * warp][kk], LDG);
+      for (int kk = 0; kk < BN; kk += 16) {
 #pragma unroll
         for (int n = 0; n < 2; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> wt;
-          wmma::load_matrix_sync(wt, &sm.ws[kk][16 * n], kLds<T>);
-          wmma::mma_sync(ax[n], g, wt, ax[n]);
-        }
-      }
-      if (dwh != nullptr) {
-#pragma unroll
-        for (int kk = 0; kk < BM; kk += 16) {  // dW: reduce over the tile's rows; G^T is G col-major
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> gt;
-          wmma::load_matrix_sync(gt, &sm.gs[kk][16 * warp], LDG);
-#pragma unroll
-          for (int n = 0; n < 2; ++n) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> xt;
-            wmma::load_matrix_sync(xt, &sm.xs[kk][16 * n], kLds<T>);
-            wmma::mma_sync(aw[n], gt, xt, aw[n]);
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> v;
+          wmma::load_matrix_sync(v, &sm.ws[kk][16 * n], kLds<T>);
+          if (transpose_p) {  // P^T: the P tile read column-major
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+            wmma::load_matrix_sync(a, p_base + kk * LDG + 16 * warp, LDG);
+            wmma::mma_sync(f[n], a, v, f[n]);
+          } else {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+            wmma::load_matrix_sync(a, p_base + (16 * warp) * LDG + kk, LDG);
+            wmma::mma_sync(f[n], a, v, f[n]);
           }
         }
       }
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        wmma::store_matrix_sync(&sm.cs[16 * warp][16 * n], ax[n], LDC, wmma::mem_row_major);
-        wmma::store_matrix_sync(&sm.cs[16 * warp][BK + 16 * n], aw[n], LDC, wmma::mem_row_major);
-      }
-      __syncthreads();  // products staged; the tiles may be overwritten after the flush
-      flush_products(sm.cs, dxh, dwh, r0, c0, k0, B, C, D, gscale);
+      for (int n = 0; n < 2; ++n)
+        wmma::store_matrix_sync(&acc[16 * warp][kl + 16 * n], f[n], LDA, wmma::mem_row_major);
     }
+    __syncthreads();  // the next chunk overwrites ws
+  }
+}
+
+template <typename T>
+struct FwdSmem : TileSmem<T> {
+  OperandT<T> ps[BM][std::is_same<T, float>::value ? LDC : LDG];  // P: exp(z - m), 0 where no gradient passes
+  float alpha[BM];
+  float acc[BM][LDA];  // O over the block's columns
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) margin_ce_forward_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
+    const int64_t* __restrict__ labels, float* m_out, float* l_out, float* o_out, int64_t B, int64_t C, int64_t D,
+    int64_t sx, int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, bool vec) {
+  MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
+  FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
+  const int64_t r0 = int64_t(blockIdx.x) * BM;
+  const int64_t c_begin = int64_t(blockIdx.y) * classes_per_split;
+  const int64_t c_end = c_begin + classes_per_split < C ? c_begin + classes_per_split : C;
+  const int64_t d_begin = int64_t(blockIdx.z) * kAccCols;
+  const int64_t d_end = d_begin + kAccCols < D ? d_begin + kAccCols : D;
+  const bool need_o = o_out != nullptr;
+  const int my_row = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per row, 32 columns each
+  const int64_t grow = r0 + my_row;
+  const int64_t y = grow < B ? labels[grow] : -1;
+  const float rxi = grow < B ? rx[grow] : 0.f;
+  float m = -1e30f, l = 0.f;
+  for (int e = threadIdx.x; need_o && e < BM * LDA; e += kThreads) sm.acc[e / LDA][e % LDA] = 0.f;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
+    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sw, vec);
+    // the tile's row max, then P and the rescaled sum-exp (both threads of a row keep the same m, l)
+    float tmax = -1e30f;
+    for (int j = half * (BN / 2); j < (half + 1) * (BN / 2); ++j) {
+      const int64_t col = c0 + j;
+      bool keep;
+      if (grow < B && col < c_end && col != y) tmax = fmaxf(tmax, s * tile_cos(sm.cs[my_row][j], rxi, rw[col],
+                                                                              has_filter, tau, &keep));
+    }
+    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+    const float m_new = fmaxf(m, tmax), alpha = __expf(m - m_new);
+    float lsum = 0.f;
+    for (int j = half * (BN / 2); j < (half + 1) * (BN / 2); ++j) {
+      const int64_t col = c0 + j;
+      float p = 0.f;
+      if (grow < B && col < c_end && col != y) {
+        bool keep;
+        const float e = __expf(s * tile_cos(sm.cs[my_row][j], rxi, rw[col], has_filter, tau, &keep) - m_new);
+        lsum += e;
+        p = keep ? e : 0.f;
+      }
+      sm.ps[my_row][j] = static_cast<OperandT<T>>(from_float<OperandT<T>>(p));
+    }
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    l = l * alpha + lsum;
+    m = m_new;
+    if (half == 0) sm.alpha[my_row] = alpha;
+    __syncthreads();
+    if (need_o) {
+      for (int e = threadIdx.x; e < BM * kAccCols; e += kThreads) sm.acc[e / kAccCols][e % kAccCols] *= sm.alpha[e / kAccCols];
+      auto p_at = [&](int r, int j) { return to_float(sm.ps[r][j]); };
+      auto load_v = [&](int64_t k0) { load_tile_normalised<T, BN>(sm.ws, w, rw, c0, c_end, k0, D, sw, vec); };
+      accumulate_products<T>(sm, sm.acc, p_at, &sm.ps[0][0], d_begin, d_end, load_v, false);
+    }
+    __syncthreads();  // cs and ps are overwritten by the next tile
+  }
+  if (half == 0 && grow < B && blockIdx.z == 0) {
+    m_out[int64_t(blockIdx.y) * B + grow] = m;
+    l_out[int64_t(blockIdx.y) * B + grow] = l;
+  }
+  if (need_o) {
+    const int cols = static_cast<int>(d_end - d_begin);
+    for (int e = threadIdx.x; e < BM * cols; e += kThreads) {
+      const int r = e / cols, k = e % cols;
+      if (r0 + r < B) o_out[(int64_t(blockIdx.y) * B + r0 + r) * D + d_begin + k] = sm.acc[r][k];
+    }
+  }
+}
+
+template <typename T>
+struct GradSmem : TileSmem<T> {
+  OperandT<T> gs[BM][std::is_same<T, float>::value ? LDC : LDG];  // G / gscale, rows x classes
+  float dot[BN];       // sum_i G_ij c_ij per class
+  float acc[BN][LDA];  // dW^ (times 1 / gscale) over the block's columns
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) margin_ce_center_grad_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
+    const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
+    const float* __restrict__ coef, const float* __restrict__ gscale_ptr, T* dw, int64_t B, int64_t C, int64_t D,
+    int64_t sx, int64_t sw, int64_t sdw, float s, float tau, bool has_filter, bool vec) {
+  MDK_DYNAMIC_SMEM(smem_raw);
+  GradSmem<T>& sm = *reinterpret_cast<GradSmem<T>*>(smem_raw);
+  const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
+  const int64_t d_begin = int64_t(blockIdx.y) * kAccCols;
+  const int64_t d_end = d_begin + kAccCols < D ? d_begin + kAccCols : D;
+  const float gscale = *gscale_ptr, inv_gscale = 1.f / gscale;
+  __shared__ int any_weight;
+  for (int e = threadIdx.x; e < BN * LDA; e += kThreads) sm.acc[e / LDA][e % LDA] = 0.f;
+  for (int j = threadIdx.x; j < BN; j += kThreads) sm.dot[j] = 0.f;
+  for (int64_t r0 = 0; r0 < B; r0 += BM) {
+    // skip row tiles whose rows all have zero weight (ignored rows)
+    if (threadIdx.x == 0) any_weight = 0;
+    __syncthreads();
+    if (threadIdx.x < BM && r0 + threadIdx.x < B && gr[r0 + threadIdx.x] != 0.f) any_weight = 1;
+    __syncthreads();
+    if (!any_weight) continue;
+    cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw, vec);
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int r = e / BN, j = e % BN;
+      const int64_t grow = r0 + r, col = c0 + j;
+      float g = 0.f, c = 0.f;
+      if (grow < B && col < C) {
+        c = sm.cs[r][j] * rx[grow] * rw[col];
+        if (col == labels[grow]) {
+          g = coef[grow];
+        } else {
+          bool keep;
+          const float cc = tile_cos(sm.cs[r][j], rx[grow], rw[col], has_filter, tau, &keep);
+          g = keep ? s * gr[grow] * __expf(s * cc - lse[grow]) : 0.f;
+        }
+      }
+      sm.gs[r][j] = static_cast<OperandT<T>>(from_float<OperandT<T>>(g * inv_gscale));
+      sm.cs[r][j] = g * c;  // read back by this thread only, for the per-class dot below
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < BN; j += kThreads) {
+      float v = 0.f;
+      for (int r = 0; r < BM; ++r) v += sm.cs[r][j];
+      sm.dot[j] += v;
+    }
+    auto p_at = [&](int j, int r) { return to_float(sm.gs[r][j]); };  // G^T
+    auto load_v = [&](int64_t k0) { load_tile_normalised<T, BM>(sm.ws, x, rx, r0, B, k0, D, sx, vec); };
+    accumulate_products<T>(sm, sm.acc, p_at, &sm.gs[0][0], d_begin, d_end, load_v, true);
+  }
+  __syncthreads();
+  const int cols = static_cast<int>(d_end - d_begin);
+  for (int e = threadIdx.x; e < BN * cols; e += kThreads) {
+    const int j = e / cols, k = e % cols;
+    const int64_t col = c0 + j, gk = d_begin + k;
+    if (col >= C) continue;
+    const float r = rw[col];
+    const float proj = r >= kZeroRowRw ? 0.f : sm.dot[j] * r * r;
+    dw[col * sdw + gk] = from_float<T>(sm.acc[j][k] * gscale * r - to_float(w[col * sw + gk]) * proj);
   }
 }
 
@@ -366,58 +385,80 @@ bool vectorizable(const MarginArgs& a) {
   return a.D % V == 0 && a.sx % V == 0 && a.sw % V == 0 && aligned(a.x) && aligned(a.w);
 }
 
-// Every tile fits the default 48 KiB of dynamic shared memory: no cudaFuncSetAttribute per launch.
-static_assert(sizeof(TileSmem<float>) <= 48 * 1024 && sizeof(TileSmem<__half>) <= 48 * 1024, "forward smem");
-static_assert(sizeof(BwdSmem<float>) <= 48 * 1024 && sizeof(BwdSmem<__half>) <= 48 * 1024, "backward smem");
+// Both kernels need more than the default 48 KiB of dynamic shared memory; every layout fits an A100's
+// 163 KiB. The attribute is set once per kernel instantiation.
+constexpr size_t kMaxSmemA100 = 163 * 1024;
+static_assert(sizeof(FwdSmem<float>) <= kMaxSmemA100 && sizeof(FwdSmem<__half>) <= kMaxSmemA100, "forward smem");
+static_assert(sizeof(GradSmem<float>) <= kMaxSmemA100 && sizeof(GradSmem<__half>) <= kMaxSmemA100, "grad smem");
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  static bool done = false;  // per instantiation: one kernel, one size
+  if (!done) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+        cudaSuccess) {
+      check_launch("cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    }
+    done = true;
+  }
+}
+
+int64_t accumulator_columns() { return kAccCols; }
 
 template <typename T>
-void forward_impl(const MarginArgs& a, float* m_out, float* l_out, int64_t splits, int64_t per_split,
+void forward_impl(const MarginArgs& a, float* m_out, float* l_out, float* o_out, int64_t splits, int64_t per_split,
                   cudaStream_t stream) {
   if (a.B == 0) return;
-  const size_t smem = sizeof(TileSmem<T>);
-  auto kernel = margin_lse_forward_kernel<T>;
-  const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits));
+  const size_t smem = sizeof(FwdSmem<T>);
+  auto kernel = margin_ce_forward_kernel<T>;
+  allow_smem(kernel, smem);
+  const int64_t d_splits = o_out != nullptr ? (a.D + kAccCols - 1) / kAccCols : 1;
+  const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits),
+                  static_cast<unsigned>(d_splits));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
-                                           a.labels, m_out, l_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
+                                           a.labels, m_out, l_out, o_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
                                            a.tau, a.has_filter, vectorizable<T>(a));
-  check_launch("margin_lse_forward");
+  check_launch("margin_ce_forward");
 }
 
 template <typename T>
-void backward_impl(const MarginArgs& a, const float* lse, const float* gr, const float* gscale, float* dxh,
-                   float* dwh, cudaStream_t stream) {
+void center_grad_impl(const MarginArgs& a, const float* lse, const float* gr, const float* coef, const float* gscale,
+                      void* dw, int64_t sdw, cudaStream_t stream) {
   if (a.B == 0 || a.C == 0) return;
-  const size_t smem = sizeof(BwdSmem<T>);
-  auto kernel = margin_ce_backward_kernel<T>;
-  const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.B + BM - 1) / BM));
+  const size_t smem = sizeof(GradSmem<T>);
+  auto kernel = margin_ce_center_grad_kernel<T>;
+  allow_smem(kernel, smem);
+  const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.D + kAccCols - 1) / kAccCols));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
-                                           a.labels, lse, gr, gscale, dxh, dwh, a.B, a.C, a.D, a.sx, a.sw, a.s, a.tau,
-                                           a.has_filter, vectorizable<T>(a));
-  check_launch("margin_ce_backward");
+                                           a.labels, lse, gr, coef, gscale, static_cast<T*>(dw), a.B, a.C, a.D, a.sx,
+                                           a.sw, sdw, a.s, a.tau, a.has_filter, vectorizable<T>(a));
+  check_launch("margin_ce_center_grad");
 }
 
 }  // namespace
 
 int64_t margin_tile_classes() { return BN; }
+int64_t margin_accumulator_columns() { return accumulator_columns(); }
 
-void margin_lse_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_out, int64_t splits,
-                        int64_t per_split, cudaStream_t stream) {
+void margin_ce_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_out, float* o_out, int64_t splits,
+                       int64_t per_split, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return forward_impl<float>(a, m_out, l_out, splits, per_split, stream);
-    case DType::kFloat16: return forward_impl<__half>(a, m_out, l_out, splits, per_split, stream);
-    case DType::kBFloat16: return forward_impl<__nv_bfloat16>(a, m_out, l_out, splits, per_split, stream);
+    case DType::kFloat32: return forward_impl<float>(a, m_out, l_out, o_out, splits, per_split, stream);
+    case DType::kFloat16: return forward_impl<__half>(a, m_out, l_out, o_out, splits, per_split, stream);
+    case DType::kBFloat16: return forward_impl<__nv_bfloat16>(a, m_out, l_out, o_out, splits, per_split, stream);
   }
-  throw std::invalid_argument("margin_lse_forward: unsupported dtype code");
+  throw std::invalid_argument("margin_ce_forward: unsupported dtype code");
 }
 
-void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* gscale,
-                        float* dxh, float* dwh, cudaStream_t stream) {
+void margin_ce_center_grad(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* coef,
+                           const float* gscale, void* dw, int64_t dw_row_stride, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return backward_impl<float>(a, lse, gr, gscale, dxh, dwh, stream);
-    case DType::kFloat16: return backward_impl<__half>(a, lse, gr, gscale, dxh, dwh, stream);
-    case DType::kBFloat16: return backward_impl<__nv_bfloat16>(a, lse, gr, gscale, dxh, dwh, stream);
+    case DType::kFloat32: return center_grad_impl<float>(a, lse, gr, coef, gscale, dw, dw_row_stride, stream);
+    case DType::kFloat16: return center_grad_impl<__half>(a, lse, gr, coef, gscale, dw, dw_row_stride, stream);
+    case DType::kBFloat16:
+      return center_grad_impl<__nv_bfloat16>(a, lse, gr, coef, gscale, dw, dw_row_stride, stream);
   }
-  throw std::invalid_argument("margin_ce_backward: unsupported dtype code");
+  throw std::invalid_argument("margin_ce_center_grad: unsupported dtype code");
 }
 
 }  // namespace mdk

@@ -1,4 +1,4 @@
-// Fused margin-softmax cross-entropy core: non-target logsumexp (forward) and dX^/dW^ (backward).
+// Fused margin-softmax cross-entropy core, flash-style: forward statistics with the dx accumulator, and dW.
 #pragma once
 
 #include <cstdint>
@@ -18,17 +18,19 @@ struct MarginArgs {
   bool has_filter;
 };
 
-int64_t margin_tile_classes();  // classes per tile: split sizes must be multiples of it
+int64_t margin_tile_classes();          // classes per tile: split sizes must be multiples of it
+int64_t margin_accumulator_columns();  // columns of D a block accumulates: the D split above it
 
-// Per (class split, row): running max m_out[split * B + row] and sum-exp l_out of s*cos over non-target
-// classes of the split [split * per_split, (split + 1) * per_split).
-void margin_lse_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_out, int64_t splits,
-                        int64_t per_split, cudaStream_t stream);
+// Per (class split, row): running max m_out[split * B + row] and sum-exp l_out of s*cos over the non-target
+// classes of the split [split * per_split, (split + 1) * per_split), and, when o_out is not null,
+// o_out[(split * B + row) * D + d] = sum_j exp(s*c_j - m) n(w_j)[d] over the entries that pass a gradient.
+void margin_ce_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_out, float* o_out, int64_t splits,
+                       int64_t per_split, cudaStream_t stream);
 
-// dxh (B, D) += G n(W); dwh (C, D) += G^T n(x) when dwh is not null; both fp32, zero-initialised by the
-// caller. G = s * exp(s*c - lse) * gr over kept non-target entries. *gscale (a device scalar, > 0) is
-// max |gr|: G is formed as G / *gscale (in [0, s], safe for fp16 operands) and the sums scaled back.
-void margin_ce_backward(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* gscale,
-                        float* dxh, float* dwh, cudaStream_t stream);
+// dw (C, D, row stride dw_row_stride, the centers' dtype) = dL/dW, written once: G = dL/dc is
+// s * gr * exp(s*c - lse) on kept non-target entries and coef[row] at the target; *gscale (a device
+// scalar, > 0) bounds |G| / s: G enters the tensor-core products as G / *gscale.
+void margin_ce_center_grad(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* coef,
+                           const float* gscale, void* dw, int64_t dw_row_stride, cudaStream_t stream);
 
 }  // namespace mdk

@@ -89,13 +89,13 @@ def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] 
 
     ``"auto"``: on CPU the chunked torch path; on CUDA Triton, or the CUDA C++ kernels where the op has
     them and they were measured faster on this GPU for the dtype and the nearest ``shape`` (B, C, D).
-    Deterministic algorithms (``torch.use_deterministic_algorithms``) pick torch: both GPU backends
-    accumulate with atomics.
+    Every backend is deterministic (no atomics: each output tile is written by one program), so
+    ``torch.use_deterministic_algorithms`` changes nothing here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if t.is_cuda and HAS_TRITON and not torch.are_deterministic_algorithms_enabled():
+        if t.is_cuda and HAS_TRITON:
             backend = gpu_backend(op, t, *shape)
         else:
             backend = "torch"

@@ -7,8 +7,11 @@ target cosine comes from the owning rank (a SUM with zeros elsewhere). Every ran
 global-batch loss, and the gradients are the exact gradients of it:
 
 * centers: each rank gets the gradient of its own rows;
-* embeddings: the gradient of the gathered batch is summed over ranks (all-reduce) and each rank keeps
-  its rows. With DDP on the backbone, DDP then *averages* the backbone gradients over ranks, which
+* embeddings: the forward all-reduces each rank's share of the fused accumulator ``o_bar`` (the non-target
+  part of ``dL/dn(x)`` per unit of upstream gradient, rescaled to the global logsumexp) together with the
+  owning rank's ``n(w_y)``, in one collective of ``(B_global, 2D)``. The backward then needs no collective and
+  no GEMM for the embeddings: every rank forms the whole gathered batch's gradient and keeps its rows.
+  With DDP on the backbone, DDP then *averages* the backbone gradients over ranks, which
   divides the exact gradient of the global loss by the world size. ``embedding_grad_scale=world_size``
   undoes that, as insightface's Partial FC does, so that a DDP step equals a single-process step on the
   global batch.
@@ -35,10 +38,8 @@ from mdkernels import backends
 from mdkernels._spec import compute_dtype
 from mdkernels.functional import margin_rows
 from mdkernels.ops import margin_ce
-from mdkernels.ops._common.epilogue import finish_center_grad, finish_embedding_grad
 from mdkernels.ops._common.margin import distillation_margins, margin_target_and_slope
-from mdkernels.ops.l2norm import l2_normalize, row_rnorm
-from mdkernels.ops.margin_ce import torch_backend as margin_ce_torch
+from mdkernels.ops.l2norm import l2_normalize, normalize_backward, row_rnorm
 
 
 def _world(group) -> tuple[int, int]:
@@ -74,20 +75,19 @@ def shard_range(num_classes: int, rank: int, world: int, sizes: list[int] | None
 
 
 class _GatherRows(torch.autograd.Function):
-    """All-gather of equal-sized row blocks; backward sums the gathered gradient over ranks (scaled)."""
+    """All-gather of equal-sized row blocks. Backward: every rank holds the gradient of the whole gathered
+    batch (the sharded op forms it from all-reduced statistics), so each keeps its own rows (scaled)."""
 
     @staticmethod
     def forward(ctx, x, group, scale):
         rank, world = _world(group)
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous(), group=group)
-        ctx.group, ctx.rank, ctx.rows, ctx.scale = group, rank, x.shape[0], scale
+        ctx.rank, ctx.rows, ctx.scale = rank, x.shape[0], scale
         return torch.cat(parts)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
         out = grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
         return (out * ctx.scale if ctx.scale != 1.0 else out), None, None
 
@@ -103,7 +103,8 @@ class _ShardedMarginCE(torch.autograd.Function):
     """Per-row loss of the global batch against sharded centers (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local):
+    def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local,
+                need_dx):  # fmt: skip
         x, w = x.contiguous(), w.contiguous()
         cd = compute_dtype(x)
         rx, rw = row_rnorm(x), row_rnorm(w)
@@ -118,11 +119,12 @@ class _ShardedMarginCE(torch.autograd.Function):
         dist.all_reduce(raw_t, group=group)
         cos_t = raw_t.clamp(-1.0, 1.0)
         z_t, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
-        # local non-target logsumexp, then the global one: max, then sum
+        # local non-target logsumexp (and accumulator), then the global ones: max, then sum
         if w.shape[0]:
-            lse_local = margin_ce.LSE_NONTARGET[backend](x, w, local_target, rx, rw, s, tau)
+            lse_local, o_local = margin_ce.BACKENDS[backend].forward(x, w, local_target, rx, rw, s, tau, need_dx)
         else:
             lse_local = torch.full_like(cos_t, -math.inf)
+            o_local = torch.zeros_like(x, dtype=cd) if need_dx else None
         m = lse_local.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -131,43 +133,39 @@ class _ShardedMarginCE(torch.autograd.Function):
         lse_nt = m + torch.log(total)
         lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)
         loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
-        ctx.save_for_backward(x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw)
+        o_bar = w_y = x.new_empty(0, x.shape[1], dtype=cd)
+        if need_dx:  # this rank's share of o_bar and its n(w_y), summed over ranks in one collective
+            share = torch.exp(lse_local - lse).nan_to_num_(0.0)[:, None]
+            w_y = w[safe].to(cd) * rw[safe, None] if w.shape[0] else torch.zeros_like(o_local)
+            both = torch.cat([o_local * share, torch.where(here[:, None], w_y, torch.zeros_like(w_y))], 1)
+            dist.all_reduce(both, group=group)
+            o_bar, w_y = both.split(x.shape[1], dim=1)
+        ctx.save_for_backward(x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw, o_bar, w_y)
         ctx.args = (s, m1, m3, fallback, grad, tau, backend)
         ctx.group, ctx.rows_local = group, rows_local
         return loss_rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw = ctx.saved_tensors
+        x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw, o_bar, w_y = ctx.saved_tensors
         s, m1, m3, fallback, grad, tau, backend = ctx.args
-        need_dw = ctx.needs_input_grad[1]
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.rows_local:  # reduction="none": each rank back-propagates only its own rows; share them
             grad_rows = grad_rows.contiguous().clone()
             dist.all_reduce(grad_rows, group=ctx.group)
         cd = rx.dtype
-        here = local_target >= 0
-        safe = local_target.clamp_min(0)
         gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
         z_t, slope = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
-        coef = gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -1.0) & (raw_t <= 1.0))
-        coef_here = torch.where(here, coef, torch.zeros_like(coef))  # the owner adds the target term
-        xh = x.to(cd) * rx[:, None]
-        dw = None
-        if w.shape[0] == 0:
-            dxh = torch.zeros_like(xh)
-            dw = torch.zeros_like(w) if need_dw else None
-        elif backend in margin_ce.GRAD_HAT:
-            dxh, dwh = margin_ce.GRAD_HAT[backend](x, w, local_target, rx, rw, lse, gr, s, tau, need_dw)
-            if need_dw:
-                dw = finish_center_grad(w, dwh, safe, coef_here, xh)
-        else:
-            dxh, dw = margin_ce_torch.grad_hat(
-                x, w, local_target, rx, rw, lse, gr, s, tau, need_dw,
-                target_dw=lambda rows: coef_here[rows, None] * xh[rows],
-            )  # fmt: skip
-        # this rank's share of dL/dx for the whole gathered batch; _GatherRows sums the shares
-        dx = finish_embedding_grad(x, dxh, w, safe, rw, coef_here)
-        return dx, dw, *(None,) * 12
+        coef = margin_ce.target_coefficient(gr, z_t, lse, raw_t, slope)
+        dx = dw = None
+        if need_dx:  # the whole gathered batch's gradient, identical on every rank: no collective, no GEMM
+            dx = normalize_backward(x, o_bar * gr[:, None] + coef[:, None] * w_y)
+        if need_dw:
+            if w.shape[0]:  # the target term goes to the rows of this shard only (local_target >= 0)
+                dw = margin_ce.BACKENDS[backend].center_grad(x, w, local_target, rx, rw, lse, gr, coef, raw_t, s, tau)
+            else:
+                dw = torch.zeros_like(w)
+        return dx, dw, *(None,) * 13
 
 
 def _sample_classes(local_labels_global: torch.Tensor, num_local: int, sample_rate: float, generator):
@@ -249,8 +247,9 @@ def sharded_margin_cross_entropy(
         local = torch.where(in_shard, remap[local.clamp_min(0)], local)
         w = local_centers[index]
     tau = None if interclass_filter is None else float(interclass_filter)
+    need_dx = torch.is_grad_enabled() and embeddings.requires_grad
     loss_rows = _ShardedMarginCE.apply(x, w, local, valid, m2_all, float(s), float(m1), float(m3), bool(fallback),
-                                       grad, tau, backend, group, reduction == "none")  # fmt: skip
+                                       grad, tau, backend, group, reduction == "none", need_dx)  # fmt: skip
     if reduction == "none":
         return loss_rows[rank * embeddings.shape[0] : (rank + 1) * embeddings.shape[0]]
     total = loss_rows.sum()

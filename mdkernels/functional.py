@@ -113,20 +113,11 @@ def margin_cross_entropy(
             reduction=reduction,
         )
     m2_rows = margin_rows(m2, embeddings)
-    loss_rows, lse, cos_t, _, _ = margin_ce.margin_ce_forward(
-        embeddings,
-        centers,
-        labels,
-        m2_rows,
-        float(s),
-        float(m1),
-        float(m3),
-        bool(fallback),
-        grad,
-        tau,
-        int(ignore_index),
-        backend,
-    )
+    need_dx = torch.is_grad_enabled() and embeddings.requires_grad  # else the forward skips o_bar: one GEMM
+    loss_rows, lse, cos_t, *_ = margin_ce.margin_ce_forward(
+        embeddings, centers, labels, m2_rows, float(s), float(m1), float(m3), bool(fallback), grad, tau,
+        int(ignore_index), need_dx, backend,
+    )  # fmt: skip
     loss = _reduce(loss_rows, labels, ignore_index, reduction)
     if return_stats:
         return loss, MarginCEStats(lse, cos_t, loss_rows.detach())
@@ -375,21 +366,11 @@ def margin_kd_loss(
             ignore_index=ignore_index,
             reduction=reduction,
         )
+    need_dx = torch.is_grad_enabled() and student_embeddings.requires_grad
     loss_rows = margin_kd.margin_kd_forward(
-        student_embeddings,
-        teacher_embeddings.detach(),
-        centers,
-        labels,
-        float(T),
-        float(alpha),
-        float(s),
-        float(m1),
-        float(m2),
-        float(m3),
-        bool(fallback),
-        int(ignore_index),
-        backend,
-    )[0]
+        student_embeddings, teacher_embeddings.detach(), centers, labels, float(T), float(alpha), float(s),
+        float(m1), float(m2), float(m3), bool(fallback), int(ignore_index), need_dx, backend,
+    )[0]  # fmt: skip
     return _reduce(loss_rows, labels, ignore_index, reduction)
 
 

@@ -59,9 +59,9 @@ def test_margin_kd_allocates_no_batch_by_classes(backend):
     t = teacher_of(x, w, y)
     args = (4.0, 0.95, 64.0, 1.0, 0.5, 0.0, True, -1)
     with LargestAllocation() as mode:
-        loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw = mkd.forward_impl(x, t, w, y, *args, backend)
-        mkd.backward_impl(torch.ones_like(loss_rows), x, t, w, y, lse_s, lse_sT, lse_tT, rxs, rxt, rw, *args, True,
-                          backend)  # fmt: skip
+        loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar = mkd.forward_impl(x, t, w, y, *args, True, backend)
+        mkd.backward_impl(torch.ones_like(loss_rows), x, t, w, y, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, *args,
+                          True, True, backend)  # fmt: skip
     assert 0 < mode.largest <= max(C * D, B * C // 4), f"largest allocation {mode.largest}, B*C = {B * C}"
 
 
@@ -74,8 +74,9 @@ def test_margin_kd_bad_input_opcheck_and_compile():
         mdkernels.margin_kd_loss(x, t, w, y, alpha=1.5)
     with pytest.raises(ValueError, match="teacher_embeddings must have 40 columns"):
         mdkernels.margin_kd_loss(x, t[:, :20], w, y)
-    args = (x, t, w, y, 4.0, 0.95, 16.0, 1.0, 0.5, 0.0, True, -1, "torch")
-    torch.library.opcheck(mkd.margin_kd_forward, args)
+    for need_dx in (True, False):  # without need_dx, the student must not need a gradient
+        args = (x if need_dx else x.detach(), t, w, y, 4.0, 0.95, 16.0, 1.0, 0.5, 0.0, True, -1, need_dx, "torch")
+        torch.library.opcheck(mkd.margin_kd_forward, args)
 
     def step(x, t, y):
         return mdkernels.margin_kd_loss(x, t, w, y, backend="torch") + mdkernels.angular_distillation_loss(
@@ -101,3 +102,13 @@ def test_cuda_backend_has_no_kernel_an_error_not_a_fallback():
     s, t, y, w = torch.randn(8, 16), torch.randn(8, 16), torch.randint(0, 3, (8,)), torch.randn(10, 16)
     with pytest.raises(ValueError, match="no kernel for margin_kd_loss"):
         mdkernels.margin_kd_loss(s, t, w, y, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_margin_kd_d1024_split_over_the_grid(backend):
+    """D = 1024 is beyond the resident tiles: the Triton kernels split D over the grid."""
+    x, w, y = make(5, 1024, 300, torch.float64, device_for(backend))
+    t = teacher_of(x, w, y, scale=1.0)
+    ref = grads(R.margin_kd_loss(x, t, w, y), x, w)
+    out = grads(mdkernels.margin_kd_loss(x, t, w, y, backend=backend), x, w)
+    check_all(out, ref, torch.float64, "margin kd D=1024")

@@ -1,124 +1,87 @@
-"""Triton tile helpers shared by the margin ops, their tile configurations and compile flags.
+"""Triton tile helpers shared by the margin ops, and the one place their tile configurations live.
 
-``cos_tile`` builds one (rows x classes) tile of raw cosines over all of D; ``scatter_grads`` adds a
-tile's gradient products into fp32 buffers. ``margin_tile_config`` is the one place the margin kernels'
-tile sizes are chosen: the launchers and the compile check both read it.
+A margin kernel builds one (rows x classes) tile of raw cosines, either over all of D at once with the
+rows or the centers resident (``FULL_D``: the tile of the other side is loaded once, normalised in fp32
+and used for both of the kernel's dots) or over D in ``BLOCK_D`` steps (``cos_tile``, for D above what
+fits). ``logits`` turns raw cosines into the non-target logits and the mask of entries that pass a
+gradient. ``center_grad_epilogue`` finishes a class tile's ``dW``.
+
+Tile sizes come from :func:`tile_config` (one entry per kernel and dtype class); the launchers and
+:mod:`mdkernels.tools.gpu_compile` both read it. ``MDK_AUTOTUNE=1`` on a GPU times every entry of
+:func:`candidate_configs` once per shape and keeps the fastest (:func:`autotuned`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from mdkernels._spec import EPS
 from mdkernels.ops._common.env import HAS_TRITON, interpreting
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    _ZERO_ROW_RW = tl.constexpr(0.5 / EPS)  # 1/|w| at or above this: a zero row, linear in n() (no projection)
+
     @triton.jit
-    def cos_tile(
-        X,
-        W,
-        RX,
-        RW,
-        rows,
-        cols,
-        row_mask,
-        col_mask,
-        D,
-        stride_x,
-        stride_w,
-        BLOCK_B: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        ACC_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):
-        """Raw cosines ``(x_i . w_j) / (|x_i| |w_j|)`` of one (rows x cols) tile, unclamped."""
+    def load_tile(P, rows, row_mask, dd, d_mask, stride):
+        """Rows ``rows`` x columns ``dd`` of a row-major matrix with row stride ``stride``, zero outside."""
+        return tl.load(P + rows[:, None].to(tl.int64) * stride + dd[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                       other=0.0)  # fmt: skip
+
+    @triton.jit
+    def normalised(t, r, OUT_DTYPE: tl.constexpr):
+        """Rows of ``t`` times ``r`` (their inverse norms) in fp32 (fp64 stays fp64), then cast: every entry
+        of a normalised row is in [-1, 1] whatever the norms, so a 16-bit operand cannot overflow."""
+        return (t.to(r.dtype) * r[:, None]).to(OUT_DTYPE)
+
+    @triton.jit
+    def cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w, BLOCK_B: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):  # fmt: skip
+        """Raw cosines ``n(x_i) . n(w_j)`` of one (rows x cols) tile over D in BLOCK_D steps. The steps are
+        normalised before the dot, as the resident tiles of the FULL_D kernels are, so that a kernel of
+        either kind computes the same cosines (to the order of the fp32 sums)."""
+        op_dtype = ACC_DTYPE if UPCAST else X.dtype.element_ty  # the interpreter's low-precision dot is unreliable
+        rx = tl.load(RX + rows, mask=row_mask, other=0.0)
+        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
         acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_mask = dd < D
-            xt = tl.load(
-                X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            wt = tl.load(
-                W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            if UPCAST:  # the interpreter's low-precision dot is unreliable
-                xt = xt.to(ACC_DTYPE)
-                wt = wt.to(ACC_DTYPE)
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        rx = tl.load(RX + rows, mask=row_mask, other=0.0)
-        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-        return acc * rx[:, None] * rw[None, :]
+            xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x), rx, op_dtype)
+            wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
+            acc = tl.dot(xn, tl.trans(wn), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        return acc
 
     @triton.jit
-    def scatter_grads(g, X, W, RX, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_x, stride_w, gscale,
-                       COMPUTE_DW: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        """Given ``G = dL/dcos / gscale`` of one (rows x cols) tile: ``DXH += gscale G n(W)``, and
-        ``DWH += gscale G^T n(x)`` when COMPUTE_DW, over all of D (fp32 atomics: tiles of other programs add
-        to the same rows/cols). G enters the dots in the input dtype: gscale keeps it away from fp16's
-        underflow (see ``mdkernels.ops._common.epilogue.grad_scale``)."""
-        rx = tl.load(RX + rows, mask=row_mask, other=0.0)
-        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-        # dL/dx^_i = sum_j g_ij w_j / |w_j|, dL/dw^_j = sum_i g_ij x_i / |x_i|: the tiles are normalised in
-        # the accumulator dtype before the dots, so every operand is bounded (|n(.)| <= 1, a zero row
-        # stays zero) whatever the norms; G is cast once.
-        g_in = g.to(X.dtype.element_ty) if not UPCAST else g
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_mask = dd < D
-            wt = tl.load(
-                W + cols[:, None].to(tl.int64) * stride_w + dd[None, :],
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            wt = (wt.to(ACC_DTYPE) * rw[:, None]).to(g_in.dtype)
-            dx = tl.dot(g_in, wt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            tl.atomic_add(
-                DXH + rows[:, None].to(tl.int64) * D + dd[None, :],
-                dx * gscale,
-                mask=row_mask[:, None] & d_mask[None, :],
-            )
-            if COMPUTE_DW:
-                xt = tl.load(
-                    X + rows[:, None].to(tl.int64) * stride_x + dd[None, :],
-                    mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0,
-                )
-                xt = (xt.to(ACC_DTYPE) * rx[:, None]).to(g_in.dtype)
-                dw = tl.dot(tl.trans(g_in), xt, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-                tl.atomic_add(
-                    DWH + cols[:, None].to(tl.int64) * D + dd[None, :],
-                    dw * gscale,
-                    mask=col_mask[:, None] & d_mask[None, :],
-                )
+    def logits(raw, live, s, tau, HAS_FILTER: tl.constexpr):
+        """``(z, keep)`` from raw cosines: ``z = s*clamp(c, -1, 1)`` (insightface's filter: 0 where ``c > tau``),
+        ``-inf`` where not ``live`` (the target column, out-of-range entries); ``keep``: the entries that
+        pass a gradient (live, inside [-1, 1] before the clamp, not filtered)."""
+        keep = live & (raw >= -1.0) & (raw <= 1.0)
+        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+        if HAS_FILTER:
+            keep = keep & (c <= tau)
+            c = tl.where(c > tau, 0.0, c)
+        return tl.where(live, c * s, float("-inf")), keep
 
-
-def margin_tile_config(dtype: torch.dtype, B: int, D: int) -> dict:
-    """Tile sizes. Interpreter: big tiles (each program-iteration costs ~ms). GPU: untuned defaults."""
-    block_b = max(16, min(64, triton.next_power_of_2(max(B, 1))))
-    if interpreting():
-        return dict(
-            BLOCK_B=block_b,
-            BLOCK_C=256,
-            BLOCK_D=max(16, min(512, triton.next_power_of_2(D))),
-            num_warps=4,
-            num_stages=1,
-        )
-    if dtype in (torch.float32, torch.float64):
-        return dict(BLOCK_B=min(block_b, 64), BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_B=block_b, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    @triton.jit
+    def center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw):
+        """Writes ``dL/dw_j = rw_j * gscale * acc_j - w_j * rw_j^2 dot_j`` for a class tile, with ``acc`` the
+        (scaled) ``G^T n(x)`` and ``dot_j = sum_i G_ij c_ij = <n(w_j), dW^_j>``: the normalisation backward
+        without a pass over D. Rows of norm below EPS have no projection (``n(w) = w / EPS``)."""
+        proj = tl.where(rw >= _ZERO_ROW_RW, 0.0, dot * rw * rw)
+        dw = acc * (gscale * rw)[:, None] - wt.to(acc.dtype) * proj[:, None]
+        tl.store(DW + cols[:, None].to(tl.int64) * stride_dw + dd[None, :], dw.to(DW.dtype.element_ty),
+                 mask=col_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
 def triton_flags(dtype: torch.dtype, on_cuda: bool) -> dict:
+    """Accumulator dtype, interpreter upcast and dot precision of a kernel on ``dtype`` inputs."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     allow_tf32 = on_cuda and torch.backends.cuda.matmul.allow_tf32
     precision = "tf32" if (dtype in (torch.float16, torch.bfloat16) or allow_tf32) else "ieee"
@@ -126,3 +89,71 @@ def triton_flags(dtype: torch.dtype, on_cuda: bool) -> dict:
     return dict(ACC_DTYPE=acc, UPCAST=upcast, PRECISION=precision)
 
 
+# (kernel, dtype class) -> the default tile. ``full_d``: the largest padded D kept resident (an accumulator of
+# BLOCK x D fp32 and a resident tile must fit the registers); above it each program owns ``split_do``
+# columns of D and steps over D in BLOCK_D. For the forward, BLOCK_B rows are resident against BLOCK_C
+# classes; for the center gradient BLOCK_C classes against BLOCK_B rows. Untuned GPU defaults, chosen to
+# compile without register spills on sm_80 and sm_90 at D = 512 and 1024 (test_gpu_compile asserts it).
+_TILES = {
+    ("forward", "half"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256),
+    ("forward", "fp32"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=4, num_stages=2, full_d=256, split_do=128),
+    ("center_grad", "half"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
+    ("center_grad", "fp32"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
+    ("kd_forward", "half"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=512, split_do=256),
+    ("kd_forward", "fp32"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
+    ("kd_center_grad", "half"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
+    ("kd_center_grad", "fp32"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256, split_do=128),
+}
+# The interpreter: few, large tiles (each program iteration costs ~ms); D up to 512 resident.
+_INTERPRET = dict(BLOCK_C=128, num_warps=4, num_stages=1, full_d=512, split_do=256)
+
+
+def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int) -> dict:
+    """The tile of ``kernel`` ("forward", "center_grad", "kd_forward", "kd_center_grad") for ``dtype`` and
+    D: BLOCK_B, BLOCK_C, BLOCK_D (the step of a D loop), BLOCK_DO (the columns of D one program owns),
+    FULL_D (D resident in one BLOCK_DO), num_warps, num_stages. Above the resident size, D is split over
+    the grid in BLOCK_DO columns; each of those programs builds the cosines over all of D in steps."""
+    if interpreting():
+        cfg = dict(_INTERPRET, BLOCK_B=max(16, min(64, triton.next_power_of_2(max(B, 1)))))
+    else:
+        cfg = dict(_TILES[(kernel, "half" if dtype in (torch.float16, torch.bfloat16) else "fp32")])
+    full_d, split_do = cfg.pop("full_d"), cfg.pop("split_do")
+    d_pad = triton.next_power_of_2(max(D, 16))
+    if d_pad <= full_d:
+        return dict(cfg, BLOCK_D=d_pad, BLOCK_DO=d_pad, FULL_D=True)
+    return dict(cfg, BLOCK_D=64, BLOCK_DO=split_do, FULL_D=False)
+
+
+def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int) -> list[dict]:
+    """The default tile first, then the variants ``MDK_AUTOTUNE=1`` times on a GPU."""
+    base = tile_config(kernel, dtype, B, D)
+    out = [base]
+    for bb, bc, warps in ((base["BLOCK_B"] * 2, base["BLOCK_C"], 8), (base["BLOCK_B"], base["BLOCK_C"] * 2, 8),
+                          (base["BLOCK_B"], base["BLOCK_C"], 4), (base["BLOCK_B"] // 2 or 16, base["BLOCK_C"], 4)):  # fmt: skip
+        cand = dict(base, BLOCK_B=max(16, bb), BLOCK_C=max(16, bc), num_warps=warps)
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+_TUNED: dict[tuple, dict] = {}
+
+
+def autotuned(kernel: str, x: torch.Tensor, B: int, C: int, D: int, launch) -> dict:
+    """The config ``launch(cfg)`` runs with: :func:`tile_config`, or with ``MDK_AUTOTUNE=1`` on a GPU the
+    fastest of :func:`candidate_configs` for this (kernel, dtype, B, C, D), timed once and remembered."""
+    default = tile_config(kernel, x.dtype, B, D)
+    if not (x.is_cuda and os.environ.get("MDK_AUTOTUNE") == "1"):
+        return default
+    key = (kernel, x.dtype, B, C, D, x.device.index)
+    if key not in _TUNED:
+        import triton.testing
+
+        timed = []
+        for cfg in candidate_configs(kernel, x.dtype, B, D):
+            try:
+                timed.append((triton.testing.do_bench(lambda cfg=cfg: launch(cfg)), cfg))
+            except Exception:  # a candidate that does not fit this GPU (shared memory, registers) is skipped
+                continue
+        _TUNED[key] = min(timed, key=lambda t: t[0])[1] if timed else default
+    return _TUNED[key]

@@ -2,12 +2,19 @@
 autograd; ``triton_backend``, ``cuda_backend`` and ``torch_backend`` the kernels and launchers."""
 
 from mdkernels.ops.margin_ce.op import (
-    GRAD_HAT,
-    LSE_NONTARGET,
+    BACKENDS,
     backward_impl,
     forward_impl,
     margin_ce_backward,
     margin_ce_forward,
+    target_coefficient,
 )
 
-__all__ = ["GRAD_HAT", "LSE_NONTARGET", "backward_impl", "forward_impl", "margin_ce_backward", "margin_ce_forward"]
+__all__ = [
+    "BACKENDS",
+    "backward_impl",
+    "forward_impl",
+    "margin_ce_backward",
+    "margin_ce_forward",
+    "target_coefficient",
+]

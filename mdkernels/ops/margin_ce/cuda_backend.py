@@ -12,7 +12,8 @@ from mdkernels.ops._common.epilogue import grad_scale
 
 
 @guard_device
-def lse_nontarget(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
+def forward(x, w, labels, rx, rw, s, tau, need_o):
+    """``(lse_nt, o)`` as :func:`mdkernels.ops.margin_ce.torch_backend.forward` (``margin_ce_forward``)."""
     ext = _cuda_ext.ext
     B, D = x.shape
     C = w.shape[0]
@@ -23,63 +24,40 @@ def lse_nontarget(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
     splits = -(-C // per_split)
     m = torch.empty(splits, B, dtype=torch.float32, device=x.device)
     l = torch.empty_like(m)
-    ext.margin_lse_forward(
-        _cuda_ext.dtype_code(x),
-        x.data_ptr(),
-        w.data_ptr(),
-        rx.data_ptr(),
-        rw.data_ptr(),
-        labels.data_ptr(),
-        m.data_ptr(),
-        l.data_ptr(),
-        B,
-        C,
-        D,
-        x.stride(0),
-        w.stride(0),
-        splits,
-        per_split,
-        float(s),
-        float(tau if tau is not None else 0.0),
-        tau is not None,
-        _cuda_ext.stream_of(x),
-    )
+    o = torch.empty(splits, B, D, dtype=torch.float32, device=x.device) if need_o else None
+    ext.margin_ce_forward(
+        _cuda_ext.dtype_code(x), x.data_ptr(), w.data_ptr(), rx.data_ptr(), rw.data_ptr(), labels.data_ptr(),
+        m.data_ptr(), l.data_ptr(), o.data_ptr() if need_o else 0, B, C, D, x.stride(0), w.stride(0), splits,
+        per_split, float(s), float(tau if tau is not None else 0.0), tau is not None, _cuda_ext.stream_of(x),
+    )  # fmt: skip
     m_max = m.max(0).values
-    return m_max + torch.log((l * torch.exp(m - m_max)).sum(0))
+    scale = torch.exp(m - m_max)
+    total = (l * scale).sum(0)
+    lse_nt = m_max + torch.log(total)
+    if not need_o:
+        return lse_nt, None
+    o = torch.einsum("sbd,sb->bd", o, scale)
+    return lse_nt, o * torch.where(total > 0, s / total, torch.zeros_like(total))[:, None]
 
 
 @guard_device
-def grad_hat(x, w, labels, rx, rw, lse, gr, s, tau, need_dw):
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
+    """``dL/dW`` (C, D) in the centers' dtype (``margin_ce_center_grad``), written once."""
     B, D = x.shape
     C = w.shape[0]
-    dxh = torch.zeros(B, D, dtype=torch.float32, device=x.device)
-    dwh = torch.zeros(C, D, dtype=torch.float32, device=x.device) if need_dw else None
-    gr = gr.contiguous()
-    gscale = grad_scale(gr)
-    _cuda_ext.ext.margin_ce_backward(
-        _cuda_ext.dtype_code(x),
-        x.data_ptr(),
-        w.data_ptr(),
-        rx.data_ptr(),
-        rw.data_ptr(),
-        labels.data_ptr(),
-        lse.contiguous().data_ptr(),
-        gr.data_ptr(),
-        gscale.data_ptr(),
-        dxh.data_ptr(),
-        dwh.data_ptr() if need_dw else 0,
-        B,
-        C,
-        D,
-        x.stride(0),
-        w.stride(0),
-        float(s),
-        float(tau if tau is not None else 0.0),
-        tau is not None,
+    dw = torch.empty_like(w)
+    if B == 0 or C == 0:
+        return dw.zero_()
+    # every tensor whose pointer goes to the kernel is bound to a name: a temporary would be freed first
+    lse, gr, coef = lse.contiguous(), gr.contiguous(), coef.contiguous()
+    gscale = grad_scale(gr, coef, s)
+    _cuda_ext.ext.margin_ce_center_grad(
+        _cuda_ext.dtype_code(x), x.data_ptr(), w.data_ptr(), rx.data_ptr(), rw.data_ptr(), labels.data_ptr(),
+        lse.data_ptr(), gr.data_ptr(), coef.data_ptr(), gscale.data_ptr(), dw.data_ptr(), B, C, D, x.stride(0),
+        w.stride(0), dw.stride(0), float(s), float(tau if tau is not None else 0.0), tau is not None,
         _cuda_ext.stream_of(x),
-    )
-    return dxh, dwh
-
+    )  # fmt: skip
+    return dw
 
 
 @guard_device

@@ -1,66 +1,53 @@
-"""Torch backend of the fused margin CE (the CPU path): the same algorithm, one class chunk at a time."""
+"""Torch backend of the fused margin CE (the CPU path): the flash-style algorithm, one class chunk at a time.
+
+Forward, per chunk of centers: the ``(B, n)`` logits ``s*c`` (targets masked), an online max and sum-exp
+per row and, when the embeddings need a gradient, ``O_i = sum_j exp(z_ij - m_i) n(w_j)`` over the entries
+that pass a gradient, rescaled whenever a row's max grows (flash attention's ``O`` with ``K = V = n(W)``).
+The backward then needs no GEMM for ``dx``. Backward, only for trainable centers: each chunk's logits
+again, ``G = dL/dc`` with the target term folded in, and the chunk's rows of ``dW`` finished (normalisation
+backward) and written once. Frozen centers: two GEMMs per step in all.
+
+:mod:`mdkernels.ops.margin_ce.cpu_epilogue` fuses each chunk's elementwise passes in C++ where the CPU
+module was built; the pure-torch passes below are the fallback and the reference for it.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mdkernels.ops._common.chunked import chunk_cos, chunk_size, target_mask
+from mdkernels.ops._common import chunked
 from mdkernels.ops._common.env import NEG_BIG
-from mdkernels.ops.l2norm import normalize_backward
 
 
-def lse_nontarget(x, w, labels, rx, rw, s, tau) -> torch.Tensor:
+def forward(x, w, labels, rx, rw, s, tau, need_o):
+    """``(lse_nt, o)``: the logsumexp of the non-target logits ``(B,)`` and, when ``need_o``,
+    ``o_i = sum_j softmax_nt(z_i)_j * s * n(w_j)`` over the entries that pass a gradient ``(B, D)``."""
     B, C = x.shape[0], w.shape[0]
-    xh = x.to(rx.dtype) * rx[:, None]
-    m = torch.full((B,), NEG_BIG, dtype=rx.dtype, device=x.device)
-    l = torch.zeros(B, dtype=rx.dtype, device=x.device)
-    step = chunk_size(B, C)
-    for c0 in range(0, C, step):
-        c1 = min(C, c0 + step)
-        z = chunk_cos(xh, w, rw, c0, c1)
-        z.clamp_(-1.0, 1.0)
-        if tau is not None:
-            z.masked_fill_(z > tau, 0.0)
-        z.mul_(s)
-        rows, cols = target_mask(labels, c0, c1)
-        z[rows, cols] = -math.inf
-        m_new = torch.maximum(m, z.max(1).values)
-        z.sub_(m_new[:, None]).exp_()
-        l = l * torch.exp(m - m_new) + z.sum(1)
+    cd = rx.dtype
+    xs = x.to(cd) * (rx * s)[:, None]  # s * n(x): a chunk's product scaled by 1/|w_j| is s*c
+    m = torch.full((B,), NEG_BIG, dtype=cd, device=x.device)
+    l = torch.zeros(B, dtype=cd, device=x.device)
+    o = torch.zeros(B, x.shape[1], dtype=cd, device=x.device) if need_o else None
+    for c0, c1 in chunked.chunks(B, C):
+        z, mx, keep, _, _ = chunked.chunk_logits(xs, w, rw, labels, c0, c1, s, tau)
+        m_new = torch.maximum(m, mx)
+        alpha = torch.exp(m - m_new)
+        p = z.sub_(m_new[:, None]).exp_()
+        l.mul_(alpha).add_(p.sum(1))
+        if need_o:
+            if keep is not None:
+                p.masked_fill_(~keep, 0.0)
+            o.mul_(alpha[:, None]).addmm_(p.mul_(rw[None, c0:c1]), w[c0:c1].to(cd))
         m = m_new
-    return m + torch.log(l)
+    lse_nt = m + torch.log(l)
+    if need_o:
+        o.mul_(torch.where(l > 0, s / l, torch.zeros_like(l))[:, None])
+    return lse_nt, o
 
 
-def grad_hat(x, w, labels, rx, rw, lse, gr, s, tau, need_dw, target_dw):
-    """dL/dx^ (B, D) without the target term, and, when need_dw, the finished dL/dW (C, D).
-
-    ``target_dw(c0, c1, rows_local, coef)`` supplies the target term for a chunk of centers so the
-    normalisation backward can run chunk by chunk (no second (C, D) buffer).
-    """
-    B, C = x.shape[0], w.shape[0]
-    xh = x.to(rx.dtype) * rx[:, None]
-    dxh = torch.zeros_like(xh)
-    dw = torch.empty_like(w) if need_dw else None
-    step = chunk_size(B, C)
-    for c0 in range(0, C, step):
-        c1 = min(C, c0 + step)
-        raw = chunk_cos(xh, w, rw, c0, c1)
-        keep = (raw >= -1.0) & (raw <= 1.0)
-        raw.clamp_(-1.0, 1.0)
-        if tau is not None:
-            keep &= raw <= tau
-            raw.masked_fill_(raw > tau, 0.0)
-        rows, cols = target_mask(labels, c0, c1)
-        keep[rows, cols] = False
-        # masked entries go to exp(-inf) = 0 *before* the exp: the un-margined target logit may overflow
-        g = raw.mul_(s).sub_(lse[:, None]).masked_fill_(~keep, -math.inf).exp_().mul_(gr[:, None] * s)
-        dxh.addmm_(g * rw[None, c0:c1], w[c0:c1].to(xh.dtype))  # dL/dx^ = sum_j g_ij w_j / |w_j|
-        if need_dw:
-            dwh = g.T @ xh
-            dwh.index_add_(0, cols, target_dw(rows))
-            normalize_backward(w[c0:c1], dwh, out=dw[c0:c1])
-    return dxh, dw
-
-
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
+    """``dL/dW`` (C, D) in the centers' dtype, written once per chunk (:func:`chunked.center_grad`), with
+    the non-target ``dL/dc = gr s exp(z - lse)``."""
+    xs = x.to(rx.dtype) * (rx * s)[:, None]
+    nontarget = lambda z, c0, c1: torch.sub(z, lse[:, None]).exp_()
+    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, tau, nontarget)

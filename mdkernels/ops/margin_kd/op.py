@@ -11,9 +11,12 @@ them are rescaled online when a max grows. The target terms are added on ``(B,)`
 
     KL = (1/T) sum_j q_t,j (z_t,j - z_s,j) - lse_tT + lse_sT.
 
-Backward recomputes both tiles: ``dL/dz_s = (1-a)(p_s - 1[y]) + a T (q_s - q_t)``. Gradients reach the
-student embeddings and, through the student logits only, the centers. The teacher's logits are
-targets, so neither the teacher embeddings nor the centers get a gradient through them.
+The student's gradient is ``dL/dz_s = (1-a)(p_s - 1[y]) + a T (q_s - q_t)``. As for the margin CE
+(:mod:`mdkernels.ops.margin_ce.op`), the forward also accumulates, when the student needs a gradient,
+``sum_j p_s n(w_j)``, ``sum_j q_s n(w_j)`` and ``sum_j q_t n(w_j)`` (three accumulators, one stacked dot),
+so ``dx`` needs no GEMM; the backward only computes the centers' gradient, when they are trainable, with
+each class tile's rows written once. The teacher's logits are targets: neither the teacher embeddings
+nor the centers get a gradient through them.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from mdkernels import backends
 from mdkernels._spec import compute_dtype
 from mdkernels._validate import check_label_values
 from mdkernels.ops._common.chunked import target_cos
-from mdkernels.ops._common.epilogue import finish_center_grad, finish_embedding_grad
+from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import margin_target_and_slope
 from mdkernels.ops.l2norm import row_rnorm
 from mdkernels.ops.margin_kd import torch_backend, triton_backend
+
+BACKENDS = {"triton": triton_backend, "torch": torch_backend}
 
 
 def _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_index):
@@ -42,16 +47,17 @@ def _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_in
     return valid, safe, raw_s, z_ts, z_tt, slope
 
 
-def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, backend):
-    """Returns ``(loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw)``, all ``(B,)`` but ``rw: (C,)``."""
+def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend):
+    """Returns ``(loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar)``: ``(B,)`` vectors but ``rw: (C,)``
+    and ``o_bar``, the non-target ``dL/dn(x_s)`` per unit of upstream gradient, ``(B, D)`` (``(0, D)``
+    without ``need_dx``)."""
     backends.require("margin_kd", backend, xs)
     check_label_values(labels, w.shape[0], ignore_index)
     xs, xt, w, labels = xs.contiguous(), xt.contiguous(), w.contiguous(), labels.long().contiguous()
     rxs, rxt, rw = row_rnorm(xs), row_rnorm(xt), row_rnorm(w)
     valid, _, _, z_ts, z_tt, _ = _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_index)
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    impl = triton_backend.stats if backend == "triton" else torch_backend.stats
-    m_s, l_s, l_sT, m_t, l_tT, A = impl(xs, xt, w, labels_k, rxs, rxt, rw, s, T)
+    (m_s, l_s, l_sT, m_t, l_tT, A), o3 = BACKENDS[backend].forward(xs, xt, w, labels_k, rxs, rxt, rw, s, T, need_dx)
     # add the target class (valid rows only) to each statistic
     zs_t = torch.where(valid, z_ts, torch.full_like(z_ts, -math.inf))
     zt_t = torch.where(valid, z_tt, torch.full_like(z_tt, -math.inf))
@@ -63,84 +69,92 @@ def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_in
     )
     kl = cross / T - lse_tT + lse_sT
     loss_rows = torch.where(valid, (1 - alpha) * (lse_s - z_ts) + alpha * T * T * kl, torch.zeros_like(kl))
-    return loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw
+    if need_dx:  # s [(1-a) sum p_s n(w) + a T (sum q_s n(w) - sum q_t n(w))], each accumulator normalised
+        f_s, f_sT, f_tT = (torch.exp(v).nan_to_num_(0.0) for v in (m_s - lse_s, m_s / T - lse_sT, m_t / T - lse_tT))
+        o_bar = o3[0] * (s * (1 - alpha) * f_s)[:, None] + (o3[1] * f_sT[:, None] - o3[2] * f_tT[:, None]) * (
+            s * alpha * T
+        )
+    else:
+        o_bar = xs.new_empty(0, xs.shape[1], dtype=rxs.dtype)
+    return loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar
 
 
-def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, T, alpha, s, m1, m2, m3,
-                  fallback, ignore_index, need_dw, backend):  # fmt: skip
+def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1, m2, m3,
+                  fallback, ignore_index, need_dx, need_dw, backend):  # fmt: skip
+    """Returns ``(dx_s, dw)``, each empty when not needed: ``dx_s`` from ``o_bar`` (no GEMM), ``dw`` the only
+    pass over the classes."""
+    if need_dx and o_bar.shape[0] != xs.shape[0]:
+        raise ValueError("margin_kd_backward: dx needs the forward's o_bar; call the forward with need_dx=True")
     xs, xt, w, labels = xs.contiguous(), xt.contiguous(), w.contiguous(), labels.long().contiguous()
     cd = rxs.dtype
-    valid, safe, raw_s, z_ts, z_tt, slope = _targets(
-        xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_index
-    )
+    valid, _, raw_s, z_ts, z_tt, slope = _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback,
+                                                   ignore_index)  # fmt: skip
     gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse_s))
     dz_t = (1 - alpha) * (torch.exp(z_ts - lse_s) - 1) + alpha * T * (
         torch.exp(z_ts / T - lse_sT) - torch.exp(z_tt / T - lse_tT)
     )
     coef = gr * dz_t * slope * ((raw_s >= -1.0) & (raw_s <= 1.0))
-    xsh = xs.to(cd) * rxs[:, None]
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    if backend == "triton":
-        dxh, dwh = triton_backend.grad_hat(xs, xt, w, labels_k, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, s, T, alpha,
-                                           need_dw)  # fmt: skip
-        dw = finish_center_grad(w, dwh, safe, coef, xsh) if need_dw else None
+    dx = embedding_grad(xs, w, o_bar, gr, coef, labels_k, rw) if need_dx else xs.new_empty(0)
+    if need_dw:
+        dw = BACKENDS[backend].center_grad(xs, xt, w, labels_k, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_s,
+                                           s, T, alpha)  # fmt: skip
     else:
-        dxh, dw = torch_backend.grad_hat(xs, xt, w, labels_k, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, s, T, alpha,
-                                         need_dw, target_dw=lambda rows: coef[rows, None] * xsh[rows])  # fmt: skip
-    return finish_embedding_grad(xs, dxh, w, safe, rw, coef), (dw if need_dw else w.new_empty(0))
+        dw = w.new_empty(0)
+    return dx, dw
 
 
 @torch.library.custom_op("mdkernels::margin_kd_forward", mutates_args=())
 def margin_kd_forward(
     xs: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, T: float, alpha: float, s: float,
-    m1: float, m2: float, m3: float, fallback: bool, ignore_index: int, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    m1: float, m2: float, m3: float, fallback: bool, ignore_index: int, need_dx: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
     """The fused KD forward as a torch.library op (see :func:`forward_impl`)."""
-    return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, backend)
+    return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend)
 
 
 @margin_kd_forward.register_fake
-def _(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, backend):
+def _(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend):
     row = xs.new_empty(xs.shape[0], dtype=compute_dtype(xs))
-    return (row, *(torch.empty_like(row) for _ in range(5)), xs.new_empty(w.shape[0], dtype=row.dtype))
+    o_bar = xs.new_empty(xs.shape[0] if need_dx else 0, xs.shape[1], dtype=row.dtype)
+    return (row, *(torch.empty_like(row) for _ in range(5)), xs.new_empty(w.shape[0], dtype=row.dtype), o_bar)
 
 
 @torch.library.custom_op("mdkernels::margin_kd_backward", mutates_args=())
 def margin_kd_backward(
     grad_rows: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     lse_s: torch.Tensor, lse_sT: torch.Tensor, lse_tT: torch.Tensor, rxs: torch.Tensor, rxt: torch.Tensor,
-    rw: torch.Tensor, T: float, alpha: float, s: float, m1: float, m2: float, m3: float, fallback: bool,
-    ignore_index: int, need_dw: bool, backend: str,
+    rw: torch.Tensor, o_bar: torch.Tensor, T: float, alpha: float, s: float, m1: float, m2: float, m3: float,
+    fallback: bool, ignore_index: int, need_dx: bool, need_dw: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused KD backward as a torch.library op (see :func:`backward_impl`)."""
-    return backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, T, alpha, s, m1, m2,
-                         m3, fallback, ignore_index, need_dw, backend)  # fmt: skip
+    return backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1,
+                         m2, m3, fallback, ignore_index, need_dx, need_dw, backend)  # fmt: skip
 
 
 @margin_kd_backward.register_fake
-def _(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, T, alpha, s, m1, m2, m3, fallback,
-      ignore_index, need_dw, backend):  # fmt: skip
-    return torch.empty_like(xs), (torch.empty_like(w) if need_dw else w.new_empty(0))
+def _(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1, m2, m3, fallback,
+      ignore_index, need_dx, need_dw, backend):  # fmt: skip
+    return (torch.empty_like(xs) if need_dx else xs.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     xs, xt, w, labels, *args = inputs
-    _, lse_s, lse_sT, lse_tT, rxs, rxt, rw = output
-    ctx.save_for_backward(xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw)
-    ctx.args = args
+    _, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar = output
+    ctx.save_for_backward(xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar)
+    ctx.args = args[:-2]  # T .. ignore_index
+    ctx.backend = args[-1]
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_rows, *_unused):
-    xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw = ctx.saved_tensors
-    T, alpha, s, m1, m2, m3, fallback, ignore_index, backend = ctx.args
+    saved = ctx.saved_tensors
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if not (need_dx or need_dw):
-        return (None,) * 13
-    dx, dw = margin_kd_backward(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, T, alpha, s, m1,
-                                m2, m3, fallback, ignore_index, need_dw, backend)  # fmt: skip
-    return (dx if need_dx else None), None, (dw if need_dw else None), *(None,) * 10
+        return (None,) * 14
+    dx, dw = margin_kd_backward(grad_rows, *saved, *ctx.args, need_dx, need_dw, ctx.backend)
+    return (dx if need_dx else None), None, (dw if need_dw else None), *(None,) * 11
 
 
 torch.library.register_autograd("mdkernels::margin_kd_forward", _backward, setup_context=_setup_context)
-

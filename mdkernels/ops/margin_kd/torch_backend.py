@@ -1,72 +1,64 @@
-"""Torch backend of the fused margin KD (the CPU path): the same algorithm, one class chunk at a time."""
+"""Torch backend of the fused margin KD (the CPU path): the flash-style algorithm, one class chunk at a time.
+
+Forward, per chunk: the student's and the teacher's ``(B, n)`` logits against the same centers, the six
+online statistics of :mod:`mdkernels.ops.margin_kd.op` and, when the student needs a gradient, the three
+accumulators ``sum_j exp(z_s - m_s) n(w_j)``, ``sum_j exp((z_s - m_s)/T) n(w_j)`` and
+``sum_j exp((z_t - m_t)/T) n(w_j)`` as one ``(3B, n) . (n, D)`` product. Backward, only for trainable
+centers: both chunks' logits again and the chunk's ``dW``, written once.
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mdkernels.ops._common.chunked import chunk_cos, chunk_size, target_mask
+from mdkernels.ops._common import chunked
 from mdkernels.ops._common.env import NEG_BIG
-from mdkernels.ops.l2norm import normalize_backward
 
 
-def stats(xs, xt, w, labels, rxs, rxt, rw, s, T):
+def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
+    """``(stats, o3)``: ``stats = (m_s, l_s, l_sT, m_t, l_tT, A)`` over the non-target classes, each
+    ``(B,)``; ``o3: (3, B, D)`` the accumulators relative to ``m_s``, ``m_s / T`` and ``m_t / T`` (None
+    without ``need_o``)."""
     B, C = xs.shape[0], w.shape[0]
     cd = rxs.dtype
-    xsh, xth = xs.to(cd) * rxs[:, None], xt.to(cd) * rxt[:, None]
+    ss, st = xs.to(cd) * (rxs * s)[:, None], xt.to(cd) * (rxt * s)[:, None]
     m_s = torch.full((B,), NEG_BIG, dtype=cd, device=xs.device)
     m_t = m_s.clone()
     l_s, l_sT, l_tT, A = (torch.zeros(B, dtype=cd, device=xs.device) for _ in range(4))
-    step = chunk_size(2 * B, C)
-    for c0 in range(0, C, step):
-        c1 = min(C, c0 + step)
-        zs = chunk_cos(xsh, w, rw, c0, c1).clamp_(-1.0, 1.0).mul_(s)
-        zt = chunk_cos(xth, w, rw, c0, c1).clamp_(-1.0, 1.0).mul_(s)
-        rows, cols = target_mask(labels, c0, c1)
-        zs[rows, cols] = -math.inf
-        zt[rows, cols] = -math.inf
-        ms_new = torch.maximum(m_s, zs.max(1).values)
-        mt_new = torch.maximum(m_t, zt.max(1).values)
+    o3 = torch.zeros(3 * B, xs.shape[1], dtype=cd, device=xs.device) if need_o else None
+    for c0, c1 in chunked.chunks(4 * B, C):  # two logit chunks, and the three stacked P's
+        zs, mxs, keep, _, _ = chunked.chunk_logits(ss, w, rw, labels, c0, c1, s, None)
+        zt, mxt, _, _, _ = chunked.chunk_logits(st, w, rw, labels, c0, c1, s, None)
+        ms_new, mt_new = torch.maximum(m_s, mxs), torch.maximum(m_t, mxt)
+        a_s, a_sT, a_tT = torch.exp(m_s - ms_new), torch.exp((m_s - ms_new) / T), torch.exp((m_t - mt_new) / T)
         es = zs - ms_new[:, None]
-        l_s = l_s * torch.exp(m_s - ms_new) + es.exp().sum(1)
-        l_sT = l_sT * torch.exp((m_s - ms_new) / T) + es.div_(T).exp_().sum(1)
-        et = (zt - mt_new[:, None]).div_(T).exp_()
-        f = torch.exp((m_t - mt_new) / T)
-        l_tT = l_tT * f + et.sum(1)
-        zt.sub_(zs).nan_to_num_(0.0, 0.0, 0.0)  # masked targets: -inf - -inf; their weight et is 0
-        A = A * f + (et * zt).sum(1)
+        esT = (es / T).exp_()
+        es.exp_()
+        etT = (zt - mt_new[:, None]).div_(T).exp_()
+        l_s = l_s * a_s + es.sum(1)
+        l_sT = l_sT * a_sT + esT.sum(1)
+        l_tT = l_tT * a_tT + etT.sum(1)
+        A = A * a_tT + (etT * zt.sub_(zs).nan_to_num_(0.0, 0.0, 0.0)).sum(1)  # targets: -inf - -inf, weight 0
+        if need_o:
+            p3 = torch.cat([es, esT, etT])
+            if keep is not None:
+                p3.masked_fill_(~keep.repeat(3, 1), 0.0)
+            alphas = torch.cat([a_s, a_sT, a_tT])
+            o3.mul_(alphas[:, None]).addmm_(p3.mul_(rw[None, c0:c1]), w[c0:c1].to(cd))
         m_s, m_t = ms_new, mt_new
-    return m_s, l_s, l_sT, m_t, l_tT, A
+    return (m_s, l_s, l_sT, m_t, l_tT, A), (o3.view(3, B, -1) if need_o else None)
 
 
-def grad_hat(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, s, T, alpha, need_dw, target_dw):
-    B, C = xs.shape[0], w.shape[0]
+def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_t, s, T, alpha):
+    """``dL/dW`` (C, D) in the centers' dtype: the non-target ``dL/dc_s / (gr s) = (1-a) p_s + a T (q_s -
+    q_t)``, the teacher's chunk recomputed alongside (:func:`chunked.center_grad`)."""
     cd = rxs.dtype
-    xsh, xth = xs.to(cd) * rxs[:, None], xt.to(cd) * rxt[:, None]
-    dxh = torch.zeros_like(xsh)
-    dw = torch.empty_like(w) if need_dw else None
-    step = chunk_size(2 * B, C)
-    for c0 in range(0, C, step):
-        c1 = min(C, c0 + step)
-        cs = chunk_cos(xsh, w, rw, c0, c1)
-        keep = (cs >= -1.0) & (cs <= 1.0)
-        zs = cs.clamp_(-1.0, 1.0).mul_(s)
-        zt = chunk_cos(xth, w, rw, c0, c1).clamp_(-1.0, 1.0).mul_(s)
-        rows, cols = target_mask(labels, c0, c1)
-        keep[rows, cols] = False
-        # masked entries to -inf before the exps: the un-margined target logits may overflow
-        zs.masked_fill_(~keep, -math.inf)
-        zt.masked_fill_(~keep, -math.inf)
+    ss, st = xs.to(cd) * (rxs * s)[:, None], xt.to(cd) * (rxt * s)[:, None]
+
+    def nontarget(zs, c0, c1):
+        zt = chunked.chunk_logits(st, w, rw, labels, c0, c1, s, None)[0]
         q_t = zt.div_(T).sub_(lse_tT[:, None]).exp_()
         q_s = (zs / T).sub_(lse_sT[:, None]).exp_()
-        g = zs.sub_(lse_s[:, None]).exp_().mul_(1.0 - alpha).add_(q_s.sub_(q_t), alpha=alpha * T)
-        g.mul_(gr[:, None] * s)
-        dxh.addmm_(g * rw[None, c0:c1], w[c0:c1].to(cd))
-        if need_dw:
-            dwh = g.T @ xsh
-            dwh.index_add_(0, cols, target_dw(rows))
-            normalize_backward(w[c0:c1], dwh, out=dw[c0:c1])
-    return dxh, dw
+        return torch.sub(zs, lse_s[:, None]).exp_().mul_(1.0 - alpha).add_(q_s.sub_(q_t), alpha=alpha * T)
 
-
+    return chunked.center_grad(ss, w, rw, labels, gr, coef, raw_t, s, None, nontarget, logit_sets=3)

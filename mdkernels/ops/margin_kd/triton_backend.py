@@ -1,4 +1,12 @@
-"""Triton backend of the fused margin KD: the six online statistics (split-C) and the backward tiles."""
+"""Triton backend of the fused margin KD (see :mod:`mdkernels.ops.margin_kd.op` for the math).
+
+``_margin_kd_forward_kernel``: one program per (row tile, class split, column block of D); per class tile
+the student's and the teacher's cosines against the same (resident or stepped) center tile, the six
+online statistics and, when the student needs a gradient, the three accumulators ``O = O * alpha + P . n(W)``
+for ``P`` = ``exp(z_s - m_s)``, ``exp((z_s - m_s)/T)`` and ``exp((z_t - m_t)/T)``, each in [0, 1].
+``_margin_kd_center_grad_kernel``: one program per (class tile, column block of D) over every row tile,
+the tile's ``dW`` written once, as the margin CE's.
+"""
 
 from __future__ import annotations
 
@@ -7,204 +15,240 @@ import torch
 from mdkernels._cuda_ext import guard_device
 from mdkernels.ops._common.env import HAS_TRITON, NEG_BIG, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale
-from mdkernels.ops._common.tiles import margin_tile_config, triton_flags
+from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from mdkernels.ops._common.tiles import cos_tile, scatter_grads
+    from mdkernels.ops._common.tiles import center_grad_epilogue, cos_tile, load_tile, logits, normalised
 
     _NEG_BIG = tl.constexpr(NEG_BIG)
 
     @triton.jit
+    def _kd_cosines(XS, XT, W, RXS, RXT, RW, xs_n, xt_n, wn, rows, cols, row_mask, col_mask, D, stride_xs, stride_xt,
+                    stride_w, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """Raw student and teacher cosines of one (rows x cols) tile: from the normalised, resident tiles
+        (FULL_D), or over D in steps."""
+        if FULL_D:
+            cs = tl.dot(xs_n, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            ct = tl.dot(xt_n, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            cs = cos_tile(XS, W, RXS, RW, rows, cols, row_mask, col_mask, D, stride_xs, stride_w, BLOCK_B, BLOCK_C,
+                          BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+            ct = cos_tile(XT, W, RXT, RW, rows, cols, row_mask, col_mask, D, stride_xt, stride_w, BLOCK_B, BLOCK_C,
+                          BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+        return cs, ct
+
+    @triton.jit
     def _margin_kd_forward_kernel(
-        XS, XT, W, RXS, RXT, RW, Y, STATS,
-        B, C, D, stride_xs, stride_xt, stride_w, classes_per_split, s, inv_T,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        XS, XT, W, RXS, RXT, RW, Y, STATS, O_OUT, B, C, D, stride_xs, stride_xt, stride_w, classes_per_split, s, inv_T,
+        NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """Per (row tile, class split): STATS[split, k, row] for k = m_s, l_s, l_sT, m_t, l_tT, A."""
+        """Per (row tile, class split, D block): STATS[split, k, row] for k = m_s, l_s, l_sT, m_t, l_tT, A and
+        O_OUT[split, k, row, d] for the three accumulators."""
         pid_b = tl.program_id(0)
         pid_s = tl.program_id(1)
+        pid_d = tl.program_id(2)
         rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         y = tl.load(Y + rows, mask=row_mask, other=-1)
+        rxs = tl.load(RXS + rows, mask=row_mask, other=0.0)
+        rxt = tl.load(RXT + rows, mask=row_mask, other=0.0)
+        dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        d_mask = dd < D
+        op_dtype = ACC_DTYPE if UPCAST else XS.dtype.element_ty
+        xs_n = normalised(load_tile(XS, rows, row_mask, dd, d_mask, stride_xs), rxs, op_dtype)
+        xt_n = normalised(load_tile(XT, rows, row_mask, dd, d_mask, stride_xt), rxt, op_dtype)
         m_s = tl.full((BLOCK_B,), _NEG_BIG, dtype=ACC_DTYPE)
         m_t = tl.full((BLOCK_B,), _NEG_BIG, dtype=ACC_DTYPE)
         l_s = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
         l_sT = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
         l_tT = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
         A = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
+        o_s = tl.zeros((BLOCK_B, BLOCK_DO), dtype=ACC_DTYPE)
+        o_sT = tl.zeros((BLOCK_B, BLOCK_DO), dtype=ACC_DTYPE)
+        o_tT = tl.zeros((BLOCK_B, BLOCK_DO), dtype=ACC_DTYPE)
         c_begin = pid_s * classes_per_split
         c_end = tl.minimum(c_begin + classes_per_split, C)
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < c_end
-            cs = cos_tile(XS, W, RXS, RW, rows, cols, row_mask, col_mask, D, stride_xs, stride_w,
-                               BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
-            ct = cos_tile(XT, W, RXT, RW, rows, cols, row_mask, col_mask, D, stride_xt, stride_w,
-                               BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+            rw = tl.load(RW + cols, mask=col_mask, other=0.0)
+            wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
+            cs, ct = _kd_cosines(XS, XT, W, RXS, RXT, RW, xs_n, xt_n, wn, rows, cols, row_mask, col_mask, D, stride_xs,
+                                 stride_xt, stride_w, FULL_D, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST,
+                                 PRECISION)  # fmt: skip
             live = (cols[None, :] != y[:, None]) & col_mask[None, :]
-            zs = tl.minimum(tl.maximum(cs, -1.0), 1.0) * s
-            zt = tl.minimum(tl.maximum(ct, -1.0), 1.0) * s
-            ms_new = tl.maximum(m_s, tl.max(tl.where(live, zs, float("-inf")), 1))
-            mt_new = tl.maximum(m_t, tl.max(tl.where(live, zt, float("-inf")), 1))
-            es = tl.where(live, tl.exp(zs - ms_new[:, None]), 0.0)
-            esT = tl.where(live, tl.exp((zs - ms_new[:, None]) * inv_T), 0.0)
-            etT = tl.where(live, tl.exp((zt - mt_new[:, None]) * inv_T), 0.0)
-            l_s = l_s * tl.exp(m_s - ms_new) + tl.sum(es, 1)
-            l_sT = l_sT * tl.exp((m_s - ms_new) * inv_T) + tl.sum(esT, 1)
-            rescale_t = tl.exp((m_t - mt_new) * inv_T)
-            l_tT = l_tT * rescale_t + tl.sum(etT, 1)
-            A = A * rescale_t + tl.sum(etT * (zt - zs), 1)
+            zs, keep = logits(cs, live, s, 0.0, False)
+            zt, _ = logits(ct, live, s, 0.0, False)
+            ms_new = tl.maximum(m_s, tl.max(zs, 1))
+            mt_new = tl.maximum(m_t, tl.max(zt, 1))
+            a_s = tl.exp(m_s - ms_new)
+            a_sT = tl.exp((m_s - ms_new) * inv_T)
+            a_tT = tl.exp((m_t - mt_new) * inv_T)
+            es = tl.exp(zs - ms_new[:, None])
+            esT = tl.exp((zs - ms_new[:, None]) * inv_T)
+            etT = tl.exp((zt - mt_new[:, None]) * inv_T)
+            l_s = l_s * a_s + tl.sum(es, 1)
+            l_sT = l_sT * a_sT + tl.sum(esT, 1)
+            l_tT = l_tT * a_tT + tl.sum(etT, 1)
+            A = A * a_tT + tl.sum(tl.where(live, etT * (zt - zs), 0.0), 1)
+            if NEED_O:
+                o_s = o_s * a_s[:, None] + tl.dot(tl.where(keep, es, 0.0).to(op_dtype), wn, input_precision=PRECISION,
+                                                  out_dtype=ACC_DTYPE)  # fmt: skip
+                o_sT = o_sT * a_sT[:, None] + tl.dot(tl.where(keep, esT, 0.0).to(op_dtype), wn,
+                                                     input_precision=PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
+                o_tT = o_tT * a_tT[:, None] + tl.dot(tl.where(keep, etT, 0.0).to(op_dtype), wn,
+                                                     input_precision=PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
             m_s = ms_new
             m_t = mt_new
-        base = STATS + pid_s * 6 * B + rows
-        tl.store(base, m_s, mask=row_mask)
-        tl.store(base + B, l_s, mask=row_mask)
-        tl.store(base + 2 * B, l_sT, mask=row_mask)
-        tl.store(base + 3 * B, m_t, mask=row_mask)
-        tl.store(base + 4 * B, l_tT, mask=row_mask)
-        tl.store(base + 5 * B, A, mask=row_mask)
+        if pid_d == 0:
+            base = STATS + pid_s * 6 * B + rows
+            tl.store(base, m_s, mask=row_mask)
+            tl.store(base + B, l_s, mask=row_mask)
+            tl.store(base + 2 * B, l_sT, mask=row_mask)
+            tl.store(base + 3 * B, m_t, mask=row_mask)
+            tl.store(base + 4 * B, l_tT, mask=row_mask)
+            tl.store(base + 5 * B, A, mask=row_mask)
+        if NEED_O:
+            out = O_OUT + (pid_s * 3 * B + rows[:, None]).to(tl.int64) * D + dd[None, :]
+            o_mask = row_mask[:, None] & d_mask[None, :]
+            tl.store(out, o_s, mask=o_mask)
+            tl.store(out + B * D, o_sT, mask=o_mask)
+            tl.store(out + 2 * B * D, o_tT, mask=o_mask)
 
     @triton.jit
-    def _margin_kd_backward_kernel(
-        XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, GSCALE, DXH, DWH,
-        B, C, D, stride_xs, stride_xt, stride_w, s, inv_T, alpha,
-        COMPUTE_DW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    def _margin_kd_center_grad_kernel(
+        XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, COEF, GSCALE, DW, B, C, D, stride_xs, stride_xt,
+        stride_w, stride_dw, s, inv_T, alpha, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_c = tl.program_id(0)  # class tiles on axis 0: CUDA caps grid axis 1 at 65535
-        pid_b = tl.program_id(1)
-        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        """One (class tile, D block): ``dW`` of its centers through the student's logits, written once."""
+        pid_c = tl.program_id(0)
+        pid_d = tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        row_mask = rows < B
         col_mask = cols < C
-        gr = tl.load(GR + rows, mask=row_mask, other=0.0)
-        if tl.max(tl.abs(gr), 0) != 0:
-            y = tl.load(Y + rows, mask=row_mask, other=-1)
-            lse_s = tl.load(LSE_S + rows, mask=row_mask, other=0.0)
-            lse_sT = tl.load(LSE_ST + rows, mask=row_mask, other=0.0)
-            lse_tT = tl.load(LSE_TT + rows, mask=row_mask, other=0.0)
-            cs = cos_tile(XS, W, RXS, RW, rows, cols, row_mask, col_mask, D, stride_xs, stride_w,
-                               BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
-            ct = cos_tile(XT, W, RXT, RW, rows, cols, row_mask, col_mask, D, stride_xt, stride_w,
-                               BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
-            keep = (cs >= -1.0) & (cs <= 1.0) & (cols[None, :] != y[:, None]) & col_mask[None, :] & row_mask[:, None]
-            zs = tl.minimum(tl.maximum(cs, -1.0), 1.0) * s
-            zt = tl.minimum(tl.maximum(ct, -1.0), 1.0) * s
-            p_s = tl.exp(zs - lse_s[:, None])
-            q_s = tl.exp(zs * inv_T - lse_sT[:, None])
-            q_t = tl.exp(zt * inv_T - lse_tT[:, None])
-            dz = (1.0 - alpha) * p_s + (alpha / inv_T) * (q_s - q_t)
-            gscale = tl.load(GSCALE)
-            g = tl.where(keep, dz * (s * (gr / gscale)[:, None]), 0.0)
-            scatter_grads(g, XS, W, RXS, RW, DXH, DWH, rows, cols, row_mask, col_mask, D, stride_xs, stride_w,
-                               gscale, COMPUTE_DW, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
-
-
-
-@guard_device
-def stats(xs, xt, w, labels, rxs, rxt, rw, s, T):
-    B, D = xs.shape
-    C = w.shape[0]
-    cfg = margin_tile_config(xs.dtype, B, D)
-    row_tiles = triton.cdiv(B, cfg["BLOCK_B"])
-    class_tiles = triton.cdiv(C, cfg["BLOCK_C"])
-    splits = max(1, min(class_tiles, (4 * num_sms(xs.device)) // row_tiles)) if xs.is_cuda else 1
-    per_split = triton.cdiv(class_tiles, splits) * cfg["BLOCK_C"]
-    splits = triton.cdiv(C, per_split)
-    stats = torch.empty(splits, 6, B, dtype=rxs.dtype, device=xs.device)
-    _margin_kd_forward_kernel[(row_tiles, splits)](
-        xs,
-        xt,
-        w,
-        rxs,
-        rxt,
-        rw,
-        labels,
-        stats,
-        B,
-        C,
-        D,
-        xs.stride(0),
-        xt.stride(0),
-        w.stride(0),
-        per_split,
-        float(s),
-        1.0 / float(T),
-        **triton_flags(xs.dtype, xs.is_cuda),
-        **cfg,
-    )
-    return _merge_splits(stats, T)
-
-
-def _merge_splits(stats, T):
-    """Combine per-split partials (splits, 6, B) into one set of (6, B) statistics."""
-    m_s, l_s, l_sT, m_t, l_tT, A = stats.unbind(1)
-    ms, mt = m_s.max(0).values, m_t.max(0).values
-    fs, fsT, ft = torch.exp(m_s - ms), torch.exp((m_s - ms) / T), torch.exp((m_t - mt) / T)
-    return ms, (l_s * fs).sum(0), (l_sT * fsT).sum(0), mt, (l_tT * ft).sum(0), (A * ft).sum(0)
-
-
+        dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        d_mask = dd < D
+        op_dtype = ACC_DTYPE if UPCAST else XS.dtype.element_ty
+        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
+        wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
+        gscale = tl.load(GSCALE)
+        acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC_DTYPE)
+        dot = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+        for r0 in range(0, B, BLOCK_B):
+            rows = r0 + tl.arange(0, BLOCK_B)
+            row_mask = rows < B
+            gr = tl.load(GR + rows, mask=row_mask, other=0.0)
+            if tl.max(tl.abs(gr), 0) != 0:
+                y = tl.load(Y + rows, mask=row_mask, other=-1)
+                rxs = tl.load(RXS + rows, mask=row_mask, other=0.0)
+                rxt = tl.load(RXT + rows, mask=row_mask, other=0.0)
+                lse_s = tl.load(LSE_S + rows, mask=row_mask, other=0.0)
+                lse_sT = tl.load(LSE_ST + rows, mask=row_mask, other=0.0)
+                lse_tT = tl.load(LSE_TT + rows, mask=row_mask, other=0.0)
+                coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
+                xs_n = normalised(load_tile(XS, rows, row_mask, dd, d_mask, stride_xs), rxs, op_dtype)
+                xt_n = normalised(load_tile(XT, rows, row_mask, dd, d_mask, stride_xt), rxt, op_dtype)
+                cs, ct = _kd_cosines(XS, XT, W, RXS, RXT, RW, xs_n, xt_n, wn, rows, cols, row_mask, col_mask, D,
+                                     stride_xs, stride_xt, stride_w, FULL_D, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE,
+                                     UPCAST, PRECISION)  # fmt: skip
+                target = (cols[None, :] == y[:, None]) & col_mask[None, :]
+                live = ~target & col_mask[None, :] & row_mask[:, None]
+                zs, keep = logits(cs, live, s, 0.0, False)
+                zt, _ = logits(ct, live, s, 0.0, False)
+                p_s = tl.exp(zs - lse_s[:, None])
+                q_s = tl.exp(zs * inv_T - lse_sT[:, None])
+                q_t = tl.exp(zt * inv_T - lse_tT[:, None])
+                dz = (1.0 - alpha) * p_s + (alpha / inv_T) * (q_s - q_t)
+                g = tl.where(keep, dz * (s * gr)[:, None], 0.0)
+                g = tl.where(target, coef[:, None], g)
+                dot += tl.sum(g * cs, 0)
+                acc += tl.dot(tl.trans((g / gscale).to(op_dtype)), xs_n, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        wt = load_tile(W, cols, col_mask, dd, d_mask, stride_w)  # reloaded: not held in registers over the loop
+        center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw)
 
 
 @guard_device
-def grad_hat(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, s, T, alpha, need_dw):
-    """Raw ``dx^`` (B, D) and, when ``need_dw``, ``dW^`` (C, D) in fp32 buffers (no target term)."""
+def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
+    """``(stats, o3)`` as :func:`mdkernels.ops.margin_kd.torch_backend.forward`, split-C partials merged."""
     B, D = xs.shape
     C = w.shape[0]
     cd = rxs.dtype
-    cfg = margin_tile_config(xs.dtype, B, D)
-    dxh = torch.zeros(B, D, dtype=cd, device=xs.device)
-    dwh = torch.zeros(C, D, dtype=cd, device=xs.device) if need_dw else dxh
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(B, cfg["BLOCK_B"]))
-    _margin_kd_backward_kernel[grid](
-        xs,
-        xt,
-        w,
-        rxs,
-        rxt,
-        rw,
-        labels,
-        lse_s,
-        lse_sT,
-        lse_tT,
-        gr,
-        grad_scale(gr).to(cd),
-        dxh,
-        dwh,
-        B,
-        C,
-        D,
-        xs.stride(0),
-        xt.stride(0),
-        w.stride(0),
-        float(s),
-        1.0 / float(T),
-        float(alpha),
-        COMPUTE_DW=need_dw,
-        **triton_flags(xs.dtype, xs.is_cuda),
-        **cfg,
-    )
-    return dxh, (dwh if need_dw else None)
+    flags = triton_flags(xs.dtype, xs.is_cuda)
+
+    def launch(cfg):
+        row_tiles, class_tiles = triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"])
+        splits = max(1, min(class_tiles, (4 * num_sms(xs.device)) // row_tiles)) if xs.is_cuda else 1
+        per_split = triton.cdiv(class_tiles, splits) * cfg["BLOCK_C"]
+        splits = triton.cdiv(C, per_split)
+        d_splits = triton.cdiv(D, cfg["BLOCK_DO"]) if need_o else 1
+        stats = torch.empty(splits, 6, B, dtype=cd, device=xs.device)
+        o = torch.empty(splits, 3, B, D, dtype=cd, device=xs.device) if need_o else stats
+        _margin_kd_forward_kernel[(row_tiles, splits, d_splits)](
+            xs, xt, w, rxs, rxt, rw, labels, stats, o, B, C, D, xs.stride(0), xt.stride(0), w.stride(0), per_split,
+            float(s), 1.0 / float(T), NEED_O=need_o, **flags, **cfg,
+        )  # fmt: skip
+        return stats, o
+
+    stats, o = launch(autotuned("kd_forward", xs, B, C, D, launch))
+    m_s, l_s, l_sT, m_t, l_tT, A = stats.unbind(1)
+    ms, mt = m_s.max(0).values, m_t.max(0).values
+    fs, fsT, ft = torch.exp(m_s - ms), torch.exp((m_s - ms) / T), torch.exp((m_t - mt) / T)
+    merged = (ms, (l_s * fs).sum(0), (l_sT * fsT).sum(0), mt, (l_tT * ft).sum(0), (A * ft).sum(0))
+    if not need_o:
+        return merged, None
+    o3 = torch.einsum("skbd,skb->kbd", o, torch.stack([fs, fsT, ft], 1))
+    return merged, o3
+
+
+@guard_device
+def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_t, s, T, alpha):
+    """``dL/dW`` (C, D) in the centers' dtype, as :func:`mdkernels.ops.margin_kd.torch_backend.center_grad`."""
+    B, D = xs.shape
+    C = w.shape[0]
+    dw = torch.empty_like(w)
+    gscale = grad_scale(gr, coef, s).to(rxs.dtype)
+    flags = triton_flags(xs.dtype, xs.is_cuda)
+
+    def launch(cfg):
+        grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))
+        _margin_kd_center_grad_kernel[grid](
+            xs, xt, w, rxs, rxt, rw, labels, lse_s, lse_sT, lse_tT, gr, coef, gscale, dw, B, C, D, xs.stride(0),
+            xt.stride(0), w.stride(0), dw.stride(0), float(s), 1.0 / float(T), float(alpha), **flags, **cfg,
+        )  # fmt: skip
+
+    if C and B:
+        launch(autotuned("kd_center_grad", xs, B, C, D, launch))
+    else:
+        dw.zero_()
+    return dw
 
 
 def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
-    """The kernels as the GPU launcher compiles them (see :mod:`mdkernels.tools.gpu_compile`)."""
-    cfg = margin_tile_config(dtype, B, D)
-    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    """The kernels as the GPU launcher compiles them at D = 512 and D = 1024 (see
+    :mod:`mdkernels.tools.gpu_compile`)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     flags = triton_flags(dtype, on_cuda=True)
     common = {"XS": ptr(dtype), "XT": ptr(dtype), "W": ptr(dtype), "RXS": ptr(acc), "RXT": ptr(acc), "RW": ptr(acc),
               "Y": "*i64", "B": "i32", "C": "i32", "D": "i32", "stride_xs": "i32", "stride_xt": "i32",
               "stride_w": "i32", "s": "fp32", "inv_T": "fp32"}  # fmt: skip
-    fwd = {**common, "STATS": ptr(acc), "classes_per_split": "i32"}
-    bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "GSCALE": ptr(acc),
-           "DXH": ptr(acc), "DWH": ptr(acc), "alpha": "fp32"}  # fmt: skip
-    specs = [("margin_kd_forward", _margin_kd_forward_kernel, fwd, {**cfg, **flags}, opts)]
-    for dw in (False, True):
-        specs.append((f"margin_kd_backward dw={dw}", _margin_kd_backward_kernel, bwd,
-                      {"COMPUTE_DW": dw, **cfg, **flags}, opts))  # fmt: skip
+    fwd = {**common, "STATS": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
+    bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc),
+           "GSCALE": ptr(acc), "DW": ptr(dtype), "stride_dw": "i32", "alpha": "fp32"}  # fmt: skip
+    specs = []
+    for d, need_o in ((D, False), (D, True), (1024, True)):  # the D split at 1024 with its largest variant
+        fcfg, gcfg = tile_config("kd_forward", dtype, B, d), tile_config("kd_center_grad", dtype, B, d)
+        fopts = {"num_warps": fcfg.pop("num_warps"), "num_stages": fcfg.pop("num_stages")}
+        gopts = {"num_warps": gcfg.pop("num_warps"), "num_stages": gcfg.pop("num_stages")}
+        specs.append((f"margin_kd_forward D={d} need_o={need_o}", _margin_kd_forward_kernel, fwd,
+                      {"NEED_O": need_o, **fcfg, **flags}, fopts))  # fmt: skip
+        if need_o:
+            specs.append((f"margin_kd_center_grad D={d}", _margin_kd_center_grad_kernel, bwd, {**gcfg, **flags},
+                          gopts))  # fmt: skip
     return specs

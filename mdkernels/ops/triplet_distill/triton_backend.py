@@ -109,8 +109,7 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
     perm, y, start, end, largest = sorted_positive_ranges(labels, ignore_index)
     ds32 = ds.to(acc)[perm][:, perm].contiguous()  # sorted rows and columns: positives are contiguous
     dt32 = dt.to(acc)[perm][:, perm].contiguous()
-    flags = dict(BLOCK_P=64 if interpreting() else 32, BLOCK_N=64 if interpreting() else 128,
-                 ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32)  # fmt: skip
+    flags = dict(tile_config(), ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32)
     bp, bn = flags["BLOCK_P"], flags["BLOCK_N"]
     params = torch.tensor([0.0, m_min, m_max], dtype=acc, device=ds.device)
     gmax = torch.zeros(B, B, dtype=acc, device=ds.device)  # only (anchor, positive) entries are written
@@ -135,9 +134,19 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
 
 
 
+def tile_config() -> dict:
+    """Tiles of positives and negatives, and warps: the one place they are chosen (launcher and compile
+    check). GPU: 8 warps compile without register spills on sm_80/sm_90; the interpreter: square tiles."""
+    if interpreting():
+        return dict(BLOCK_P=64, BLOCK_N=64, num_warps=4)
+    return dict(BLOCK_P=32, BLOCK_N=128, num_warps=8)
+
+
 def compile_specs(dtype: torch.dtype) -> list:
     """The kernel as the GPU launcher compiles it (distances are fp32 whatever the input dtype)."""
+    cfg = tile_config()
+    opts = {"num_warps": cfg.pop("num_warps")}
     sig = {"DS": "*fp32", "DT": "*fp32", "Y": "*i64", "POS_START": "*i64", "POS_END": "*i64", "OUT_A": "*fp32",
            "OUT_B": "*fp32", "PARAMS": "*fp32", "B": "i32", "ignore_index": "i32"}  # fmt: skip
-    return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, "BLOCK_P": 32, "BLOCK_N": 128, "ACC_DTYPE": tl.float32}, {})
+    return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, **cfg, "ACC_DTYPE": tl.float32}, opts)
             for m in (0, 1, 2)]  # fmt: skip
