@@ -1,10 +1,14 @@
-"""Build mdkernels: pure Python + Triton, plus an optional CUDA C++ module built by CMake.
+"""Build mdkernels: Python + Triton, plus optional C++ modules built by CMake.
 
 Environment flags (read at build time, printed so a build log says what happened):
 
-    MDK_BUILD_CUDA   AUTO (default): build csrc/ when a working nvcc exists, skip it cleanly otherwise
+    MDK_BUILD_CUDA   AUTO (default): build the CUDA module (csrc/*.cu) when a working nvcc exists, skip
+                     it cleanly otherwise
                      ON: fail loudly when the CUDA module cannot be built
-                     OFF: pure Python; any stale compiled module is removed from the build tree
+                     OFF: no CUDA module; any stale one is removed from the build tree
+    MDK_BUILD_CPU    AUTO (default): build mdkernels._cpu (csrc/cpu/, the CPU path's chunk epilogues) with
+                     the host compiler; a failed build falls back to pure torch with a warning
+                     ON: fail loudly when it cannot be built; OFF: pure torch on the CPU
     MDK_CUDA_ARCHS   CMake CUDA architectures, default "80;90" (A100 and H100/H200)
     MAX_JOBS         parallel compile jobs; default derived from cores and free memory
     MDK_BUILD_EMULATOR_ASAN  1: also build mdkernels._cuda_emu_asan, the CPU emulator of the CUDA kernels
@@ -67,41 +71,53 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def _mode(name: str) -> str:
+    mode = os.environ.get(name, "AUTO").strip().upper()
+    if mode not in ("AUTO", "ON", "OFF"):
+        raise SystemExit(f"{name} must be AUTO, ON or OFF, got {mode!r}")
+    return mode
+
+
 class CMakeBuild(build_ext):
     def run(self) -> None:
-        mode = os.environ.get("MDK_BUILD_CUDA", "AUTO").strip().upper()
-        if mode not in ("AUTO", "ON", "OFF"):
-            raise SystemExit(f"MDK_BUILD_CUDA must be AUTO, ON or OFF, got {mode!r}")
+        mode, cpu_mode = _mode("MDK_BUILD_CUDA"), _mode("MDK_BUILD_CPU")
         for ext in self.extensions:
             self._remove_stale(ext)
+        nvcc = None
         if mode == "OFF":
-            _log("MDK_BUILD_CUDA=OFF: building pure Python (no CUDA module)")
-            return
-        nvcc = _find_nvcc()
-        if nvcc is None:
-            if mode == "ON":
+            _log("MDK_BUILD_CUDA=OFF: no CUDA module")
+        else:
+            nvcc = _find_nvcc()
+            if nvcc is None and mode == "ON":
                 raise SystemExit("MDK_BUILD_CUDA=ON but no working nvcc was found (set CUDA_HOME or PATH)")
-            _log("no working nvcc found: skipping the CUDA module (MDK_BUILD_CUDA=AUTO)")
+            if nvcc is None:
+                _log("no working nvcc found: skipping the CUDA module (MDK_BUILD_CUDA=AUTO)")
+        with_cpu = cpu_mode != "OFF"
+        if cpu_mode == "OFF":
+            _log("MDK_BUILD_CPU=OFF: the CPU path runs pure torch")
+        if nvcc is None and not with_cpu:
             return
         for ext in self.extensions:
             try:
-                self._build_cmake(ext, nvcc)
+                self._build_cmake(ext, nvcc, with_cpu)
             except (subprocess.CalledProcessError, OSError) as err:
-                if mode == "ON":
+                if mode == "ON" and nvcc is not None:
                     raise SystemExit(f"MDK_BUILD_CUDA=ON and the CUDA module failed to build: {err}") from err
+                if cpu_mode == "ON":
+                    raise SystemExit(f"MDK_BUILD_CPU=ON and the CPU module failed to build: {err}") from err
                 # AUTO: a broken toolchain must not break a pure-Python install, but it must be visible.
-                _log(f"WARNING: CUDA module build failed ({err}); installing without it")
+                _log(f"WARNING: the C++ modules failed to build ({err}); installing without them")
                 self._remove_stale(ext)
 
     def _remove_stale(self, ext: Extension) -> None:
         """Drop compiled modules left by an earlier build, in build/ and (for --inplace) in the tree."""
         out = Path(self.get_ext_fullpath(ext.name))
         for folder in {out.parent, ROOT / "mdkernels"}:
-            for stale in folder.glob("_cuda*.so"):
+            for stale in [*folder.glob("_cuda*.so"), *folder.glob("_cpu*.so")]:
                 _log(f"removing stale {stale}")
                 stale.unlink()
 
-    def _build_cmake(self, ext: Extension, nvcc: str) -> None:
+    def _build_cmake(self, ext: Extension, nvcc: str | None, with_cpu: bool) -> None:
         import pybind11
 
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
@@ -110,7 +126,9 @@ class CMakeBuild(build_ext):
         jobs = _max_jobs()
         build_temp = Path(self.build_temp).resolve() / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
-        _log(f"building CUDA module with {nvcc}, archs={archs}, MAX_JOBS={jobs}")
+        what = [f"CUDA module with {nvcc}, archs={archs}"] if nvcc else []
+        what += ["CPU module (host compiler)"] if with_cpu else []
+        _log(f"building {' and '.join(what)}, MAX_JOBS={jobs}")
         ninja = shutil.which("ninja")
         try:  # the ninja package of the (isolated) build environment, when PATH does not have one
             import ninja as ninja_pkg
@@ -129,18 +147,21 @@ class CMakeBuild(build_ext):
             "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
-            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DMDK_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+            f"-DMDK_WITH_CPU={'ON' if with_cpu else 'OFF'}",
+            *([f"-DCMAKE_CUDA_COMPILER={nvcc}"] if nvcc else []),
             f"-DMDK_CUDA_ARCHS={archs}",
             f"-DMDK_OUTPUT_DIR={out.parent}",
             f"-DMDK_OUTPUT_NAME={out.name}",
             f"-DMDK_EMU_SUFFIX={out.name[len('_cuda') :]}",
+            f"-DMDK_MODULE_SUFFIX={out.name[len('_cuda') :]}",
             f"-DMDK_EMULATOR_ASAN={'ON' if os.environ.get('MDK_BUILD_EMULATOR_ASAN') == '1' else 'OFF'}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
         subprocess.run(cfg, cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--parallel", str(jobs)], cwd=build_temp, check=True)
-        if not out.exists():
+        if nvcc and not out.exists():
             raise OSError(f"CMake finished but {out} was not produced")
 
 

@@ -146,6 +146,7 @@ def child(spec: dict) -> None:
     x, w, y = make_inputs(spec["B"], spec["D"], spec["C"], dtype, "cpu", spec.get("frozen", False))
     call = callables(fn, spec["mode"], x, w, y)
     call()  # warm-up at full size (pages in code, compiles); the second call is measured
+    _zero(x, w)  # the gradients the second call returns are part of its peak
     if not harness.reset_peak_rss():
         raise SystemExit("cannot reset the peak RSS on this OS: CPU peak memory needs Linux")
     base = harness.current_rss_bytes()
@@ -156,33 +157,40 @@ def child(spec: dict) -> None:
 def run(B, D, C, dtype, device, frozen, reps, only, modes):
     rows = []
     x, w, y = make_inputs(B, D, C, DTYPES[dtype], device, frozen)
+    calls = {}
     for name, fn in providers(device).items():
-        if only and name not in only:
-            continue
-        for mode in modes:
-            try:
-                call = callables(fn, mode, x, w, y)
-                if device == "cuda":
-                    med, p20, p80 = harness.time_gpu(call)
-                    peak = harness.peak_gpu(call)
-                else:
-                    med, p20, p80 = harness.time_cpu(call, reps=reps)
-                    spec = dict(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, frozen=frozen)
-                    peak = harness.peak_cpu_subprocess("bench_margin_ce", spec)
-            except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. eager at C = 2M
-                print(f"{name} {mode}: {type(err).__name__}: {str(err)[:200]}")
-                med = p20 = p80 = math.nan
-                peak = ""
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            row = harness.base_row("margin_ce", device, "frozen" if frozen else "")
-            flops = gemm_count(mode, frozen) * 2 * B * C * D
-            tflops = round(flops / (med * 1e-3) / 1e12, 3) if med == med else ""
-            row.update(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, ms_median=med, ms_p20=p20, ms_p80=p80,
-                       peak_mem_bytes=peak, tflops=tflops)  # fmt: skip
-            rows.append(row)
-            x.grad = None
-            w.grad = None
+        if not only or name in only:
+            for mode in modes:
+                calls[(name, mode)] = callables(fn, mode, x, w, y)
+    measured = {}
+    if device == "cpu":  # every provider's repetitions interleaved: the ratios hold within one run
+        try:
+            measured = harness.time_cpu_interleaved(calls, reps=reps)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            print(f"interleaved timing failed ({type(err).__name__}: {str(err)[:200]}); timing one by one")
+    for (name, mode), call in calls.items():
+        try:
+            if device == "cuda":
+                med, p20, p80 = harness.time_gpu(call)
+                peak = harness.peak_gpu(call)
+            else:
+                med, p20, p80 = measured.get((name, mode)) or harness.time_cpu(call, reps=reps)
+                spec = dict(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, frozen=frozen)
+                peak = harness.peak_cpu_subprocess("bench_margin_ce", spec)
+        except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. eager at C = 2M
+            print(f"{name} {mode}: {type(err).__name__}: {str(err)[:200]}")
+            med = p20 = p80 = math.nan
+            peak = ""
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        row = harness.base_row("margin_ce", device, "frozen" if frozen else "")
+        flops = gemm_count(mode, frozen) * 2 * B * C * D
+        tflops = round(flops / (med * 1e-3) / 1e12, 3) if med == med else ""
+        row.update(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, ms_median=med, ms_p20=p20, ms_p80=p80,
+                   peak_mem_bytes=peak, tflops=tflops)  # fmt: skip
+        rows.append(row)
+        x.grad = None
+        w.grad = None
     return rows
 
 

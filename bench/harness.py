@@ -100,6 +100,26 @@ def time_cpu(fn: Callable[[], object], reps: int = 5, warmup: int = 1) -> tuple[
     return statistics.median(times), q[0], q[-1]
 
 
+def time_cpu_interleaved(fns: dict, reps: int = 5, warmup: int = 1) -> dict:
+    """``time_cpu`` of several callables with their repetitions interleaved (a, b, c, a, b, c, ...), so
+    that a slow spell of a shared machine hits every provider alike and their ratios hold within one run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        out[name] = (statistics.median(ts), q[0], q[-1])
+    return out
+
+
 def time_gpu(fn: Callable[[], object]) -> tuple[float, float, float]:
     import triton.testing
 
@@ -145,11 +165,15 @@ def reset_peak_rss() -> bool:
 
 def peak_cpu_subprocess(module: str, spec: dict) -> int:
     """Peak RSS rise of one fwd+bwd call, in a fresh interpreter (``python -m bench.<module> --child``)."""
+    # glibc raises its mmap threshold after freeing a large block, keeping later large blocks in the heap,
+    # where a second call reuses them unseen: a fixed threshold maps and unmaps every large tensor
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
         [sys.executable, "-m", f"bench.{module}", "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])

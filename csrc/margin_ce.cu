@@ -55,7 +55,7 @@ struct TileSmem {
 // in range), zero outside it. vec: 16-byte loads of 16 / sizeof(T) elements (the launcher checked that
 // D, the row stride and the base pointer allow them), else one element per load.
 template <typename T, int R, typename Store>
-__device__ inline void visit_tile(const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0, int64_t dim,
+__device__ __forceinline__ void visit_tile(const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0, int64_t dim,
                                   int64_t stride, bool vec, Store store) {
   constexpr int V = 16 / sizeof(T);
   if (vec) {
@@ -81,7 +81,7 @@ __device__ inline void visit_tile(const T* __restrict__ src, int64_t r0, int64_t
 
 // Loads the tile into shared memory as stored, zero-filled.
 template <typename T, int R>
-__device__ inline void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
+__device__ __forceinline__ void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
                                  int64_t dim, int64_t stride, bool vec) {
   visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t, T v, bool) { dst[r][k] = v; });
 }
@@ -89,7 +89,7 @@ __device__ inline void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, i
 // Loads like load_tile, rows scaled by scale[row] = 1/|row| in fp32 before the rounding to T: the
 // normalised rows, within [-1, 1] whatever the norms (a zero row stays zero), as 16-bit operands.
 template <typename T, int R>
-__device__ inline void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
+__device__ __forceinline__ void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
                                             const float* __restrict__ scale, int64_t r0, int64_t rows, int64_t k0,
                                             int64_t dim, int64_t stride, bool vec) {
   visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t gr, T v, bool in) {
@@ -99,7 +99,7 @@ __device__ inline void load_tile_normalised(T (*dst)[kLds<T>], const T* __restri
 
 // acc tile (fp32, in smem.cs) = x[r0:r0+BM] . w[c0:c0+BN]^T over all of D.
 template <typename T>
-__device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __restrict__ w, int64_t r0, int64_t c0,
+__device__ __forceinline__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __restrict__ w, int64_t r0, int64_t c0,
                          int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, bool vec) {
   using namespace nvcuda;
   const int warp = threadIdx.x / 32;
@@ -140,7 +140,7 @@ __device__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __re
 // t % 8 + 8 j (i < 4, j < 8): a warp reads 4 rows of xs (broadcast) and 8 consecutive rows of ws, which the
 // one-word padding puts in 8 different banks.
 template <>
-__device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
+__device__ __forceinline__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
                                 int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw,
                                 bool vec) {
   const int tr = (threadIdx.x / 8) * 4, tc = threadIdx.x % 8;  // 16 x 8 threads, 4 x 8 outputs each
@@ -171,7 +171,7 @@ __device__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x
 }
 
 // Scaled, clamped, filtered cosine of tile entry (r, c); *keep says whether it carries a gradient.
-__device__ inline float tile_cos(float raw, float rx, float rw, bool has_filter, float tau, bool* keep) {
+__device__ __forceinline__ float tile_cos(float raw, float rx, float rw, bool has_filter, float tau, bool* keep) {
   const float c = raw * rx * rw;
   const float cc = clamp_cos(c);
   bool k = (c >= -1.f && c <= 1.f);
@@ -187,7 +187,7 @@ __device__ inline float tile_cos(float raw, float rx, float rw, bool has_filter,
 // [d_begin, d_end), with V rows loaded by load_v(k0) into ws. 16-bit: each warp owns a 16-row slice on
 // tensor cores, the accumulator fragments loaded from and stored back to shared memory. fp32: SIMT.
 template <typename T, typename LoadV, typename PAt>
-__device__ void accumulate_products(TileSmem<T>& sm, float (*acc)[LDA], PAt p_at, const OperandT<T>* p_base,
+__device__ __forceinline__ void accumulate_products(TileSmem<T>& sm, float (*acc)[LDA], PAt p_at, const OperandT<T>* p_base,
                                     int64_t d_begin, int64_t d_end, LoadV load_v, bool transpose_p) {
   for (int64_t k0 = d_begin; k0 < d_end; k0 += BK) {
     load_v(k0);
@@ -239,7 +239,7 @@ struct FwdSmem : TileSmem<T> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) margin_ce_forward_kernel(
+__global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, float* m_out, float* l_out, float* o_out, int64_t B, int64_t C, int64_t D,
     int64_t sx, int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, bool vec) {
@@ -315,7 +315,7 @@ struct GradSmem : TileSmem<T> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) margin_ce_center_grad_kernel(
+__global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
     const float* __restrict__ coef, const float* __restrict__ gscale_ptr, T* dw, int64_t B, int64_t C, int64_t D,

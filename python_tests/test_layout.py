@@ -29,7 +29,8 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-EXTENSIONS = {"mdkernels._cuda", "mdkernels._cuda_emu", "mdkernels._cuda_emu_asan"}  # CMakeLists.txt's modules
+# the compiled modules CMakeLists.txt builds
+EXTENSIONS = {"mdkernels._cpu", "mdkernels._cuda", "mdkernels._cuda_emu", "mdkernels._cuda_emu_asan"}
 
 
 def imports_of(path: Path, with_alias: bool = False) -> list[tuple]:

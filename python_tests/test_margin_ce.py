@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -161,19 +162,25 @@ def test_d_split_over_the_grid(backend, resident, monkeypatch):
         assert_close(a, b, torch.float64, f"D={D} {name}")
 
 
-def test_gemms_per_step_in_the_torch_path():
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-passes", "cpp-epilogue"])
+def test_gemms_per_step_in_the_torch_path(fused, monkeypatch):
     """The structure the design promises (torch path, one matrix product per class chunk and pass): a
     forward without gradient is one GEMM per chunk, with a gradient two (the accumulator), the backward of
     trainable centers two more (logits again, then dW) and nothing for dx."""
     B, D, C = 1024, 8, 3000
     chunk = mdkernels.ops._common.chunked.chunk_size(B, C)
     chunks = -(-C // chunk)
+    if fused and mdkernels.ops._common.chunked.cpu_ext is None:
+        pytest.skip("the CPU module (mdkernels._cpu) is not built")
+    monkeypatch.setattr(mdkernels.ops._common.chunked, "USE_CPU_EXT", fused)
     x, w, y = make(B, D, C, torch.float64, ignore=False)
     fwd_only, fwd, bwd = _CountMatmuls(), _CountMatmuls(), _CountMatmuls()
     op_pair(x, w, y, "torch", need_dx=False, need_dw=False, probe_forward=fwd_only)
     op_pair(x, w, y, "torch", probe_forward=fwd, probe_backward=bwd)
-    # the backward's chunks also run one mv each: the per-class dot of the normalisation backward
-    assert chunks == 3 and (fwd_only.count, fwd.count, bwd.count) == (chunks, 2 * chunks, 3 * chunks)
+    # the torch passes also run one mv per backward chunk (the per-class dot of the normalisation backward),
+    # which the C++ epilogue forms in its sweep
+    per_bwd_chunk = 2 if fused else 3
+    assert chunks >= 3 and (fwd_only.count, fwd.count, bwd.count) == (chunks, 2 * chunks, per_bwd_chunk * chunks)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -472,3 +479,75 @@ def test_torch_compile_fullgraph_inductor():
     assert loss.item() == pytest.approx(eager.item(), rel=1e-5)
     for a, b in zip(torch.autograd.grad(loss, [body.weight, head.weight]), grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(
+    mdkernels.ops._common.chunked.cpu_ext is None, reason="the CPU module (mdkernels._cpu) is not built"
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", ["arcface", "filter", "straight_through"])
+def test_cpu_epilogue_matches_the_torch_passes(dtype, config, monkeypatch):
+    """The C++ chunk epilogues (csrc/cpu) against the pure-torch passes they replace, both against the
+    reference: several chunks, targets in the first and last column of a chunk, an ignored row, rows at
+    cos = +-1 (the clamp), C not a multiple of the chunk."""
+    from mdkernels.ops._common import chunked
+
+    B, D = 1024, 24
+    n = chunked.chunk_size(B, 10**6)  # classes per chunk
+    C = 3 * n + 17
+    x, w, y = make(B, D, C, dtype)
+    with torch.no_grad():
+        y[:4] = torch.tensor([0, n - 1, n, C - 1])
+        x[5], x[6] = w[y[5]] * 3, -w[y[6] + 1 if y[6] + 1 < C else 0]  # cos = +1 to the target, -1 to another
+    ref = run(R.margin_cross_entropy, x, w, y, **CONFIGS[config])
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(chunked, "USE_CPU_EXT", fused)
+        assert chunked.fused_epilogue(x) == fused
+        results[fused] = run(mdkernels.margin_cross_entropy, x, w, y, backend="torch", **CONFIGS[config])
+    for name, a, b, r in zip(("loss", "dx", "dw"), results[True], results[False], ref, strict=True):
+        assert_close(a, r, dtype, f"C++ epilogue {config} {name}")
+        assert_close(b, r, dtype, f"torch passes {config} {name}")
+
+
+@pytest.mark.skipif(os.environ.get("MDK_EXPECT_CUDA_EXT") != "1", reason="set by CI, where the C++ modules build")
+def test_cpu_module_was_built():
+    assert mdkernels.ops._common.chunked.cpu_ext is not None, "the CPU module (mdkernels._cpu) is missing"
+
+
+needs_cpu_ext = pytest.mark.skipif(
+    mdkernels.ops._common.chunked.cpu_ext is None, reason="the CPU module (mdkernels._cpu) is not built"
+)
+
+
+@needs_cpu_ext
+def test_cpu_epilogue_default_target_build():
+    """The default-target build of the C++ epilogues (what a CPU without AVX2 runs), forced with
+    MDK_CPU_ISA=base in a fresh interpreter, against the reference in fp32."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, mdkernels
+        from mdkernels import reference as R
+        from mdkernels.ops._common import chunked
+        assert chunked.cpu_ext.isa == "base", chunked.cpu_ext.isa
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(300, 40, generator=g), torch.randn(2000, 40, generator=g)
+        y = torch.randint(0, 2000, (300,), generator=g)
+        for kw in ({}, {"interclass_filter": 0.1}):
+            xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+            xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+            a = mdkernels.margin_cross_entropy(xa, wa, y, backend="torch", **kw)
+            b = R.margin_cross_entropy(xb, wb, y, **kw)
+            a.backward(); b.backward()
+            for u, v in ((a, b), (xa.grad, xb.grad), (wa.grad, wb.grad)):
+                torch.testing.assert_close(u, v, rtol=2e-5, atol=2e-5 * float(v.abs().max().clamp_min(1)))
+        print("base ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, MDK_CPU_ISA="base"))  # fmt: skip
+    assert res.returncode == 0 and "base ok" in res.stdout, res.stderr[-3000:]

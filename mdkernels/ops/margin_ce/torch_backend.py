@@ -28,17 +28,29 @@ def forward(x, w, labels, rx, rw, s, tau, need_o):
     m = torch.full((B,), NEG_BIG, dtype=cd, device=x.device)
     l = torch.zeros(B, dtype=cd, device=x.device)
     o = torch.zeros(B, x.shape[1], dtype=cd, device=x.device) if need_o else None
+    fused = chunked.fused_epilogue(xs)
+    alpha = torch.empty_like(m)
     for c0, c1 in chunked.chunks(B, C):
-        z, mx, keep, _, _ = chunked.chunk_logits(xs, w, rw, labels, c0, c1, s, tau)
-        m_new = torch.maximum(m, mx)
-        alpha = torch.exp(m - m_new)
-        p = z.sub_(m_new[:, None]).exp_()
-        l.mul_(alpha).add_(p.sum(1))
+        if fused:  # one C++ sweep per row: (m, l) updated in place, P * rw in place of the logits
+            p = torch.mm(xs, w[c0:c1].to(cd).T)
+            tgt = chunked.chunk_targets(labels, c0, c1)  # bound to a name: a temporary would be freed first
+            chunked.cpu_ext.forward_rows(cd == torch.float64, p.data_ptr(), rw[c0:c1].data_ptr(), tgt.data_ptr(), B,
+                                         c1 - c0, float(s),
+                                         float(s * tau) if tau is not None else 0.0, tau is not None, m.data_ptr(),
+                                         l.data_ptr(), alpha.data_ptr(), need_o, torch.get_num_threads())  # fmt: skip
+        else:
+            z, mx, keep, _, _ = chunked.chunk_logits(xs, w, rw, labels, c0, c1, s, tau)
+            m_new = torch.maximum(m, mx)
+            torch.exp(m - m_new, out=alpha)
+            p = z.sub_(m_new[:, None]).exp_()
+            l.mul_(alpha).add_(p.sum(1))
+            if need_o:
+                if keep is not None:
+                    p.masked_fill_(~keep, 0.0)
+                p.mul_(rw[None, c0:c1])
+            m = m_new
         if need_o:
-            if keep is not None:
-                p.masked_fill_(~keep, 0.0)
-            o.mul_(alpha[:, None]).addmm_(p.mul_(rw[None, c0:c1]), w[c0:c1].to(cd))
-        m = m_new
+            o.mul_(alpha[:, None]).addmm_(p, w[c0:c1].to(cd))
     lse_nt = m + torch.log(l)
     if need_o:
         o.mul_(torch.where(l > 0, s / l, torch.zeros_like(l))[:, None])
@@ -49,5 +61,4 @@ def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
     """``dL/dW`` (C, D) in the centers' dtype, written once per chunk (:func:`chunked.center_grad`), with
     the non-target ``dL/dc = gr s exp(z - lse)``."""
     xs = x.to(rx.dtype) * (rx * s)[:, None]
-    nontarget = lambda z, c0, c1: torch.sub(z, lse[:, None]).exp_()
-    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, tau, nontarget)
+    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, tau, lse=lse)

@@ -61,4 +61,4 @@ def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef
         q_s = (zs / T).sub_(lse_sT[:, None]).exp_()
         return torch.sub(zs, lse_s[:, None]).exp_().mul_(1.0 - alpha).add_(q_s.sub_(q_t), alpha=alpha * T)
 
-    return chunked.center_grad(ss, w, rw, labels, gr, coef, raw_t, s, None, nontarget, logit_sets=3)
+    return chunked.center_grad(ss, w, rw, labels, gr, coef, raw_t, s, None, nontarget=nontarget, logit_sets=3)
