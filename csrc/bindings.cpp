@@ -81,9 +81,9 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
 
   auto margin_args = [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
                         std::uintptr_t labels, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s,
-                        float tau, bool has_filter) {
+                        float tau, bool has_filter, float bound) {
     return mdk::MarginArgs{ptr<const void>(x), ptr<const void>(w), ptr<const float>(rx), ptr<const float>(rw),
-                           ptr<const int64_t>(labels), B, C, D, sx, sw, s, tau, has_filter};
+                           ptr<const int64_t>(labels), B, C, D, sx, sw, s, tau, has_filter, bound};
   };
 
   m.def(
@@ -91,32 +91,32 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
                     std::uintptr_t labels, std::uintptr_t m_out, std::uintptr_t l_out, std::uintptr_t o_out, int64_t B,
                     int64_t C, int64_t D, int64_t sx, int64_t sw, int64_t splits, int64_t per_split, float s,
-                    float tau, bool has_filter, std::uintptr_t stream) {
+                    float tau, bool has_filter, float bound, std::uintptr_t stream) {
         mdk::margin_ce_forward(static_cast<mdk::DType>(dtype),
-                               margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
+                               margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter, bound),
                                ptr<float>(m_out), ptr<float>(l_out), ptr<float>(o_out), splits, per_split,
                                mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("m_out"),
       py::arg("l_out"), py::arg("o_out"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("x_row_stride"),
       py::arg("w_row_stride"), py::arg("splits"), py::arg("per_split"), py::arg("s"), py::arg("tau"),
-      py::arg("has_filter"), py::arg("stream"));
+      py::arg("has_filter"), py::arg("bound"), py::arg("stream"));
 
   m.def(
       "margin_ce_center_grad",
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
                     std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t gr, std::uintptr_t coef,
                     std::uintptr_t gscale, std::uintptr_t dw, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw,
-                    int64_t sdw, float s, float tau, bool has_filter, std::uintptr_t stream) {
+                    int64_t sdw, float s, float tau, bool has_filter, float bound, std::uintptr_t stream) {
         mdk::margin_ce_center_grad(static_cast<mdk::DType>(dtype),
-                                   margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter),
+                                   margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter, bound),
                                    ptr<const float>(lse), ptr<const float>(gr), ptr<const float>(coef),
                                    ptr<const float>(gscale), ptr<void>(dw), sdw, mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("lse"),
       py::arg("gr"), py::arg("coef"), py::arg("gscale"), py::arg("dw"), py::arg("B"), py::arg("C"), py::arg("D"),
       py::arg("x_row_stride"), py::arg("w_row_stride"), py::arg("dw_row_stride"), py::arg("s"), py::arg("tau"),
-      py::arg("has_filter"), py::arg("stream"));
+      py::arg("has_filter"), py::arg("bound"), py::arg("stream"));
 
   m.def(
       "margin_target_forward",

@@ -170,11 +170,13 @@ __device__ __forceinline__ void cos_tile<float>(TileSmem<float>& sm, const float
   __syncthreads();
 }
 
-// Scaled, clamped, filtered cosine of tile entry (r, c); *keep says whether it carries a gradient.
-__device__ __forceinline__ float tile_cos(float raw, float rx, float rw, bool has_filter, float tau, bool* keep) {
+// Scaled, clamped (to [-bound, bound]), filtered cosine of tile entry (r, c); *keep says whether it carries
+// a gradient.
+__device__ __forceinline__ float tile_cos(float raw, float rx, float rw, bool has_filter, float tau, float bound,
+                                          bool* keep) {
   const float c = raw * rx * rw;
-  const float cc = clamp_cos(c);
-  bool k = (c >= -1.f && c <= 1.f);
+  const float cc = c < -bound ? -bound : (c > bound ? bound : c);
+  bool k = (c >= -bound && c <= bound);
   if (has_filter && cc > tau) {
     *keep = false;
     return 0.f;
@@ -242,7 +244,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, float* m_out, float* l_out, float* o_out, int64_t B, int64_t C, int64_t D,
-    int64_t sx, int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, bool vec) {
+    int64_t sx, int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, float bound, bool vec) {
   MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
   FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
   const int64_t r0 = int64_t(blockIdx.x) * BM;
@@ -265,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
       const int64_t col = c0 + j;
       bool keep;
       if (grow < B && col < c_end && col != y) tmax = fmaxf(tmax, s * tile_cos(sm.cs[my_row][j], rxi, rw[col],
-                                                                              has_filter, tau, &keep));
+                                                                              has_filter, tau, bound, &keep));
     }
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
     const float m_new = fmaxf(m, tmax), alpha = __expf(m - m_new);
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
       float p = 0.f;
       if (grow < B && col < c_end && col != y) {
         bool keep;
-        const float e = __expf(s * tile_cos(sm.cs[my_row][j], rxi, rw[col], has_filter, tau, &keep) - m_new);
+        const float e = __expf(s * tile_cos(sm.cs[my_row][j], rxi, rw[col], has_filter, tau, bound, &keep) - m_new);
         lsum += e;
         p = keep ? e : 0.f;
       }
@@ -319,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
     const float* __restrict__ coef, const float* __restrict__ gscale_ptr, T* dw, int64_t B, int64_t C, int64_t D,
-    int64_t sx, int64_t sw, int64_t sdw, float s, float tau, bool has_filter, bool vec) {
+    int64_t sx, int64_t sw, int64_t sdw, float s, float tau, bool has_filter, float bound, bool vec) {
   MDK_DYNAMIC_SMEM(smem_raw);
   GradSmem<T>& sm = *reinterpret_cast<GradSmem<T>*>(smem_raw);
   const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
@@ -347,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
           g = coef[grow];
         } else {
           bool keep;
-          const float cc = tile_cos(sm.cs[r][j], rx[grow], rw[col], has_filter, tau, &keep);
+          const float cc = tile_cos(sm.cs[r][j], rx[grow], rw[col], has_filter, tau, bound, &keep);
           g = keep ? s * gr[grow] * __expf(s * cc - lse[grow]) : 0.f;
         }
       }
@@ -417,7 +419,7 @@ void forward_impl(const MarginArgs& a, float* m_out, float* l_out, float* o_out,
                   static_cast<unsigned>(d_splits));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, m_out, l_out, o_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
-                                           a.tau, a.has_filter, vectorizable<T>(a));
+                                           a.tau, a.has_filter, a.bound, vectorizable<T>(a));
   check_launch("margin_ce_forward");
 }
 
@@ -431,7 +433,7 @@ void center_grad_impl(const MarginArgs& a, const float* lse, const float* gr, co
   const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.D + kAccCols - 1) / kAccCols));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
                                            a.labels, lse, gr, coef, gscale, static_cast<T*>(dw), a.B, a.C, a.D, a.sx,
-                                           a.sw, sdw, a.s, a.tau, a.has_filter, vectorizable<T>(a));
+                                           a.sw, sdw, a.s, a.tau, a.has_filter, a.bound, vectorizable<T>(a));
   check_launch("margin_ce_center_grad");
 }
 

@@ -16,6 +16,7 @@ struct MarginArgs {
   int64_t B, C, D, sx, sw;
   float s, tau;
   bool has_filter;
+  float bound;  // every cosine is clamped to [-bound, bound] (1; AdaFace 1 - 1e-3), no gradient outside
 };
 
 int64_t margin_tile_classes();          // classes per tile: split sizes must be multiples of it

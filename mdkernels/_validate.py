@@ -146,3 +146,36 @@ def check_triplets(triplets: torch.Tensor, batch: int) -> None:
         raise ValueError(
             f"triplets must index rows in [0, {batch}), got values in [{int(triplets.min())}, {int(triplets.max())}]"
         )
+
+
+def check_subcenters(subcenters, centers: torch.Tensor, name: str = "centers") -> None:
+    """K sub-centers per class: an int >= 1 that divides the centers' rows (layout ``c*K + k``)."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
+        raise ValueError(f"subcenters must be an int >= 1 (K sub-centers per class), got {subcenters!r}")
+    if centers.shape[0] % subcenters:
+        raise ValueError(
+            f"subcenters={subcenters} must divide the rows of {name} ({centers.shape[0]}): the layout is (C*K, D), "
+            "row c*K + k for sub-center k of class c"
+        )
+
+
+def check_margin_options(*, m3, fallback: bool, easy_margin: bool, theta_clip, cos_clamp, curricular_t,
+                         batch: int, device: torch.device) -> None:  # fmt: skip
+    """The options of the modern margin family (SPEC section 7)."""
+    check_margin_tensor(m3, batch, device, name="m3")
+    if isinstance(m3, torch.Tensor) and m3.requires_grad:
+        raise ValueError("m3 carries no gradient: pass m3.detach() (only a tensor m2 may require grad)")
+    if fallback and easy_margin:
+        raise ValueError("fallback and easy_margin are alternatives for theta + m2 > pi: pass one of them")
+    if theta_clip is not None and not 0 < float(theta_clip) < math.pi / 2:
+        raise ValueError(f"theta_clip must be in (0, pi/2) radians (AdaFace uses 1e-3), got {theta_clip}")
+    if not 0 < float(cos_clamp) <= 1:
+        raise ValueError(f"cos_clamp must be in (0, 1] (AdaFace uses 1 - 1e-3), got {cos_clamp}")
+    if curricular_t is not None:
+        if isinstance(curricular_t, torch.Tensor):  # a buffer: no host sync to look at its value
+            if curricular_t.numel() != 1 or not curricular_t.dtype.is_floating_point:
+                raise ValueError(f"curricular_t must be a float or a 0-d float tensor, got {curricular_t!r}")
+            if curricular_t.device != device:
+                raise ValueError(f"curricular_t is on {curricular_t.device} but the embeddings are on {device}")
+        elif not math.isfinite(float(curricular_t)):
+            raise ValueError(f"curricular_t must be finite, got {curricular_t}")

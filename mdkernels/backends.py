@@ -46,11 +46,13 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def gpu_backend(op: str, t: torch.Tensor, B: int, C: int, D: int) -> str:
+def gpu_backend(op: str, t: torch.Tensor, B: int, C: int, D: int, **options) -> str:
     """``"cuda"`` where the table says the CUDA kernels were faster for this GPU, dtype and shape (and the
-    module can run here), else ``"triton"``."""
+    module can run here, with every option the call turns on), else ``"triton"``."""
     from mdkernels.dispatch_table import ROWS
 
+    if any(name in OPS[op].lacking("cuda") for name in _active(options)):
+        return "triton"
     op = kernel_op(op)
     if not ROWS or "cuda" not in OPS[op].backends or not _cuda_ext.usable(t):
         return "triton"
@@ -58,8 +60,27 @@ def gpu_backend(op: str, t: torch.Tensor, B: int, C: int, D: int) -> str:
     return choose(op, _device_name(index), t.dtype, B, C, D, ROWS) or "triton"
 
 
-def require(op: str, backend: str, t: torch.Tensor) -> None:
-    """Raise unless ``backend`` has kernels for ``op`` that can run on tensor ``t``: never a silent fallback."""
+def _active(options: dict) -> list[str]:
+    """The options a call turns on: ``subcenters=3`` and ``curricular_t=True`` count; 1, None, False do not."""
+
+    def on(value) -> bool:
+        if value is None or isinstance(value, bool):
+            return bool(value)
+        return value != 1 if isinstance(value, int) else True
+
+    return [name for name, value in options.items() if on(value)]
+
+
+def require(op: str, backend: str, t: torch.Tensor, **options) -> None:
+    """Raise unless ``backend`` has kernels for ``op`` (and for every option the call turns on, e.g.
+    ``subcenters=3``) that can run on tensor ``t``: never a silent fallback."""
+    lacking = [name for name in _active(options) if name in OPS[op].lacking(backend)]
+    if lacking:
+        have = [b for b in OPS[op].backends if not set(lacking) & set(OPS[op].lacking(b))]
+        raise ValueError(
+            f"backend={backend!r} has no kernel for {', '.join(lacking)} in {OPS[op].functions[0]}; "
+            f"use backend={have[0]!r} or 'auto' (kernels with it: {', '.join(have)})"
+        )
     if backend == "cuda" and "cuda" not in OPS[op].backends:
         covered = [OPS[name].functions[0] for name in OPS if "cuda" in OPS[name].backends and name != "l2norm"]
         raise ValueError(
@@ -84,11 +105,12 @@ def require(op: str, backend: str, t: torch.Tensor) -> None:
         raise ValueError(f"unknown fused backend {backend!r}")
 
 
-def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] = (0, 0, 0)) -> str:
+def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] = (0, 0, 0), **options) -> str:
     """The concrete backend for ``op`` on tensor ``t``, checked with :func:`require` ("reference" passes).
 
     ``"auto"``: on CPU the chunked torch path; on CUDA Triton, or the CUDA C++ kernels where the op has
-    them and they were measured faster on this GPU for the dtype and the nearest ``shape`` (B, C, D).
+    them (with every option in ``options``) and they were measured faster on this GPU for the dtype and the
+    nearest ``shape`` (B, C, D).
     Every backend is deterministic (no atomics: each output tile is written by one program), so
     ``torch.use_deterministic_algorithms`` changes nothing here.
     """
@@ -96,9 +118,9 @@ def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if t.is_cuda and HAS_TRITON:
-            backend = gpu_backend(op, t, *shape)
+            backend = gpu_backend(op, t, *shape, **options)
         else:
             backend = "torch"
     if backend != "reference":
-        require(op, backend, t)
+        require(op, backend, t, **options)
     return backend

@@ -1,8 +1,8 @@
 """``mdk``: the mdkernels command line.
 
 mdk info                                   versions and capabilities
-mdk demo [--quick] [--out DIR]             teacher -> student distillation on generated identities (CPU)
-mdk train --data train.rec --val val.bin --method arcface|...|hinton [--config cfg.json] [--resume]
+mdk demo [--quick] [--out DIR] [--methods adaface,...]   distillation on generated identities (CPU)
+mdk train --data train.rec --val val.bin --method arcface|adaface|...|hinton [--config cfg.json] [--resume]
 mdk eval CHECKPOINT TARGET                 a checkpoint on a verification .bin or an image folder
 """
 
@@ -24,7 +24,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mdkernels.train.demo import run_demo
 
-    run_demo(out=args.out, preset="quick" if args.quick else args.preset, progress=not args.no_progress)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else ()
+    run_demo(out=args.out, preset="quick" if args.quick else args.preset, progress=not args.no_progress,
+             methods=methods)  # fmt: skip
     return 0
 
 
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"])
     p.add_argument("--out", default="mdk_demo", help="output folder (default: mdk_demo)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--methods", default="", help="extra students of the margin family, comma-separated, e.g. "
+                   "adaface,curricularface,magface,elasticface,subcenter (the default table is unchanged)")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("train", help="train a backbone with a margin loss or a distillation method")
     p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("bench", help="run a benchmark from a checkout: mdk bench margin_ce --suite cpu")
-    p.add_argument("op", choices=["margin_ce", "distill"], help="bench/bench_<op>.py")
+    p.add_argument("op", choices=["margin_ce", "margin_family", "distill", "l2norm"], help="bench/bench_<op>.py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (see its --help)")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("eval", help="evaluate a checkpoint on a .bin verification set or an image folder")

@@ -38,7 +38,7 @@ from mdkernels import backends
 from mdkernels._spec import compute_dtype
 from mdkernels.functional import margin_rows
 from mdkernels.ops import margin_ce
-from mdkernels.ops._common.margin import distillation_margins, margin_target_and_slope
+from mdkernels.ops._common.margin import NonTarget, distillation_margins, margin_target_and_slope
 from mdkernels.ops.l2norm import l2_normalize, normalize_backward, row_rnorm
 
 
@@ -118,10 +118,11 @@ class _ShardedMarginCE(torch.autograd.Function):
             raw_t = torch.zeros(x.shape[0], dtype=cd, device=x.device)
         dist.all_reduce(raw_t, group=group)
         cos_t = raw_t.clamp(-1.0, 1.0)
-        z_t, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
+        z_t, _, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
         # local non-target logsumexp (and accumulator), then the global ones: max, then sum
         if w.shape[0]:
-            lse_local, o_local = margin_ce.BACKENDS[backend].forward(x, w, local_target, rx, rw, s, tau, need_dx)
+            nt = NonTarget(tau)
+            lse_local, o_local = margin_ce.BACKENDS[backend].forward(x, w, local_target, rx, rw, s, nt, need_dx)
         else:
             lse_local = torch.full_like(cos_t, -math.inf)
             o_local = torch.zeros_like(x, dtype=cd) if need_dx else None
@@ -155,14 +156,15 @@ class _ShardedMarginCE(torch.autograd.Function):
             dist.all_reduce(grad_rows, group=ctx.group)
         cd = rx.dtype
         gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
-        z_t, slope = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
+        z_t, slope, _ = margin_target_and_slope(cos_t, m2.to(cd), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad)
         coef = margin_ce.target_coefficient(gr, z_t, lse, raw_t, slope)
         dx = dw = None
         if need_dx:  # the whole gathered batch's gradient, identical on every rank: no collective, no GEMM
             dx = normalize_backward(x, o_bar * gr[:, None] + coef[:, None] * w_y)
         if need_dw:
             if w.shape[0]:  # the target term goes to the rows of this shard only (local_target >= 0)
-                dw = margin_ce.BACKENDS[backend].center_grad(x, w, local_target, rx, rw, lse, gr, coef, raw_t, s, tau)
+                dw = margin_ce.BACKENDS[backend].center_grad(x, w, local_target, rx, rw, lse, gr, coef, raw_t, s,
+                                                             NonTarget(tau))  # fmt: skip
             else:
                 dw = torch.zeros_like(w)
         return dx, dw, *(None,) * 13

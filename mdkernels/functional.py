@@ -40,12 +40,13 @@ def resolve_backend(
     return backends.resolve(op, backend, t, shape)
 
 
-def margin_rows(m2: float | torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """``m2`` as one margin per row ``(B,)`` in the compute dtype, without gradient."""
+def margin_rows(m: float | torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """A margin as one value per row ``(B,)`` in the compute dtype; a tensor keeps its graph (a tensor ``m2``
+    that requires grad gets its gradient)."""
     cd = compute_dtype(embeddings)
-    if isinstance(m2, torch.Tensor):
-        return m2.detach().to(cd)
-    return torch.full((embeddings.shape[0],), float(m2), dtype=cd, device=embeddings.device)
+    if isinstance(m, torch.Tensor):
+        return m.to(cd)
+    return torch.full((embeddings.shape[0],), float(m), dtype=cd, device=embeddings.device)
 
 
 def _reduce(loss_rows: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -65,57 +66,70 @@ def margin_cross_entropy(
     s: float = 64.0,
     m1: float = 1.0,
     m2: float | torch.Tensor = 0.5,
-    m3: float = 0.0,
+    m3: float | torch.Tensor = 0.0,
     fallback: bool = True,
     grad: str = "exact",
     interclass_filter: float | None = None,
+    subcenters: int = 1,
+    curricular_t: float | torch.Tensor | None = None,
+    easy_margin: bool = False,
+    theta_clip: float | None = None,
+    cos_clamp: float = 1.0,
     ignore_index: int = -1,
     reduction: str = "mean",
     backend: str = "auto",
     return_stats: bool = False,
     check_finite: bool = False,
 ):
-    """Margin-based softmax cross-entropy (ArcFace / CosFace / SphereFace / combined), fused.
+    """Margin-based softmax cross-entropy (ArcFace / CosFace / SphereFace / combined and the modern margin
+    family), fused.
 
     embeddings: (B, D) student features (any scale: they are normalised here).
-    centers: (C, D) class centers (insightface's ``weight`` layout); frozen centers skip their GEMM.
+    centers: (C, D) class centers (insightface's ``weight`` layout), or ``(C K, D)`` with ``subcenters=K``
+    (row ``c*K + k``; a class's cosine is the max over its K rows); frozen centers skip their GEMM.
     labels: (B,) int64 in [0, C), or ``ignore_index`` for rows that do not count.
-    Target logit ``s*(cos(m1*theta + m2) - m3)``, others ``s*cos``. ``m2`` may be a (B,) tensor.
-    ``grad="straight_through"`` passes ``s`` as the target derivative (insightface arcface_torch).
-    Returns the loss (float32; float64 for float64 inputs); with ``return_stats=True`` also
-    :class:`MarginCEStats`. No ``B x C`` tensor is allocated by the triton and torch backends.
+    Target logit ``s*(cos(m1*theta + m2) - m3)``, others ``s*cos``. ``m2``, ``m3`` may be ``(B,)`` tensors;
+    a tensor ``m2`` that requires grad gets ``dL/dm2`` (MagFace). ``curricular_t`` (a float or a 0-d tensor):
+    CurricularFace's modulation of the hard non-targets. ``easy_margin`` (MagFace), ``theta_clip`` and
+    ``cos_clamp`` (AdaFace): see SPEC section 7. ``grad="straight_through"`` passes ``s`` as the target
+    derivative (insightface arcface_torch). Returns the loss (float32; float64 for float64 inputs); with
+    ``return_stats=True`` also :class:`MarginCEStats`. No ``B x C`` tensor is allocated by the fused backends.
     """
     V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction)
+    V.check_subcenters(subcenters, centers)
+    V.check_margin_options(m3=m3, fallback=fallback, easy_margin=easy_margin, theta_clip=theta_clip,
+                           cos_clamp=cos_clamp, curricular_t=curricular_t, batch=embeddings.shape[0],
+                           device=embeddings.device)  # fmt: skip
     if centers.shape[0] == 0:
         raise ValueError("centers must have at least one row (class)")
     if check_finite:
         V.check_finite(embeddings, "embeddings")
         V.check_finite(centers, "centers")
-    if not isinstance(m2, torch.Tensor):
+    if not isinstance(m2, torch.Tensor) and not easy_margin and theta_clip is None:
         warn_if_non_monotone(m1, float(m2), fallback)
-    backend = backends.resolve("margin_ce", backend, embeddings, (embeddings.shape[0], *centers.shape))
+    shape = (embeddings.shape[0], centers.shape[0] // subcenters, centers.shape[1])
+    backend = backends.resolve("margin_ce", backend, embeddings, shape, subcenters=subcenters,
+                               curricular_t=curricular_t is not None)  # fmt: skip
     tau = None if interclass_filter is None else float(interclass_filter)
+    theta_clip = None if theta_clip is None else float(theta_clip)
+    options = dict(s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad, interclass_filter=tau,
+                   subcenters=subcenters, curricular_t=curricular_t, easy_margin=easy_margin, theta_clip=theta_clip,
+                   cos_clamp=float(cos_clamp), ignore_index=ignore_index)  # fmt: skip
     if backend == "reference":
         if return_stats:
-            raise ValueError("return_stats needs a fused backend ('triton' or 'torch'), not 'reference'")
-        return reference.margin_cross_entropy(
-            embeddings,
-            centers,
-            labels,
-            s=s,
-            m1=m1,
-            m2=m2,
-            m3=m3,
-            fallback=fallback,
-            grad=grad,
-            interclass_filter=tau,
-            ignore_index=ignore_index,
-            reduction=reduction,
-        )
-    m2_rows = margin_rows(m2, embeddings)
+            raise ValueError("return_stats needs a fused backend ('triton', 'cuda' or 'torch'), not 'reference'")
+        return reference.margin_cross_entropy(embeddings, centers, labels, reduction=reduction, **options)
+    cd = compute_dtype(embeddings)
+    t = None
+    if curricular_t is not None:
+        if isinstance(curricular_t, torch.Tensor):
+            t = curricular_t.detach().to(device=embeddings.device, dtype=cd).reshape(())
+        else:  # a float: in the compute dtype directly (through fp32 it would lose digits)
+            t = torch.tensor(float(curricular_t), dtype=cd, device=embeddings.device)
     need_dx = torch.is_grad_enabled() and embeddings.requires_grad  # else the forward skips o_bar: one GEMM
     loss_rows, lse, cos_t, *_ = margin_ce.margin_ce_forward(
-        embeddings, centers, labels, m2_rows, float(s), float(m1), float(m3), bool(fallback), grad, tau,
+        embeddings, centers, labels, margin_rows(m2, embeddings), margin_rows(m3, embeddings).detach(), t, float(s),
+        float(m1), bool(fallback), grad, bool(easy_margin), theta_clip, float(cos_clamp), tau, int(subcenters),
         int(ignore_index), need_dx, backend,
     )  # fmt: skip
     loss = _reduce(loss_rows, labels, ignore_index, reduction)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,3 +105,16 @@ def test_readme_test_command_is_what_ci_runs():
 @pytest.mark.skipif(os.environ.get("MDK_TEST_INSTALLED") != "1", reason="set by CI")
 def test_tests_run_against_the_installed_package():
     assert "site-packages" in mdkernels.__file__, mdkernels.__file__
+
+
+def test_demo_methods_adds_margin_family_students(capsys, tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--preset", "tiny", "--out", str(out), "--no-progress", "--methods", "adaface,subcenter"]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())
+    summary = [r["method"] for r in rows if r.get("summary")]
+    assert summary == ["teacher", "arcface", "margindistill", "proxyless", "angular", "triplet", "hinton", "adaface",
+                       "subcenter"]  # fmt: skip
+    assert "adaface" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--methods takes margin-family methods"):
+        main(["demo", "--preset", "tiny", "--out", str(out), "--methods", "hinton2"])

@@ -40,7 +40,7 @@ def test_cpp_margin_equals_the_python_contract(binary):
     for line in lines:
         c, m1, m2, m3, fb, st, z, slope = line.split()
         c, m1, m2, m3, z, slope = map(float, (c, m1, m2, m3, z, slope))
-        zp, sp = margin_target_and_slope(
+        zp, sp, _ = margin_target_and_slope(
             torch.tensor([c], dtype=torch.float64),
             torch.tensor([m2], dtype=torch.float64),
             s=64.0,

@@ -221,7 +221,7 @@ def test_margin_target_row_kernel(dtype, margin, grad):
     valid = y >= 0
     safe = y.clamp_min(0)
     raw_ref = (x.double() * w.double()[safe]).sum(1) * rx.double() * rw.double()[safe]
-    z_ref, slope_ref = margin_target_and_slope(raw.clamp(-1, 1), m2, s=64.0, grad=grad, **margin)
+    z_ref, slope_ref, _ = margin_target_and_slope(raw.clamp(-1, 1), m2, s=64.0, grad=grad, **margin)
     for name, got, want in (("raw", raw, raw_ref), ("z", z, z_ref), ("slope", slope, slope_ref)):
         assert (got[~valid] == 0).all(), name
         torch.testing.assert_close(got[valid].double(), want[valid].double(), rtol=2e-5, atol=2e-5, msg=name)

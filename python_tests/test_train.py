@@ -280,3 +280,55 @@ def test_record_labels_are_read_from_headers_only(rec_data):
     full = [int(recordio.unpack(ds.reader.read(k))[0]) for k in ds.keys]
     assert ds.labels == full == [ds.reader.read_label(k) for k in ds.keys]
     assert recordio.unpack(ds.reader.read(0))[0] == ds.reader.read_label(0)
+
+
+FAMILY_FLAGS = {
+    "adaface": ["--h", "0.5", "--t-alpha", "0.1", "--margin-grad", "straight_through"],
+    "curricularface": ["--curricular-momentum", "0.1"],
+    "magface": ["--l-a", "1", "--u-a", "50", "--lambda-g", "20", "--no-easy-margin"],
+    "elasticface": ["--elastic", "cos", "--elastic-std", "0.02", "--elastic-plus", "--plus-order", "official"],
+    "subcenter": ["--subcenters", "2"],
+}
+
+
+@pytest.mark.parametrize("method", list(FAMILY_FLAGS))
+def test_margin_family_methods_train_from_the_cli(rec_data, tmp_path, capsys, method):
+    out = tmp_path / method
+    common = ["--data", rec_data["train"], "--out", str(out), "--backbone", "mobilefacenet", "--width", "0.25",
+              "--embedding-size", "64", "--input-size", "32", "--batch-size", "16", "--workers", "0",
+              "--scale", "32", "--no-progress", "--no-tensorboard", "--max-steps", "3"]  # fmt: skip
+    assert mdk(["train", *common, "--method", method, *FAMILY_FLAGS[method]]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["step"])
+    ckpt = load_checkpoint(out / "last.pt")
+    cfg = ckpt["config"]
+    head = {k[len("head."):]: v for k, v in ckpt["loss"].items() if k.startswith("head.")}
+    if method == "adaface":
+        assert cfg["h"] == 0.5 and cfg["t_alpha"] == 0.1 and cfg["margin_grad"] == "straight_through"
+        assert float(head["batch_mean"]) != 20.0 and float(head["batch_std"]) != 100.0  # the EMA ran
+    if method == "curricularface":
+        assert float(head["t"]) != 0.0
+    if method == "magface":
+        assert cfg["u_a"] == 50.0 and cfg["easy_margin"] is False
+    if method == "elasticface":
+        assert cfg["elastic"] == "cos" and cfg["plus_order"] == "official"
+    if method == "subcenter":
+        assert head["weight"].shape == (24, 64) and ckpt["head"]["subcenters"] == 2
+        # distilling from a sub-center teacher: each class's dominant sub-center, found in the teacher pass
+        from mdkernels.train.methods import teacher_data
+
+        t = teacher_data(str(out / "last.pt"), rec_data["train"], tmp_path / "cache", torch.device("cpu"))
+        rows = head["weight"].view(12, 2, 64)
+        assert t["centers"].shape == (12, 64)
+        assert all(any(torch.equal(t["centers"][c], rows[c, k]) for k in range(2)) for c in range(12))
+        res = train(small_cfg(rec_data, tmp_path / "student", method="margindistill", teacher=str(out / "last.pt"),
+                              max_steps=2, val=None))  # fmt: skip
+        assert res["step"] == 2
+
+
+def test_margin_family_bad_flags_are_errors(rec_data, tmp_path):
+    with pytest.raises(ValueError, match="--elastic must be"):
+        train(small_cfg(rec_data, tmp_path / "e", method="elasticface", elastic="sphere", max_steps=1))
+    with pytest.raises(ValueError, match="h must be in"):
+        train(small_cfg(rec_data, tmp_path / "a", method="adaface", h=-1.0, max_steps=1))
+    with pytest.raises(ValueError, match="--sharded covers"):
+        train(small_cfg(rec_data, tmp_path / "s", method="subcenter", sharded=True, max_steps=1))

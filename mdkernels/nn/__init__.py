@@ -10,6 +10,7 @@ from mdkernels.nn.heads import (
     PartialFCHead,
     SphereFace,
 )
+from mdkernels.nn.margins import AdaFace, CurricularFace, ElasticArcFace, ElasticCosFace, MagFace, SubCenterArcFace
 
 __all__ = [
     "AngularDistillation",
@@ -24,4 +25,10 @@ __all__ = [
     "CosFaceLoss",
     "PartialFCHead",
     "SphereFace",
+    "AdaFace",
+    "CurricularFace",
+    "ElasticArcFace",
+    "ElasticCosFace",
+    "MagFace",
+    "SubCenterArcFace",
 ]

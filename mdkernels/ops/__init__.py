@@ -25,9 +25,15 @@ class Op:
     csrc: tuple[str, ...] = ()
     custom_ops: tuple[str, ...] = ()
     built_on: str | None = None
+    lacks: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (backend, options its kernels do not have)
+
+    def lacking(self, backend: str) -> tuple[str, ...]:
+        """The options ``backend``'s kernels do not have for this op (asking for one is an error)."""
+        return dict(self.lacks).get(backend, ())
 
 
 _MARGIN_CE_BACKENDS = ("triton", "cuda", "torch")
+_MARGIN_CE_LACKS = (("cuda", ("subcenters", "curricular_t")),)  # sub-center max and CurricularFace: Triton, torch
 
 OPS: dict[str, Op] = {
     "l2norm": Op(
@@ -43,11 +49,16 @@ OPS: dict[str, Op] = {
         backends=_MARGIN_CE_BACKENDS,
         csrc=("csrc/margin_ce.cu", "csrc/margin_target.cu"),
         custom_ops=("margin_ce_forward", "margin_ce_backward"),
+        lacks=_MARGIN_CE_LACKS,
     ),
     "margin_distillation": Op(
-        functions=("margin_distillation_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce"
+        functions=("margin_distillation_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce",
+        lacks=_MARGIN_CE_LACKS,
     ),
-    "proxyless_kd": Op(functions=("proxyless_kd_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce"),
+    "proxyless_kd": Op(
+        functions=("proxyless_kd_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce",
+        lacks=_MARGIN_CE_LACKS,
+    ),
     "margin_kd": Op(
         functions=("margin_kd_loss",),
         package="mdkernels.ops.margin_kd",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-METHODS = ("arcface", "cosface", "sphereface", "margindistill", "proxyless", "angular", "triplet", "hinton")
+FAMILY = ("adaface", "curricularface", "magface", "elasticface", "subcenter")  # mdkernels.nn.margins heads
+METHODS = ("arcface", "cosface", "sphereface", *FAMILY, "margindistill", "proxyless", "angular", "triplet", "hinton")
 DISTILL = ("margindistill", "proxyless", "angular", "triplet", "hinton")
+_DEFAULT_M = {"cosface": 0.35, "sphereface": 1.35, "adaface": 0.4}
 
 
 @dataclasses.dataclass
@@ -28,7 +30,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     s: float = 64.0
-    m: float | None = None  # margin of the method (default: 0.5 arcface/proxyless, 0.35 cosface, 1.35 sphereface)
+    m: float | None = None  # margin (default: 0.5; 0.35 cosface and elasticface cos, 1.35 sphereface, 0.4 adaface)
     m_min: float = 0.2
     m_max: float = 0.5
     T: float = 4.0
@@ -37,6 +39,22 @@ class TrainConfig:
     p: float = 2.0
     mining: str = "all"
     distance: str = "l2"
+    # the margin family (--method adaface|curricularface|magface|elasticface|subcenter); official defaults
+    h: float = 0.333  # adaface: scale of the normalised feature norm
+    t_alpha: float = 0.01  # adaface: EMA rate of the norm statistics
+    margin_grad: str = "exact"  # adaface: "exact" or "straight_through" (CVLface)
+    curricular_momentum: float = 0.01  # curricularface: EMA rate of t
+    l_a: float = 10.0  # magface: norm range [l_a, u_a] and margin range [l_m, u_m]
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0  # magface: weight of the norm regulariser
+    easy_margin: bool = True  # magface
+    elastic: str = "arc"  # elasticface: "arc" (ElasticArcFace) or "cos" (ElasticCosFace)
+    elastic_std: float = 0.05  # elasticface: std of the per-row margins
+    elastic_plus: bool = False  # elasticface: sort the margins against the target cosines (ElasticFace+)
+    plus_order: str = "paper"  # elasticface+: "paper" or "official" (see the README)
+    subcenters: int = 3  # subcenter: K sub-centers per class
     backend: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     sharded: bool = False  # shard the head's centers over the DDP ranks (arcface/cosface/sphereface)
@@ -49,7 +67,9 @@ class TrainConfig:
     def margin(self) -> float:
         if self.m is not None:
             return self.m
-        return {"cosface": 0.35, "sphereface": 1.35}.get(self.method, 0.5)
+        if self.method == "elasticface" and self.elastic == "cos":
+            return 0.35
+        return _DEFAULT_M.get(self.method, 0.5)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mdkernels.train import data as D
+from mdkernels.train.config import DISTILL, FAMILY
 from mdkernels.train.trainer import TrainConfig, train
 
 STUDENT_METHODS = ("arcface", "margindistill", "proxyless", "angular", "triplet", "hinton")
@@ -41,7 +42,14 @@ def _common(out: Path, data: dict, epochs: int, seed: int, progress: bool) -> di
                 tensorboard=False)  # fmt: skip
 
 
-def run_demo(out: str | Path = "mdk_demo", preset: str = "full", progress: bool = True, plots: bool = True) -> list:
+def run_demo(out: str | Path = "mdk_demo", preset: str = "full", progress: bool = True, plots: bool = True,
+             methods: tuple[str, ...] = ()) -> list:  # fmt: skip
+    """The demo; ``methods``: margin-family methods (``FAMILY``) trained as extra students without a
+    teacher, added to the table after the default ones."""
+    bad = [m for m in methods if m not in FAMILY]
+    if bad:
+        raise ValueError(f"--methods takes margin-family methods {FAMILY}, got {bad}")
+    students = (*STUDENT_METHODS, *[m for m in methods if m not in STUDENT_METHODS])
     p = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,12 +65,12 @@ def run_demo(out: str | Path = "mdk_demo", preset: str = "full", progress: bool 
     rows.append(_run("teacher", teacher_cfg, seed=0))
     teacher_ckpt = str(out / "teacher" / "last.pt")
     for seed in p["seeds"]:
-        for method in STUDENT_METHODS:
+        for method in students:
             cfg = TrainConfig(out=str(out / f"{method}_seed{seed}"), method=method, backbone="mobilefacenet",
-                              width=0.25, teacher=teacher_ckpt if method != "arcface" else None,
+                              width=0.25, teacher=teacher_ckpt if method in DISTILL else None,
                               **_common(out, data, p["student_epochs"], seed, progress))  # fmt: skip
             rows.append(_run(method, cfg, seed))
-    summary = _summarise(rows)
+    summary = _summarise(rows, students)
     total = time.perf_counter() - t_start
     machine = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
     report = {"preset": preset, "seeds": list(p["seeds"]), "machine": machine, "seconds": round(total, 1),
@@ -87,9 +95,9 @@ def _run(method: str, cfg: TrainConfig, seed: int) -> dict:
             "out": cfg.out}  # fmt: skip
 
 
-def _summarise(rows: list) -> list:
+def _summarise(rows: list, students: tuple[str, ...] = STUDENT_METHODS) -> list:
     out = []
-    for method in ["teacher", *STUDENT_METHODS]:
+    for method in ["teacher", *students]:
         mine = [r for r in rows if r["method"] == method]
         acc = np.array([r["accuracy"] for r in mine])
         tar = np.array([r["tar@far=1e-3"] for r in mine])

@@ -15,7 +15,28 @@ from torch import nn
 import mdkernels
 from mdkernels.train import data as D
 from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint
-from mdkernels.train.config import DISTILL, TrainConfig
+from mdkernels.train.config import DISTILL, FAMILY, TrainConfig
+
+
+def family_head(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The :mod:`mdkernels.nn.margins` head of ``--method`` (one of ``FAMILY``) with the config's options."""
+    E, C, m, b = cfg.embedding_size, num_classes, cfg.margin(), cfg.backend
+    if cfg.method == "adaface":
+        return mdkernels.nn.AdaFace(E, C, m=m, h=cfg.h, s=cfg.s, t_alpha=cfg.t_alpha, grad=cfg.margin_grad, backend=b)
+    if cfg.method == "curricularface":
+        return mdkernels.nn.CurricularFace(E, C, m=m, s=cfg.s, momentum=cfg.curricular_momentum, backend=b)
+    if cfg.method == "magface":
+        return mdkernels.nn.MagFace(E, C, s=cfg.s, l_a=cfg.l_a, u_a=cfg.u_a, l_m=cfg.l_m, u_m=cfg.u_m,
+                                    lambda_g=cfg.lambda_g, easy_margin=cfg.easy_margin, backend=b)  # fmt: skip
+    if cfg.method == "elasticface":
+        if cfg.elastic not in ("arc", "cos"):
+            raise ValueError(f"--elastic must be 'arc' or 'cos', got {cfg.elastic!r}")
+        cls = mdkernels.nn.ElasticArcFace if cfg.elastic == "arc" else mdkernels.nn.ElasticCosFace
+        return cls(E, C, s=cfg.s, m=m, std=cfg.elastic_std, plus=cfg.elastic_plus, plus_order=cfg.plus_order,
+                   backend=b)  # fmt: skip
+    if cfg.method == "subcenter":
+        return mdkernels.nn.SubCenterArcFace(E, C, K=cfg.subcenters, s=cfg.s, m=m, backend=b)
+    raise ValueError(f"{cfg.method!r} is not one of the margin family {FAMILY}")
 
 
 class MethodLoss(nn.Module):
@@ -35,6 +56,10 @@ class MethodLoss(nn.Module):
             else:
                 self.head = mdkernels.nn.CombinedMargin(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3,
                                                         backend=backend)  # fmt: skip
+        elif cfg.method in FAMILY:
+            if cfg.sharded:
+                raise ValueError(f"--sharded covers arcface/cosface/sphereface, not --method {cfg.method}")
+            self.head = family_head(cfg, num_classes)
         if cfg.method not in DISTILL:
             self.teacher_emb = None
         else:
@@ -65,8 +90,13 @@ class MethodLoss(nn.Module):
         projection = getattr(getattr(self, "loss", None), "projection", None)
         return projection(emb.float()) if projection is not None else emb
 
+    @property
+    def rows_per_class(self) -> int:
+        """Rows of :meth:`centers` per class: K for a sub-center head (row ``c*K + k``), else 1."""
+        return getattr(getattr(self, "head", None), "K", 1)
+
     def centers(self) -> torch.Tensor:
-        """The class centers used for monitoring accuracy."""
+        """The class centers used for monitoring accuracy (``(C K, D)`` for a sub-center head)."""
         if hasattr(self, "head"):
             return self.head.weight
         return self.loss.teacher_centers if hasattr(self.loss, "teacher_centers") else self.loss.centers
@@ -81,7 +111,7 @@ class MethodLoss(nn.Module):
             rows = np.empty((len(idx), self.teacher_emb.shape[1]), dtype=np.float32)
             rows[order] = self.teacher_emb[idx[order]]  # read the memmap in file order
             t = torch.from_numpy(rows).to(emb.device)
-        if method in ("arcface", "cosface", "sphereface"):
+        if method in ("arcface", "cosface", "sphereface", *FAMILY):
             return self.head(emb, labels)
         if method == "margindistill":
             return self.loss(emb, labels, teacher_embeddings=t)
@@ -99,8 +129,10 @@ class MethodLoss(nn.Module):
 
 
 @torch.no_grad()
-def batch_accuracy(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, chunk: int = 65536) -> float:
-    """Top-1 identification against the centers, chunked over classes (no B x C tensor at once)."""
+def batch_accuracy(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor, chunk: int = 65536,
+                   rows_per_class: int = 1) -> float:  # fmt: skip
+    """Top-1 identification against the centers, chunked over classes (no B x C tensor at once); with
+    ``rows_per_class`` K, row ``c*K + k`` is a sub-center of class ``c``."""
     x = torch.nn.functional.normalize(emb.float(), dim=1)
     best = torch.full((x.shape[0],), -2.0, device=x.device)
     arg = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -109,7 +141,7 @@ def batch_accuracy(emb: torch.Tensor, centers: torch.Tensor, labels: torch.Tenso
         v, i = cos.max(1)
         better = v > best
         best, arg = torch.where(better, v, best), torch.where(better, i + c0, arg)
-    return (arg == labels).float().mean().item()
+    return (arg // rows_per_class == labels).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,6 +172,7 @@ def teacher_data(teacher_path: str, data: str, cache_dir: Path, device, batch_si
     not hit a NCCL timeout). The embeddings stay on the CPU, read per batch."""
     ckpt = load_checkpoint(teacher_path)
     centers = ckpt["head"]["head.weight"].float()
+    K = int(ckpt["head"].get("subcenters", 1))
     dataset = D.open_dataset(data, size=ckpt["config"]["input_size"], train=False)
     key = hashlib.sha256(f"{_file_digest(Path(teacher_path))}|{_data_fingerprint(data)}|{len(dataset)}"
                          .encode()).hexdigest()[:16]  # fmt: skip
@@ -151,6 +184,7 @@ def teacher_data(teacher_path: str, data: str, cache_dir: Path, device, batch_si
             if time.time() > deadline:
                 raise TimeoutError(f"rank {dist.get_rank()}: rank 0 did not write the teacher cache {path}")
             time.sleep(2)
+    dominant_path = path.with_name(path.stem + "_dominant.npy")
     if path.is_file():
         emb = np.load(path, mmap_mode="r")
     else:
@@ -158,10 +192,21 @@ def teacher_data(teacher_path: str, data: str, cache_dir: Path, device, batch_si
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(dataset), centers.shape[1]))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-        for imgs, _, idx in loader:
-            emb[idx.numpy()] = model(imgs.to(device)).float().cpu().numpy()
+        votes = torch.zeros(centers.shape[0] // K, K, dtype=torch.long)
+        subs = torch.nn.functional.normalize(centers, dim=1).view(-1, K, centers.shape[1])
+        for imgs, labels, idx in loader:
+            e = model(imgs.to(device)).float().cpu()
+            emb[idx.numpy()] = e.numpy()
+            if K > 1:  # each image votes for the nearest sub-center of its class
+                near = torch.einsum("bkd,bd->bk", subs[labels], e).argmax(1)
+                votes.index_put_((labels, near), torch.ones_like(near), accumulate=True)
         emb.flush()
         del emb
+        if K > 1:
+            np.save(dominant_path, votes.argmax(1).numpy())
         os.replace(tmp, path)
         emb = np.load(path, mmap_mode="r")
+    if K > 1:  # Sub-center ArcFace's dominant sub-center: the one most of the class's images are nearest to
+        dominant = torch.from_numpy(np.load(dominant_path))
+        centers = centers.view(-1, K, centers.shape[1])[torch.arange(dominant.numel()), dominant]
     return {"centers": centers, "embeddings": emb, "path": str(path)}

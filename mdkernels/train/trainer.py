@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
         st = {"config": dataclasses.asdict(cfg), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
               "backbone": backbone.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(), "num_classes": num_classes,
-              "head": {"head.weight": centers.float().cpu()}}  # fmt: skip
+              "head": {"head.weight": centers.float().cpu(), "subcenters": loss_fn.rows_per_class}}  # fmt: skip
         if device.type == "cuda":
             st["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(ckpt_path, st)
@@ -267,7 +267,8 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
             seen += imgs.shape[0] * world
             if rank == 0 and (step % 10 == 0 or batch_in_epoch == steps_per_epoch):
                 acc = (
-                    batch_accuracy(loss_fn.monitored(emb.detach()), loss_fn.centers().detach(), labels)
+                    batch_accuracy(loss_fn.monitored(emb.detach()), loss_fn.centers().detach(), labels,
+                                   rows_per_class=loss_fn.rows_per_class)
                     if not sharded
                     else float("nan")
                 )

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from mdkernels._spec import EPS
+from mdkernels.ops._common.margin import NonTarget
 
 try:  # built by setup.py with the host compiler (MDK_BUILD_CPU=AUTO|ON)
     from mdkernels import _cpu as cpu_ext
@@ -60,28 +62,60 @@ def target_cos(x, w, labels, rx, rw, ignore_index):
     return valid, safe, raw
 
 
-def chunk_logits(xs, w, rw, labels, c0, c1, s, tau):
-    """One chunk of centers against every row: ``(z, mx, keep, rows, cols)``.
+class Chunk(NamedTuple):
+    """One chunk of classes ``[c0, c1)`` against every row (see :func:`chunk_logits`)."""
 
-    ``xs = s * n(x)``. ``z: (B, n)`` is ``s*c`` clamped to ``[-s, s]`` and filtered (insightface's
-    ``tau``), with the targets at ``-inf``; ``mx`` bounds each row's non-target ``z`` from above (the row
-    max, or within ``s`` of it); ``keep`` marks the entries that pass a gradient, None when all non-targets
-    do. The clamp and its mask cost a pass only when rounding put some ``|c|`` past 1."""
-    z = torch.mm(xs, w[c0:c1].to(xs.dtype).T).mul_(rw[None, c0:c1])
+    z: torch.Tensor  # (B, n) non-target logits, the targets at -inf
+    mx: torch.Tensor  # (B,) an upper bound of each row's z (the row max, or within s of it)
+    keep: torch.Tensor | None  # (B, n) entries that pass a gradient; None: every non-target does
+    rows: torch.Tensor  # rows whose target is in the chunk ...
+    cols: torch.Tensor  # ... and its column
+    slope: torch.Tensor | None  # (B, n) (dz/dc) / s where it is not 1 (CurricularFace), else None
+    raw: torch.Tensor | None  # (B, n) s * c before CurricularFace's modulation (for the dW dot), else None
+    kidx: torch.Tensor | None  # (B, n) the sub-center each class's cosine came from (K > 1), else None
+
+
+def chunk_logits(xs, w, rw, labels, c0, c1, s, nt: NonTarget | None = None) -> Chunk:
+    """Classes ``[c0, c1)`` (weight rows ``[c0 K, c1 K)``) against every row, ``xs = s * n(x)``.
+
+    ``z`` is ``s*c`` (c: the max over a class's K sub-centers), clamped to ``[-s b, s b]`` (``b =
+    nt.cos_clamp``), CurricularFace's ``c (t + c)`` where ``c > phi_i``, then insightface's filter. The
+    clamp and its mask cost a pass only when some ``|c|`` is past the clamp."""
+    nt = nt or NonTarget()
+    K, lim = nt.K, s * nt.cos_clamp
+    z = torch.mm(xs, w[c0 * K : c1 * K].to(xs.dtype).T).mul_(rw[None, c0 * K : c1 * K])
+    kidx = None
+    if K > 1:
+        z, kidx = z.view(z.shape[0], c1 - c0, K).max(2)
     rows, cols = target_mask(labels, c0, c1)
-    z[rows, cols] = -s  # in range, and no larger than any clamped non-target: neutral for the checks below
+    z[rows, cols] = -lim  # in range, and no larger than any clamped non-target: neutral for the checks below
     lo, mx = torch.aminmax(z, dim=1)
-    keep = None
-    if float(lo.min()) < -s or float(mx.max()) > s:  # the clamp passes no gradient outside [-1, 1]
-        keep = (z >= -s) & (z <= s)
-        z.clamp_(-s, s)
-    if tau is not None:  # non-target cosines above tau count as 0, with no gradient
-        high = z > s * tau
+    keep = slope = raw = None
+    if float(lo.min()) < -lim or float(mx.max()) > lim:  # the clamp passes no gradient outside
+        keep = (z >= -lim) & (z <= lim)
+        z.clamp_(-lim, lim)
+    if nt.t is not None:  # CurricularFace: hard non-targets c > phi_i become c (t + c), slope t + 2c
+        raw = z.clone()
+        c = z / s
+        hard = c > nt.phi[:, None]
+        slope = torch.where(hard, nt.t + 2 * c, torch.ones_like(c))
+        z = torch.where(hard, z * (nt.t + c), z)
+        mx = z.amax(1)
+    if nt.tau is not None:  # non-target cosines above tau count as 0, with no gradient
+        high = z > s * nt.tau
         keep = ~high if keep is None else keep & ~high
         z.masked_fill_(high, 0.0)
         mx = z.amax(1)
     z[rows, cols] = -math.inf
-    return z, mx, keep, rows, cols
+    return Chunk(z, mx, keep, rows, cols, slope, raw, kidx)
+
+
+def spread(e: torch.Tensor, kidx: torch.Tensor | None, K: int) -> torch.Tensor:
+    """``(B, n)`` class entries onto the ``(B, n K)`` sub-center rows: each to its argmax sub-center."""
+    if kidx is None:
+        return e
+    out = torch.zeros(*e.shape, K, dtype=e.dtype, device=e.device)
+    return out.scatter_(2, kidx[..., None], e[..., None]).view(e.shape[0], -1)
 
 
 def projection(rw: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
@@ -100,45 +134,54 @@ def center_grad(
     coef: torch.Tensor,
     raw_t: torch.Tensor,
     s: float,
-    tau: float | None,
+    nt: NonTarget | None = None,
     lse: torch.Tensor | None = None,
     nontarget: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     logit_sets: int = 1,
 ) -> torch.Tensor:
-    """``dL/dW`` (C, D) in the centers' dtype, written once per chunk of centers.
+    """``dL/dW`` (C K, D) in the centers' dtype, written once per chunk of classes.
 
-    ``xs = s * n(x)``. The non-target ``E = dL/dc / (gr s)`` of a chunk is ``exp(z - lse)`` (the margin CE:
-    pass ``lse``), or ``nontarget(z, c0, c1)`` from the chunk's logits ``z`` (margin KD); the target entry
-    is ``coef``. Then ``dW^ = G^T n(x)`` and the normalisation backward through
-    ``<n(w_j), dW^_j> = sum_i G_ij c_ij``. ``logit_sets``: how many ``(B, n)`` logit chunks ``nontarget``
-    holds at once (chunks shrink to match)."""
-    cd = xs.dtype
+    ``xs = s * n(x)``. The non-target ``E = dL/dc / (gr s)`` of a chunk is ``exp(z - lse)`` times
+    CurricularFace's slope (the margin CE: pass ``lse``), or ``nontarget(z, c0, c1)`` from the chunk's
+    logits ``z`` (margin KD); the target entry is ``coef`` (on sub-center ``nt.kt``). Then ``dW^ = G^T n(x)``
+    and the normalisation backward through ``<n(w_j), dW^_j> = sum_i G_ij c_ij``. ``logit_sets``: how many
+    ``(B, n)`` logit chunks ``nontarget`` holds at once (chunks shrink to match)."""
+    nt = nt or NonTarget()
+    K, cd = nt.K, xs.dtype
     xg = xs * gr[:, None]  # G = E * gr s, so G^T n(x) = E^T xg
     t_e = torch.where(gr != 0, coef / (gr * s), torch.zeros_like(coef))  # the target's E entry
     dw = torch.empty_like(w)
-    fused = nontarget is None and fused_epilogue(xs)
-    for c0, c1 in chunks(logit_sets * xs.shape[0], w.shape[0]):
+    fused = nontarget is None and nt.plain and fused_epilogue(xs)
+    for c0, c1 in chunks(logit_sets * xs.shape[0] * K, w.shape[0] // K):
+        r0, r1 = c0 * K, c1 * K  # the chunk's weight rows
         if fused:  # one C++ sweep per row: E * rw in place of the logits, and the per-class dot
-            e = torch.mm(xs, w[c0:c1].to(cd).T)
-            dot = torch.empty(c1 - c0, dtype=cd, device=w.device)
+            e = torch.mm(xs, w[r0:r1].to(cd).T)
+            dot = torch.empty(r1 - r0, dtype=cd, device=w.device)
             tgt = chunk_targets(labels, c0, c1)  # bound to a name: a temporary would be freed before the call
-            cpu_ext.center_grad_rows(cd == torch.float64, e.data_ptr(), rw[c0:c1].data_ptr(), tgt.data_ptr(),
-                                     e.shape[0], c1 - c0, float(s),
-                                     float(s * tau) if tau is not None else 0.0, tau is not None, lse.data_ptr(),
-                                     gr.data_ptr(), t_e.data_ptr(), raw_t.data_ptr(), dot.data_ptr(),
-                                     torch.get_num_threads())  # fmt: skip
+            tau = nt.tau
+            cpu_ext.center_grad_rows(cd == torch.float64, e.data_ptr(), rw[r0:r1].data_ptr(), tgt.data_ptr(),
+                                     e.shape[0], r1 - r0, float(s), float(s * tau) if tau is not None else 0.0,
+                                     tau is not None, lse.data_ptr(), gr.data_ptr(), t_e.data_ptr(),
+                                     raw_t.data_ptr(), dot.data_ptr(), torch.get_num_threads())  # fmt: skip
         else:
-            z, _, keep, rows, cols = chunk_logits(xs, w, rw, labels, c0, c1, s, tau)
-            e = torch.sub(z, lse[:, None]).exp_() if nontarget is None else nontarget(z, c0, c1)
-            if keep is not None:
-                e.masked_fill_(~keep, 0.0)
-            e[rows, cols] = t_e[rows]
-            z[rows, cols] = s * raw_t[rows]  # sum_i G_ij c_ij = sum_i gr_i E_ij z_ij
+            ch = chunk_logits(xs, w, rw, labels, c0, c1, s, nt)
+            e = torch.sub(ch.z, lse[:, None]).exp_() if nontarget is None else nontarget(ch.z, c0, c1)
+            if ch.keep is not None:
+                e.masked_fill_(~ch.keep, 0.0)
+            if ch.slope is not None:
+                e.mul_(ch.slope)
+            z = ch.raw if ch.raw is not None else ch.z  # sum_i G_ij c_ij = sum_i gr_i E_ij (s c_ij)
+            z[ch.rows, ch.cols] = 0.0
+            e = spread(e, ch.kidx, K)
+            z = spread(z, ch.kidx, K)
+            tcol = ch.cols * K + (nt.kt[ch.rows] if K > 1 else 0)  # the target's sub-center row in the chunk
+            e[ch.rows, tcol] = t_e[ch.rows]
+            z[ch.rows, tcol] = s * raw_t[ch.rows]
             dot = torch.mv(z.mul_(e).T, gr)
-            e.mul_(rw[None, c0:c1])
-        out = dw[c0:c1] if dw.dtype == cd else torch.empty(c1 - c0, w.shape[1], dtype=cd, device=w.device)
-        torch.mul(w[c0:c1].to(cd), -projection(rw[c0:c1], dot)[:, None], out=out)
+            e.mul_(rw[None, r0:r1])
+        out = dw[r0:r1] if dw.dtype == cd else torch.empty(r1 - r0, w.shape[1], dtype=cd, device=w.device)
+        torch.mul(w[r0:r1].to(cd), -projection(rw[r0:r1], dot)[:, None], out=out)
         out.addmm_(e.T, xg)
-        if out.data_ptr() != dw[c0:c1].data_ptr():
-            dw[c0:c1] = out
+        if out.data_ptr() != dw[r0:r1].data_ptr():
+            dw[r0:r1] = out
     return dw

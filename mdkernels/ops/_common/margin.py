@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -22,28 +23,61 @@ def margin_target_and_slope(
     *,
     s: float,
     m1: float,
-    m3: float,
+    m3: torch.Tensor | float,
     fallback: bool,
     grad: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target logits ``z_t = s*g(c)`` and ``dz_t/dc`` for target cosines ``cos_t: (B,)`` (already clamped).
+    easy_margin: bool = False,
+    theta_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target logits ``z_t = s*g(c)``, ``dz_t/dc`` and ``dz_t/dm2`` for target cosines ``cos_t: (B,)``
+    (already clamped). ``m2``, ``m3``: ``(B,)`` per-row margins (or a float ``m3``).
 
-    ``g(c) = cos(m1*acos(c) + m2) - m3``; slope ``s*m1*sin(m1*theta + m2)/sin(theta)`` with theta from c
-    clamped to ``[-1 + 1e-7, 1 - 1e-7]`` (``grad="exact"``), or ``s`` (straight-through, the fallback
-    branch). ``m2: (B,)`` per-row margins, no gradient.
+    ``g(c) = cos(phi) - m3`` with ``phi = m1*acos(c) + m2``, clipped to ``[theta_clip, pi - theta_clip]``
+    when given (AdaFace; no gradient where the clip is active). Slope ``s*m1*sin(phi)/sin(theta)`` with
+    theta from c clamped to ``[-1 + 1e-7, 1 - 1e-7]`` (``grad="exact"``), ``dz/dm2 = -s*sin(phi)``; or ``s``
+    and 0 (straight-through: the margin carries no gradient). ``fallback`` (m1 == 1 only): where
+    ``c < cos(pi - m2)``, ``g = c - m2*sin(m2) - m3`` (slope s, ``dz/dm2 = -s*(sin m2 + m2 cos m2)``).
+    ``easy_margin`` (MagFace): where ``c <= 0``, ``g = c - m3`` (slope s, no margin gradient).
     """
+    exact = grad != "straight_through"
     theta = torch.acos(cos_t)
-    g = torch.cos(m1 * theta + m2) - m3
-    if grad == "straight_through":
-        slope = torch.full_like(cos_t, s)
-    else:
+    phi = m1 * theta + m2
+    clipped = None
+    if theta_clip is not None:
+        clipped = (phi < theta_clip) | (phi > math.pi - theta_clip)
+        phi = phi.clamp(theta_clip, math.pi - theta_clip)
+    g = torch.cos(phi) - m3
+    if exact:
         theta_d = torch.acos(cos_t.clamp(-1 + THETA_CLAMP, 1 - THETA_CLAMP))
-        slope = s * m1 * torch.sin(m1 * theta_d + m2) / torch.sin(theta_d)
+        phi_d = m1 * theta_d + m2
+        if theta_clip is not None:
+            phi_d = phi_d.clamp(theta_clip, math.pi - theta_clip)
+        slope = s * m1 * torch.sin(phi_d) / torch.sin(theta_d)
+        dm2 = -s * torch.sin(phi_d)
+        if clipped is not None:
+            slope = torch.where(clipped, torch.zeros_like(slope), slope)
+            dm2 = torch.where(clipped, torch.zeros_like(dm2), dm2)
+    else:
+        slope = torch.full_like(cos_t, s)
+        dm2 = torch.zeros_like(cos_t)
     if fallback and m1 == 1.0:
-        use_fallback = cos_t < torch.cos(math.pi - m2)
-        g = torch.where(use_fallback, cos_t - m2 * torch.sin(m2) - m3, g)
-        slope = torch.where(use_fallback, torch.full_like(slope, s), slope)
-    return s * g, slope
+        use = cos_t < torch.cos(math.pi - m2)
+        g = torch.where(use, cos_t - m2 * torch.sin(m2) - m3, g)
+        slope = torch.where(use, torch.full_like(slope, s), slope)
+        if exact:
+            dm2 = torch.where(use, -s * (torch.sin(m2) + m2 * torch.cos(m2)), dm2)
+    if easy_margin:
+        use = cos_t <= 0
+        g = torch.where(use, cos_t - m3, g)
+        slope = torch.where(use, torch.full_like(slope, s), slope)
+        dm2 = torch.where(use, torch.zeros_like(dm2), dm2)
+    return s * g, slope, dm2
+
+
+def curricular_threshold(cos_t: torch.Tensor, m2: torch.Tensor, *, m1: float, m3) -> torch.Tensor:
+    """CurricularFace's per-row threshold ``phi_i = cos(m1*theta_y + m2) - m3``: the margined target cosine
+    before any fallback, which the official code compares the non-target cosines against."""
+    return torch.cos(m1 * torch.acos(cos_t) + m2) - m3
 
 
 def warn_if_non_monotone(m1: float, m2: float, fallback: bool) -> None:
@@ -94,3 +128,42 @@ def teacher_target_cosine(
     cd = compute_dtype(teacher_embeddings)
     dot = torch.bmm(teacher_embeddings.to(cd).unsqueeze(1), w_y.to(cd).unsqueeze(2)).view(-1)
     return torch.where(valid, dot * row_rnorm(teacher_embeddings) * row_rnorm(w_y), torch.zeros_like(dot))
+
+
+class NonTarget(NamedTuple):
+    """How the kernels turn a class's cosine into its non-target logit (every field but ``tau`` and
+    ``cos_clamp`` is off by default; the modern margin family turns them on):
+
+    ``tau``: insightface's filter (cosines above tau count as 0, no gradient), or None. ``cos_clamp``: every
+    cosine is clamped to ``[-cos_clamp, cos_clamp]``, no gradient outside (1; AdaFace 1 - 1e-3). ``t`` and
+    ``phi``: CurricularFace's modulation, ``c (t + c)`` where ``c > phi_i`` (``t``: a 0-d tensor without
+    gradient; ``phi``: ``(B,)``), or None. ``K``: sub-centers per class (weight rows ``c*K + k``; a class's
+    cosine is the max over its K rows, the gradient goes to the argmax). ``kt``: ``(B,)`` the target's
+    sub-center (int64), when ``K > 1``."""
+
+    tau: float | None = None
+    cos_clamp: float = 1.0
+    t: torch.Tensor | None = None
+    phi: torch.Tensor | None = None
+    K: int = 1
+    kt: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Nothing beyond the clamp to [-1, 1] and the filter: the path every backend has."""
+        return self.cos_clamp == 1.0 and self.t is None and self.K == 1
+
+
+def elastic_margins(cos_t: torch.Tensor, valid: torch.Tensor, m: float, std: float, *, plus: bool, order: str,
+                    generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+    """ElasticFace's per-row margins ``N(m, std)`` for the valid rows (0 elsewhere), drawn on the CPU from
+    ``generator`` (reproducible on any device). ``plus`` sorts them against the target cosines: ``order=
+    "paper"`` gives the largest cosine the smallest margin, ``"official"`` reproduces utils/losses.py's
+    ``sorted_margins[argsort(cos, descending)]``."""
+    index = valid.nonzero().squeeze(1)
+    draws = torch.normal(m, std, size=(index.numel(),), generator=generator).to(cos_t.device, cos_t.dtype)
+    if plus and index.numel():
+        by_cosine = torch.argsort(cos_t.detach()[index], descending=True)
+        ascending = torch.sort(draws).values
+        draws = ascending[by_cosine] if order == "official" else ascending.scatter(0, by_cosine, ascending)
+    return torch.zeros_like(cos_t).index_copy_(0, index, draws)

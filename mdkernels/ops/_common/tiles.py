@@ -58,16 +58,40 @@ if HAS_TRITON:
         return acc
 
     @triton.jit
-    def logits(raw, live, s, tau, HAS_FILTER: tl.constexpr):
-        """``(z, keep)`` from raw cosines: ``z = s*clamp(c, -1, 1)`` (insightface's filter: 0 where ``c > tau``),
-        ``-inf`` where not ``live`` (the target column, out-of-range entries); ``keep``: the entries that
-        pass a gradient (live, inside [-1, 1] before the clamp, not filtered)."""
-        keep = live & (raw >= -1.0) & (raw <= 1.0)
-        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+    def logits(raw, live, s, tau, bound, phi, t, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr):
+        """``(z, keep, slope)`` from raw cosines: ``z = s*clamp(c, -bound, bound)``, CurricularFace's
+        ``c (t + c)`` where ``c > phi`` (``slope = (dz/dc)/s = t + 2c`` there, else 1; only with CURRICULAR),
+        insightface's filter (0 where ``c > tau``), ``-inf`` where not ``live`` (the target column,
+        out-of-range entries); ``keep``: the entries that pass a gradient (live, inside the clamp before
+        it, not filtered)."""
+        keep = live & (raw >= -bound) & (raw <= bound)
+        c = tl.minimum(tl.maximum(raw, -bound), bound)
+        slope = tl.full(c.shape, 1.0, c.dtype)
+        if CURRICULAR:
+            hard = c > phi[:, None]
+            slope = tl.where(hard, t + 2.0 * c, 1.0)
+            c = tl.where(hard, c * (t + c), c)
         if HAS_FILTER:
             keep = keep & (c <= tau)
             c = tl.where(c > tau, 0.0, c)
-        return tl.where(live, c * s, float("-inf")), keep
+        return tl.where(live, c * s, float("-inf")), keep, slope
+
+    @triton.jit
+    def subcenter_tile(raw, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+        """Raw cosines of ``BLOCK_C * KP`` weight rows (class-major, ``KP`` the padded K) to ``(BLOCK_B,
+        BLOCK_C)`` class cosines, the max over each class's K sub-centers, and the argmax (first of ties)."""
+        r3 = tl.reshape(raw, (BLOCK_B, BLOCK_C, KP))
+        ks = tl.arange(0, KP)[None, None, :]
+        r3 = tl.where(ks < K, r3, float("-inf"))
+        best = tl.max(r3, 2)
+        kidx = tl.min(tl.where(r3 == best[:, :, None], ks, KP), 2)
+        return best, kidx
+
+    @triton.jit
+    def spread_rows(v, kidx, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
+        """``(BLOCK_B, BLOCK_C)`` class entries onto their argmax sub-center: ``(BLOCK_B, BLOCK_C * KP)``."""
+        ks = tl.arange(0, KP)[None, None, :]
+        return tl.reshape(tl.where(ks == kidx[:, :, None], v[:, :, None], 0.0), (BLOCK_B, BLOCK_C * KP))
 
     @triton.jit
     def center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw):
@@ -108,15 +132,19 @@ _TILES = {
 _INTERPRET = dict(BLOCK_C=128, num_warps=4, num_stages=1, full_d=512, split_do=256)
 
 
-def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int) -> dict:
+def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int = 1) -> dict:
     """The tile of ``kernel`` ("forward", "center_grad", "kd_forward", "kd_center_grad") for ``dtype`` and
     D: BLOCK_B, BLOCK_C, BLOCK_D (the step of a D loop), BLOCK_DO (the columns of D one program owns),
     FULL_D (D resident in one BLOCK_DO), num_warps, num_stages. Above the resident size, D is split over
-    the grid in BLOCK_DO columns; each of those programs builds the cosines over all of D in steps."""
+    the grid in BLOCK_DO columns; each of those programs builds the cosines over all of D in steps. With
+    ``subcenters`` K, a class tile spans BLOCK_C * next_pow2(K) weight rows: BLOCK_C shrinks to match."""
     if interpreting():
         cfg = dict(_INTERPRET, BLOCK_B=max(16, min(64, triton.next_power_of_2(max(B, 1)))))
     else:
         cfg = dict(_TILES[(kernel, "half" if dtype in (torch.float16, torch.bfloat16) else "fp32")])
+    cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // triton.next_power_of_2(subcenters))
+    if subcenters > 1 and not interpreting():  # the (B, C, K) max tile: 4 warps spill on sm_80
+        cfg["num_warps"] = 8
     full_d, split_do = cfg.pop("full_d"), cfg.pop("split_do")
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:
@@ -124,13 +152,13 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int) -> dict:
     return dict(cfg, BLOCK_D=64, BLOCK_DO=split_do, FULL_D=False)
 
 
-def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int) -> list[dict]:
+def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int, **options) -> list[dict]:
     """The default tile first, then the variants ``MDK_AUTOTUNE=1`` times on a GPU."""
-    base = tile_config(kernel, dtype, B, D)
+    base = tile_config(kernel, dtype, B, D, **options)
     out = [base]
     for bb, bc, warps in ((base["BLOCK_B"] * 2, base["BLOCK_C"], 8), (base["BLOCK_B"], base["BLOCK_C"] * 2, 8),
                           (base["BLOCK_B"], base["BLOCK_C"], 4), (base["BLOCK_B"] // 2 or 16, base["BLOCK_C"], 4)):  # fmt: skip
-        cand = dict(base, BLOCK_B=max(16, bb), BLOCK_C=max(16, bc), num_warps=warps)
+        cand = dict(base, BLOCK_B=max(16, bb), BLOCK_C=max(min(16, base["BLOCK_C"]), bc), num_warps=warps)
         if cand not in out:
             out.append(cand)
     return out
@@ -139,18 +167,18 @@ def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int) -> list[d
 _TUNED: dict[tuple, dict] = {}
 
 
-def autotuned(kernel: str, x: torch.Tensor, B: int, C: int, D: int, launch) -> dict:
+def autotuned(kernel: str, x: torch.Tensor, B: int, C: int, D: int, launch, **options) -> dict:
     """The config ``launch(cfg)`` runs with: :func:`tile_config`, or with ``MDK_AUTOTUNE=1`` on a GPU the
     fastest of :func:`candidate_configs` for this (kernel, dtype, B, C, D), timed once and remembered."""
-    default = tile_config(kernel, x.dtype, B, D)
+    default = tile_config(kernel, x.dtype, B, D, **options)
     if not (x.is_cuda and os.environ.get("MDK_AUTOTUNE") == "1"):
         return default
-    key = (kernel, x.dtype, B, C, D, x.device.index)
+    key = (kernel, x.dtype, B, C, D, x.device.index, tuple(sorted(options.items())))
     if key not in _TUNED:
         import triton.testing
 
         timed = []
-        for cfg in candidate_configs(kernel, x.dtype, B, D):
+        for cfg in candidate_configs(kernel, x.dtype, B, D, **options):
             try:
                 timed.append((triton.testing.do_bench(lambda cfg=cfg: launch(cfg)), cfg))
             except Exception:  # a candidate that does not fit this GPU (shared memory, registers) is skipped

@@ -9,10 +9,11 @@ from mdkernels import _cuda_ext
 from mdkernels._cuda_ext import guard_device
 from mdkernels.ops._common.env import num_sms
 from mdkernels.ops._common.epilogue import grad_scale
+from mdkernels.ops._common.margin import NonTarget
 
 
 @guard_device
-def forward(x, w, labels, rx, rw, s, tau, need_o):
+def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
     """``(lse_nt, o)`` as :func:`mdkernels.ops.margin_ce.torch_backend.forward` (``margin_ce_forward``)."""
     ext = _cuda_ext.ext
     B, D = x.shape
@@ -28,7 +29,8 @@ def forward(x, w, labels, rx, rw, s, tau, need_o):
     ext.margin_ce_forward(
         _cuda_ext.dtype_code(x), x.data_ptr(), w.data_ptr(), rx.data_ptr(), rw.data_ptr(), labels.data_ptr(),
         m.data_ptr(), l.data_ptr(), o.data_ptr() if need_o else 0, B, C, D, x.stride(0), w.stride(0), splits,
-        per_split, float(s), float(tau if tau is not None else 0.0), tau is not None, _cuda_ext.stream_of(x),
+        per_split, float(s), float(nt.tau if nt.tau is not None else 0.0), nt.tau is not None, float(nt.cos_clamp),
+        _cuda_ext.stream_of(x),
     )  # fmt: skip
     m_max = m.max(0).values
     scale = torch.exp(m - m_max)
@@ -41,7 +43,7 @@ def forward(x, w, labels, rx, rw, s, tau, need_o):
 
 
 @guard_device
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget):
     """``dL/dW`` (C, D) in the centers' dtype (``margin_ce_center_grad``), written once."""
     B, D = x.shape
     C = w.shape[0]
@@ -54,8 +56,8 @@ def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
     _cuda_ext.ext.margin_ce_center_grad(
         _cuda_ext.dtype_code(x), x.data_ptr(), w.data_ptr(), rx.data_ptr(), rw.data_ptr(), labels.data_ptr(),
         lse.data_ptr(), gr.data_ptr(), coef.data_ptr(), gscale.data_ptr(), dw.data_ptr(), B, C, D, x.stride(0),
-        w.stride(0), dw.stride(0), float(s), float(tau if tau is not None else 0.0), tau is not None,
-        _cuda_ext.stream_of(x),
+        w.stride(0), dw.stride(0), float(s), float(nt.tau if nt.tau is not None else 0.0), nt.tau is not None,
+        float(nt.cos_clamp), _cuda_ext.stream_of(x),
     )  # fmt: skip
     return dw
 

@@ -16,7 +16,13 @@ target only:
   gradient is written once, in the centers' dtype: no atomics, no fp32 ``C x D`` scratch.
 
 GEMMs per step: 4 with trainable centers (2 forward, 2 backward), 2 with frozen ones, 1 for a forward
-without gradient. Backends: ``triton_backend``, ``cuda_backend`` and ``torch_backend`` share one contract:
+without gradient.
+
+The modern margin family needs, beside per-row margins: a per-row ``m3``; an ``m2`` that carries a gradient
+(MagFace's ``m(|x|)``: ``dL/dm2`` comes from the ``(B,)`` statistics, no pass over the classes); a clip of
+the target angle and a tighter clamp of every cosine (AdaFace); the easy margin (MagFace); CurricularFace's
+modulation of the hard non-target cosines, inside the class loop; and K sub-centers per class, the max taken
+inside the tile (:class:`mdkernels.ops._common.margin.NonTarget`). Backends: ``triton_backend``, ``cuda_backend`` and ``torch_backend`` share one contract:
 ``forward(x, w, labels, rx, rw, s, tau, need_o) -> (lse_nt, o)`` and
 ``center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau) -> dW``. One ``torch.library`` op pair
 runs all of them, so ``torch.compile(fullgraph=True)`` traces through any.
@@ -29,30 +35,57 @@ import torch
 from mdkernels import backends
 from mdkernels._spec import compute_dtype
 from mdkernels._validate import check_label_values
-from mdkernels.ops._common.chunked import target_cos
 from mdkernels.ops._common.epilogue import embedding_grad
-from mdkernels.ops._common.margin import margin_target_and_slope
+from mdkernels.ops._common.margin import NonTarget, curricular_threshold, margin_target_and_slope
 from mdkernels.ops.l2norm import row_rnorm
 from mdkernels.ops.margin_ce import cuda_backend, torch_backend, triton_backend
 
 BACKENDS = {"triton": triton_backend, "cuda": cuda_backend, "torch": torch_backend}
 
 
-def _target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad, backend):
-    """``(raw_t, z_t, slope)`` of every row (``labels_k < 0``: ignored): the CUDA row kernel for
-    ``backend="cuda"``, else the gather-dot and :func:`margin_target_and_slope` in torch."""
-    if backend == "cuda":  # gather, dot and margin in one row kernel
-        return cuda_backend.target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad)
-    _, _, raw_t = target_cos(x, w, labels_k, rx, rw, -1)
-    z_t, slope = margin_target_and_slope(
-        raw_t.clamp(-1.0, 1.0), m2.to(rx.dtype), s=s, m1=m1, m3=m3, fallback=fallback, grad=grad
-    )
-    return raw_t, z_t, slope
+def target_cosine(x, w, labels_k, rx, rw, K):
+    """``(raw_t, kt)``: every row's raw cosine to its own class (the max over its K sub-centers) and that
+    sub-center (int64); rows with ``labels_k < 0`` get 0. A gathered dot product, O(B*K*D)."""
+    safe = labels_k.clamp_min(0)
+    cd = rx.dtype
+    rows = safe[:, None] * K + torch.arange(K, device=x.device)  # (B, K) weight rows of each target class
+    dots = torch.bmm(w[rows].to(cd), x.to(cd)[:, :, None]).squeeze(2) * rw[rows] * rx[:, None]
+    raw_t, kt = dots.max(1)
+    valid = labels_k >= 0
+    return torch.where(valid, raw_t, torch.zeros_like(raw_t)), torch.where(valid, kt, torch.zeros_like(kt))
 
 
-def target_coefficient(gr, z_t, lse, raw_t, slope):
+def _target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, grad, easy, theta_clip, cos_clamp, K, backend,
+                  need_dm2=False):  # fmt: skip
+    """``(raw_t, kt, z_t, slope, dz_t/dm2)`` of every row (``labels_k < 0``: ignored). ``backend="cuda"`` runs
+    the CUDA row kernel (gather, dot and margin in one launch) for the options it has (one scalar ``m3``,
+    no clip, no easy margin, a clamp at 1, K = 1, no gradient to m2); every other case computes these O(B*D)
+    terms in torch, as the Triton and torch backends always do."""
+    cuda_row = backend == "cuda" and K == 1 and not (easy or need_dm2) and theta_clip is None and cos_clamp == 1.0
+    if cuda_row and m3.numel() and bool((m3 == m3[0]).all()):
+        raw_t, z_t, slope = cuda_backend.target_terms(x, w, labels_k, rx, rw, m2, s, m1,
+                                                      float(m3[0]) if m3.numel() else 0.0, fallback, grad)  # fmt: skip
+        return raw_t, torch.zeros_like(labels_k), z_t, slope, None
+    raw_t, kt = target_cosine(x, w, labels_k, rx, rw, K)
+    z_t, slope, dm2 = margin_target_and_slope(raw_t.clamp(-cos_clamp, cos_clamp), m2.to(rx.dtype), s=s, m1=m1,
+                                              m3=m3.to(rx.dtype), fallback=fallback, grad=grad, easy_margin=easy,
+                                              theta_clip=theta_clip)  # fmt: skip
+    return raw_t, kt, z_t, slope, dm2
+
+
+def _nontarget(tau, cos_clamp, t, raw_t, m2, m3, m1, K, kt):
+    """The kernels' non-target options; CurricularFace's threshold from the (unclamped-margin) target."""
+    phi = None
+    if t is not None:
+        phi = curricular_threshold(raw_t.clamp(-cos_clamp, cos_clamp), m2.to(raw_t.dtype), m1=m1,
+                                   m3=m3.to(raw_t.dtype))  # fmt: skip
+        t = t.detach().to(raw_t.dtype).reshape(())
+    return NonTarget(tau=tau, cos_clamp=cos_clamp, t=t, phi=phi, K=K, kt=kt if K > 1 else None)
+
+
+def target_coefficient(gr, z_t, lse, raw_t, slope, cos_clamp=1.0):
     """The target's ``dL/dc_t = gr (p_t - 1) dz_t/dc_t`` per row, zero where the clamp of ``c_t`` was active."""
-    return gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -1.0) & (raw_t <= 1.0))
+    return gr * (torch.exp(z_t - lse) - 1.0) * slope * ((raw_t >= -cos_clamp) & (raw_t <= cos_clamp))
 
 
 def forward_impl(
@@ -60,65 +93,68 @@ def forward_impl(
     w: torch.Tensor,
     labels: torch.Tensor,
     m2: torch.Tensor,
+    m3: torch.Tensor,
+    curricular_t: torch.Tensor | None,
     s: float,
     m1: float,
-    m3: float,
     fallback: bool,
     grad: str,
+    easy_margin: bool,
+    theta_clip: float | None,
+    cos_clamp: float,
     interclass_filter: float | None,
+    subcenters: int,
     ignore_index: int,
     need_dx: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(loss_rows, lse, cos_target, rx, rw, o_bar)``: per-row loss (0 for ignored rows), full
-    logsumexp, clamped target cosine, the inverse norms of the rows of x and w, and (``need_dx``)
-    ``o_bar_i = sum_{j != y_i} p_ij (dz/dc)_ij n(w_j)`` ``(B, D)``, else ``(0, D)``. ``grad`` only selects the
-    backward's target derivative."""
-    backends.require("margin_ce", backend, x)
-    check_label_values(labels, w.shape[0], ignore_index)
+) -> tuple[torch.Tensor, ...]:
+    """Returns ``(loss_rows, lse, cos_target, rx, rw, o_bar, kt)``: per-row loss (0 for ignored rows), full
+    logsumexp, clamped target cosine, the inverse norms of the rows of x and w, (``need_dx``)
+    ``o_bar_i = sum_{j != y_i} p_ij (dz/dc)_ij n(w_j)`` ``(B, D)`` (else ``(0, D)``), and the target's
+    sub-center ``(B,)``. ``m2``, ``m3``: ``(B,)``. ``grad`` only selects the backward's target derivative."""
+    K = int(subcenters)
+    backends.require("margin_ce", backend, x, subcenters=K, curricular_t=curricular_t is not None)
+    if K < 1 or w.shape[0] % K:
+        raise ValueError(f"subcenters={K} must be >= 1 and divide the centers' rows ({w.shape[0]})")
+    check_label_values(labels, w.shape[0] // K, ignore_index)
     x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
     rx, rw = row_rnorm(x), row_rnorm(w)
     valid = labels != ignore_index
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    raw_t, z_t, _ = _target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, "straight_through", backend)
-    cos_t = raw_t.clamp(-1.0, 1.0)
-    lse_nt, o = BACKENDS[backend].forward(x, w, labels_k, rx, rw, s, interclass_filter, need_dx)
+    raw_t, kt, z_t, _, _ = _target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, "straight_through",
+                                         easy_margin, theta_clip, cos_clamp, K, backend)  # fmt: skip
+    cos_t = raw_t.clamp(-cos_clamp, cos_clamp)
+    nt = _nontarget(interclass_filter, cos_clamp, curricular_t, raw_t, m2, m3, m1, K, kt)
+    lse_nt, o = BACKENDS[backend].forward(x, w, labels_k, rx, rw, s, nt, need_dx)
     lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)  # ignored rows: lse over all classes
     loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
     if need_dx:  # the non-target share of the softmax mass turns o (normalised over non-targets) into o_bar
         o_bar = o * torch.exp(lse_nt - lse).nan_to_num_(0.0)[:, None]
     else:
         o_bar = x.new_empty(0, x.shape[1], dtype=rx.dtype)
-    return loss_rows, lse, cos_t, rx, rw, o_bar
+    return loss_rows, lse, cos_t, rx, rw, o_bar, kt
 
 
 @torch.library.custom_op("mdkernels::margin_ce_forward", mutates_args=())
 def margin_ce_forward(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    labels: torch.Tensor,
-    m2: torch.Tensor,
-    s: float,
-    m1: float,
-    m3: float,
-    fallback: bool,
-    grad: str,
-    interclass_filter: float | None,
-    ignore_index: int,
-    need_dx: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
+    curricular_t: torch.Tensor | None, s: float, m1: float, fallback: bool, grad: str, easy_margin: bool,
+    theta_clip: float | None, cos_clamp: float, interclass_filter: float | None, subcenters: int, ignore_index: int,
+    need_dx: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused forward as a torch.library op (see :func:`forward_impl`)."""
-    return forward_impl(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_index, need_dx,
-                        backend)  # fmt: skip
+    return forward_impl(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip, cos_clamp,
+                        interclass_filter, subcenters, ignore_index, need_dx, backend)  # fmt: skip
 
 
 @margin_ce_forward.register_fake
-def _(x, w, labels, m2, s, m1, m3, fallback, grad, interclass_filter, ignore_index, need_dx, backend):
+def _(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip, cos_clamp,
+      interclass_filter, subcenters, ignore_index, need_dx, backend):  # fmt: skip
     cd = compute_dtype(x)
     row = x.new_empty(x.shape[0], dtype=cd)
     o_bar = x.new_empty(x.shape[0] if need_dx else 0, x.shape[1], dtype=cd)
-    return row, torch.empty_like(row), torch.empty_like(row), torch.empty_like(row), x.new_empty(w.shape[0], dtype=cd), o_bar
+    kt = x.new_empty(x.shape[0], dtype=torch.int64)
+    return row, torch.empty_like(row), torch.empty_like(row), torch.empty_like(row), x.new_empty(w.shape[0], dtype=cd), o_bar, kt
 
 
 def backward_impl(
@@ -127,90 +163,95 @@ def backward_impl(
     w: torch.Tensor,
     labels: torch.Tensor,
     m2: torch.Tensor,
+    m3: torch.Tensor,
+    curricular_t: torch.Tensor | None,
     lse: torch.Tensor,
     rx: torch.Tensor,
     rw: torch.Tensor,
     o_bar: torch.Tensor,
+    kt: torch.Tensor,
     s: float,
     m1: float,
-    m3: float,
     fallback: bool,
     grad: str,
+    easy_margin: bool,
+    theta_clip: float | None,
+    cos_clamp: float,
     interclass_filter: float | None,
+    subcenters: int,
     ignore_index: int,
     need_dx: bool,
     need_dw: bool,
+    need_dm2: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(dx, dw)``, each empty (0 elements) when not needed. ``dx`` needs no GEMM (``o_bar``); ``dw``
-    is the only pass over the classes, and there is none for frozen centers."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dx, dw, dm2)``, each empty (0 elements) when not needed. ``dx`` needs no GEMM (``o_bar``);
+    ``dw`` is the only pass over the classes, and there is none for frozen centers; ``dm2 = dL/dm2`` ``(B,)``
+    comes from the per-row statistics alone."""
     if need_dx and o_bar.shape[0] != x.shape[0]:
         raise ValueError("margin_ce_backward: dx needs the forward's o_bar; call the forward with need_dx=True")
+    K = int(subcenters)
     x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
     cd = rx.dtype
     valid = labels != ignore_index
     gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    raw_t, z_t, slope = _target_terms(x, w, labels_k, rx, rw, m2, s, m1, m3, fallback, grad, backend)
-    coef = target_coefficient(gr, z_t, lse, raw_t, slope)
-    dx = embedding_grad(x, w, o_bar, gr, coef, labels_k, rw) if need_dx else x.new_empty(0)
+    raw_t, _, z_t, slope, dz_dm2 = _target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, grad, easy_margin,
+                                                 theta_clip, cos_clamp, K, backend, need_dm2)  # fmt: skip
+    coef = target_coefficient(gr, z_t, lse, raw_t, slope, cos_clamp)
+    dx = dw = dm2 = None
+    if need_dx:
+        rows = labels_k.clamp_min(0) * K + kt  # the target's sub-center row
+        dx = embedding_grad(x, w, o_bar, gr, coef, torch.where(valid, rows, torch.full_like(rows, -1)), rw)
     if need_dw:
-        dw = BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, interclass_filter)
-    else:
-        dw = w.new_empty(0)
-    return dx, dw
+        nt = _nontarget(interclass_filter, cos_clamp, curricular_t, raw_t, m2, m3, m1, K, kt)
+        dw = BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, nt)
+    if need_dm2:  # dL/dm2 = gr (p_t - 1) dz_t/dm2, per row: no pass over the classes
+        if dz_dm2 is None:
+            raise ValueError("margin_ce_backward: dm2 needs the torch target terms")
+        dm2 = gr * (torch.exp(z_t - lse) - 1.0) * dz_dm2
+    return ((dx if dx is not None else x.new_empty(0)), (dw if dw is not None else w.new_empty(0)),
+            (dm2.to(m2.dtype) if dm2 is not None else x.new_empty(0)))  # fmt: skip
 
 
 @torch.library.custom_op("mdkernels::margin_ce_backward", mutates_args=())
 def margin_ce_backward(
-    grad_rows: torch.Tensor,
-    x: torch.Tensor,
-    w: torch.Tensor,
-    labels: torch.Tensor,
-    m2: torch.Tensor,
-    lse: torch.Tensor,
-    rx: torch.Tensor,
-    rw: torch.Tensor,
-    o_bar: torch.Tensor,
-    s: float,
-    m1: float,
-    m3: float,
-    fallback: bool,
-    grad: str,
-    interclass_filter: float | None,
-    ignore_index: int,
-    need_dx: bool,
-    need_dw: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_rows: torch.Tensor, x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor,
+    m3: torch.Tensor, curricular_t: torch.Tensor | None, lse: torch.Tensor, rx: torch.Tensor, rw: torch.Tensor,
+    o_bar: torch.Tensor, kt: torch.Tensor, s: float, m1: float, fallback: bool, grad: str, easy_margin: bool,
+    theta_clip: float | None, cos_clamp: float, interclass_filter: float | None, subcenters: int, ignore_index: int,
+    need_dx: bool, need_dw: bool, need_dm2: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused backward as a torch.library op (see :func:`backward_impl`)."""
-    return backward_impl(grad_rows, x, w, labels, m2, lse, rx, rw, o_bar, s, m1, m3, fallback, grad,
-                         interclass_filter, ignore_index, need_dx, need_dw, backend)  # fmt: skip
+    return backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad,
+                         easy_margin, theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index, need_dx,
+                         need_dw, need_dm2, backend)  # fmt: skip
 
 
 @margin_ce_backward.register_fake
-def _(grad_rows, x, w, labels, m2, lse, rx, rw, o_bar, s, m1, m3, fallback, grad, interclass_filter, ignore_index,
-      need_dx, need_dw, backend):  # fmt: skip
-    return (torch.empty_like(x) if need_dx else x.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0))
+def _(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad, easy_margin,
+      theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index, need_dx, need_dw, need_dm2, backend):  # fmt: skip
+    return ((torch.empty_like(x) if need_dx else x.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0)),
+            (torch.empty_like(m2) if need_dm2 else x.new_empty(0)))  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, labels, m2, s, m1, m3, fallback, grad, tau, ignore_index, need_dx, backend = inputs
-    _, lse, _, rx, rw, o_bar = output
-    ctx.save_for_backward(x, w, labels, m2, lse, rx, rw, o_bar)
-    ctx.args = (s, m1, m3, fallback, grad, tau, ignore_index)
-    ctx.backend = backend
+    x, w, labels, m2, m3, curricular_t, *args = inputs
+    _, lse, _, rx, rw, o_bar, kt = output
+    ctx.save_for_backward(x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt)
+    ctx.args = tuple(args[:-2])  # s .. ignore_index
+    ctx.backend = args[-1]
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_rows, *_unused):
-    x, w, labels, m2, lse, rx, rw, o_bar = ctx.saved_tensors
-    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_dx or need_dw):
-        return (None,) * 13
-    dx, dw = margin_ce_backward(grad_rows, x, w, labels, m2, lse, rx, rw, o_bar, *ctx.args, need_dx, need_dw,
-                                ctx.backend)  # fmt: skip
-    return (dx if need_dx else None), (dw if need_dw else None), *(None,) * 11
+    x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt = ctx.saved_tensors
+    need_dx, need_dw, need_dm2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if not (need_dx or need_dw or need_dm2):
+        return (None,) * 18
+    dx, dw, dm2 = margin_ce_backward(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, *ctx.args,
+                                     need_dx, need_dw, need_dm2, ctx.backend)  # fmt: skip
+    return (dx if need_dx else None), (dw if need_dw else None), None, (dm2 if need_dm2 else None), *(None,) * 14
 
 
 torch.library.register_autograd("mdkernels::margin_ce_forward", _backward, setup_context=_setup_context)

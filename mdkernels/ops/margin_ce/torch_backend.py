@@ -17,48 +17,53 @@ import torch
 
 from mdkernels.ops._common import chunked
 from mdkernels.ops._common.env import NEG_BIG
+from mdkernels.ops._common.margin import NonTarget
 
 
-def forward(x, w, labels, rx, rw, s, tau, need_o):
+def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
     """``(lse_nt, o)``: the logsumexp of the non-target logits ``(B,)`` and, when ``need_o``,
-    ``o_i = sum_j softmax_nt(z_i)_j * s * n(w_j)`` over the entries that pass a gradient ``(B, D)``."""
-    B, C = x.shape[0], w.shape[0]
+    ``o_i = sum_j softmax_nt(z_i)_j (dz/dc)_ij n(w_j)`` over the entries that pass a gradient ``(B, D)``
+    (``n(w_j)`` of the sub-center each class's cosine came from)."""
+    B, C = x.shape[0], w.shape[0] // nt.K
     cd = rx.dtype
     xs = x.to(cd) * (rx * s)[:, None]  # s * n(x): a chunk's product scaled by 1/|w_j| is s*c
     m = torch.full((B,), NEG_BIG, dtype=cd, device=x.device)
     l = torch.zeros(B, dtype=cd, device=x.device)
     o = torch.zeros(B, x.shape[1], dtype=cd, device=x.device) if need_o else None
-    fused = chunked.fused_epilogue(xs)
+    fused = nt.plain and chunked.fused_epilogue(xs)
     alpha = torch.empty_like(m)
-    for c0, c1 in chunked.chunks(B, C):
+    for c0, c1 in chunked.chunks(B * nt.K, C):
+        r0, r1 = c0 * nt.K, c1 * nt.K  # the chunk's weight rows
         if fused:  # one C++ sweep per row: (m, l) updated in place, P * rw in place of the logits
-            p = torch.mm(xs, w[c0:c1].to(cd).T)
+            p = torch.mm(xs, w[r0:r1].to(cd).T)
             tgt = chunked.chunk_targets(labels, c0, c1)  # bound to a name: a temporary would be freed first
-            chunked.cpu_ext.forward_rows(cd == torch.float64, p.data_ptr(), rw[c0:c1].data_ptr(), tgt.data_ptr(), B,
-                                         c1 - c0, float(s),
-                                         float(s * tau) if tau is not None else 0.0, tau is not None, m.data_ptr(),
-                                         l.data_ptr(), alpha.data_ptr(), need_o, torch.get_num_threads())  # fmt: skip
+            chunked.cpu_ext.forward_rows(cd == torch.float64, p.data_ptr(), rw[r0:r1].data_ptr(), tgt.data_ptr(), B,
+                                         r1 - r0, float(s), float(s * nt.tau) if nt.tau is not None else 0.0,
+                                         nt.tau is not None, m.data_ptr(), l.data_ptr(), alpha.data_ptr(), need_o,
+                                         torch.get_num_threads())  # fmt: skip
         else:
-            z, mx, keep, _, _ = chunked.chunk_logits(xs, w, rw, labels, c0, c1, s, tau)
-            m_new = torch.maximum(m, mx)
+            ch = chunked.chunk_logits(xs, w, rw, labels, c0, c1, s, nt)
+            m_new = torch.maximum(m, ch.mx)
             torch.exp(m - m_new, out=alpha)
-            p = z.sub_(m_new[:, None]).exp_()
+            p = ch.z.sub_(m_new[:, None]).exp_()
             l.mul_(alpha).add_(p.sum(1))
             if need_o:
-                if keep is not None:
-                    p.masked_fill_(~keep, 0.0)
-                p.mul_(rw[None, c0:c1])
+                if ch.keep is not None:
+                    p.masked_fill_(~ch.keep, 0.0)
+                if ch.slope is not None:
+                    p.mul_(ch.slope)
+                p = chunked.spread(p, ch.kidx, nt.K).mul_(rw[None, r0:r1])
             m = m_new
         if need_o:
-            o.mul_(alpha[:, None]).addmm_(p, w[c0:c1].to(cd))
+            o.mul_(alpha[:, None]).addmm_(p, w[r0:r1].to(cd))
     lse_nt = m + torch.log(l)
     if need_o:
         o.mul_(torch.where(l > 0, s / l, torch.zeros_like(l))[:, None])
     return lse_nt, o
 
 
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
-    """``dL/dW`` (C, D) in the centers' dtype, written once per chunk (:func:`chunked.center_grad`), with
-    the non-target ``dL/dc = gr s exp(z - lse)``."""
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget):
+    """``dL/dW`` (C K, D) in the centers' dtype, written once per chunk (:func:`chunked.center_grad`), with
+    the non-target ``dL/dc = gr s exp(z - lse) (dz/dc)/s``."""
     xs = x.to(rx.dtype) * (rx * s)[:, None]
-    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, tau, lse=lse)
+    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, nt, lse=lse)

@@ -20,25 +20,43 @@ from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import compute_dtype
 from mdkernels.ops._common.env import HAS_TRITON, NEG_BIG, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale
+from mdkernels.ops._common.margin import NonTarget
 from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from mdkernels.ops._common.tiles import center_grad_epilogue, cos_tile, load_tile, logits, normalised
+    from mdkernels.ops._common.tiles import (
+        center_grad_epilogue,
+        cos_tile,
+        load_tile,
+        logits,
+        normalised,
+        spread_rows,
+        subcenter_tile,
+    )
 
     _NEG_BIG = tl.constexpr(NEG_BIG)  # globals read inside @triton.jit must be constexpr
 
     @triton.jit
+    def _weight_rows(cols, col_mask, BLOCK_C: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+        """The weight rows of a class tile: ``c*K + k`` for ``k < K`` (class-major), ``BLOCK_C * KP`` of them."""
+        if K == 1:
+            return cols, col_mask
+        ks = tl.arange(0, KP)
+        wr = tl.reshape(cols[:, None] * K + ks[None, :], (BLOCK_C * KP,))
+        return wr, tl.reshape(col_mask[:, None] & (ks < K)[None, :], (BLOCK_C * KP,))
+
+    @triton.jit
     def _margin_ce_forward_kernel(
-        X, W, RX, RW, Y, M_OUT, L_OUT, O_OUT, B, C, D, stride_x, stride_w, classes_per_split, s, tau,
-        HAS_FILTER: tl.constexpr, NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        X, W, RX, RW, Y, PHI, T, M_OUT, L_OUT, O_OUT, B, C, D, stride_x, stride_w, classes_per_split, s, tau, bound,
+        HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NEED_O: tl.constexpr,
+        FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Per (row tile, class split, D block): running max ``M``, sum-exp ``L`` and ``O`` (unnormalised,
-        relative to ``M``) of the non-target logits of the split."""
+        relative to ``M``) of the non-target logits of the split. ``C`` counts classes (K weight rows each)."""
         pid_b = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_d = tl.program_id(2)
@@ -46,6 +64,11 @@ if HAS_TRITON:
         row_mask = rows < B
         y = tl.load(Y + rows, mask=row_mask, other=-1)
         rx = tl.load(RX + rows, mask=row_mask, other=0.0)
+        phi = rx
+        t = 0.0
+        if CURRICULAR:
+            phi = tl.load(PHI + rows, mask=row_mask, other=0.0)
+            t = tl.load(T)
         dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         d_mask = dd < D
         op_dtype = ACC_DTYPE if UPCAST else X.dtype.element_ty  # the dots' operand dtype
@@ -59,24 +82,31 @@ if HAS_TRITON:
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < c_end
-            rw = tl.load(RW + cols, mask=col_mask, other=0.0)
+            wr, wr_mask = _weight_rows(cols, col_mask, BLOCK_C, K, KP)
+            rw = tl.load(RW + wr, mask=wr_mask, other=0.0)
             if FULL_D:
-                wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
+                wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w), rw, op_dtype)
                 raw = tl.dot(xn, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             else:
-                raw = cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w, BLOCK_B,
-                               BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+                raw = cos_tile(X, W, RX, RW, rows, wr, row_mask, wr_mask, D, stride_x, stride_w, BLOCK_B,
+                               BLOCK_C * KP, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+            if K > 1:
+                raw, kidx = subcenter_tile(raw, BLOCK_B, BLOCK_C, K, KP)
             live = (cols[None, :] != y[:, None]) & col_mask[None, :]
-            z, keep = logits(raw, live, s, tau, HAS_FILTER)
+            z, keep, slope = logits(raw, live, s, tau, bound, phi, t, HAS_FILTER, CURRICULAR)
             m_new = tl.maximum(m, tl.max(z, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(z - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
             if NEED_O:
                 if not FULL_D:
-                    wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
-                p = tl.where(keep, p, 0.0).to(op_dtype)  # in [0, 1]: safe in fp16/bf16 after the max is out
-                o = o * alpha[:, None] + tl.dot(p, wn, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w), rw, op_dtype)
+                p = tl.where(keep, p, 0.0)  # in [0, 1] (times CurricularFace's slope, at most 3)
+                if CURRICULAR:
+                    p = p * slope
+                if K > 1:
+                    p = spread_rows(p, kidx, BLOCK_B, BLOCK_C, KP)
+                o = o * alpha[:, None] + tl.dot(p.to(op_dtype), wn, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             m = m_new
         if pid_d == 0:
             tl.store(M_OUT + pid_s * B + rows, m, mask=row_mask)
@@ -87,25 +117,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _margin_ce_center_grad_kernel(
-        X, W, RX, RW, Y, LSE, GR, COEF, GSCALE, DW, B, C, D, stride_x, stride_w, stride_dw, s, tau,
-        HAS_FILTER: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
+        X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, T, GSCALE, DW, B, C, D, stride_x, stride_w, stride_dw, s, tau, bound,
+        HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, FULL_D: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """One (class tile, D block): ``dW`` of its centers from every row, written once."""
+        """One (class tile, D block): ``dW`` of its centers (``BLOCK_C * K`` weight rows) from every row,
+        written once."""
         pid_c = tl.program_id(0)
         pid_d = tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
+        wr, wr_mask = _weight_rows(cols, col_mask, BLOCK_C, K, KP)
         dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         d_mask = dd < D
         op_dtype = ACC_DTYPE if UPCAST else X.dtype.element_ty
-        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
+        rw = tl.load(RW + wr, mask=wr_mask, other=0.0)
         if FULL_D:
-            wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
+            wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w), rw, op_dtype)
         gscale = tl.load(GSCALE)
-        acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC_DTYPE)
-        dot = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
+        t = 0.0
+        if CURRICULAR:
+            t = tl.load(T)
+        acc = tl.zeros((BLOCK_C * KP, BLOCK_DO), dtype=ACC_DTYPE)
+        dot = tl.zeros((BLOCK_C * KP,), dtype=ACC_DTYPE)
         for r0 in range(0, B, BLOCK_B):
             rows = r0 + tl.arange(0, BLOCK_B)
             row_mask = rows < B
@@ -115,22 +150,33 @@ if HAS_TRITON:
                 lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
                 coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
                 rx = tl.load(RX + rows, mask=row_mask, other=0.0)
+                phi = rx
+                if CURRICULAR:
+                    phi = tl.load(PHI + rows, mask=row_mask, other=0.0)
                 xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x), rx, op_dtype)
                 if FULL_D:
-                    raw = tl.dot(xn, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    raw_k = tl.dot(xn, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 else:
-                    raw = cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w, BLOCK_B,
-                                   BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+                    raw_k = cos_tile(X, W, RX, RW, rows, wr, row_mask, wr_mask, D, stride_x, stride_w, BLOCK_B,
+                                     BLOCK_C * KP, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+                raw = raw_k
+                if K > 1:
+                    raw, kidx = subcenter_tile(raw_k, BLOCK_B, BLOCK_C, K, KP)
                 target = (cols[None, :] == y[:, None]) & col_mask[None, :]
                 live = ~target & col_mask[None, :] & row_mask[:, None]
-                z, keep = logits(raw, live, s, tau, HAS_FILTER)
+                z, keep, slope = logits(raw, live, s, tau, bound, phi, t, HAS_FILTER, CURRICULAR)
                 # masked entries are exp(-inf) = 0 before any product: the un-margined target may overflow
                 g = tl.where(keep, tl.exp(z - lse[:, None]) * (s * gr)[:, None], 0.0)
+                if CURRICULAR:
+                    g = g * slope
                 g = tl.where(target, coef[:, None], g)
-                dot += tl.sum(g * raw, 0)
+                if K > 1:  # each class's entry to its argmax sub-center; the target's to the sub-center it used
+                    kt = tl.load(KT + rows, mask=row_mask, other=0).to(tl.int32)
+                    g = spread_rows(g, tl.where(target, kt[:, None], kidx), BLOCK_B, BLOCK_C, KP)
+                dot += tl.sum(g * raw_k, 0)
                 acc += tl.dot(tl.trans((g / gscale).to(op_dtype)), xn, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        wt = load_tile(W, cols, col_mask, dd, d_mask, stride_w)  # reloaded: not held in registers over the loop
-        center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw)
+        wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w)  # reloaded: not held in registers over the loop
+        center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw)
 
 
 def _splits(x: torch.Tensor, row_tiles: int, class_tiles: int) -> int:
@@ -138,13 +184,22 @@ def _splits(x: torch.Tensor, row_tiles: int, class_tiles: int) -> int:
     return max(1, min(class_tiles, (4 * num_sms(x.device)) // max(row_tiles, 1))) if x.is_cuda else 1
 
 
+def _options(nt: NonTarget, x: torch.Tensor) -> tuple[dict, tuple]:
+    """The kernels' constexprs and the (PHI, T) pointers of the non-target options (dummies when off)."""
+    K = nt.K
+    const = dict(HAS_FILTER=nt.tau is not None, CURRICULAR=nt.t is not None, K=K, KP=triton.next_power_of_2(K))
+    curricular = (nt.phi.contiguous(), nt.t.reshape(1).contiguous()) if nt.t is not None else (x, x)
+    return const, curricular
+
+
 @guard_device
-def forward(x, w, labels, rx, rw, s, tau, need_o):
+def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
     """``(lse_nt, o)`` as :func:`mdkernels.ops.margin_ce.torch_backend.forward`."""
     B, D = x.shape
-    C = w.shape[0]
+    C = w.shape[0] // nt.K
     cd = compute_dtype(x)
     flags = triton_flags(x.dtype, x.is_cuda)
+    const, (phi, t) = _options(nt, x)
 
     def launch(cfg):
         row_tiles, class_tiles = triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"])
@@ -156,12 +211,12 @@ def forward(x, w, labels, rx, rw, s, tau, need_o):
         l = torch.empty_like(m)
         o = torch.empty(splits, B, D, dtype=cd, device=x.device) if need_o else m
         _margin_ce_forward_kernel[(row_tiles, splits, d_splits)](
-            x, w, rx, rw, labels, m, l, o, B, C, D, x.stride(0), w.stride(0), per_split, float(s),
-            float(tau if tau is not None else 0.0), HAS_FILTER=tau is not None, NEED_O=need_o, **flags, **cfg,
+            x, w, rx, rw, labels, phi, t, m, l, o, B, C, D, x.stride(0), w.stride(0), per_split, float(s),
+            float(nt.tau if nt.tau is not None else 0.0), float(nt.cos_clamp), NEED_O=need_o, **const, **flags, **cfg,
         )  # fmt: skip
         return m, l, o
 
-    m, l, o = launch(autotuned("forward", x, B, C, D, launch))
+    m, l, o = launch(autotuned("forward", x, B, C, D, launch, subcenters=nt.K))
     m_max = m.max(0).values
     scale = torch.exp(m - m_max)
     total = (l * scale).sum(0)
@@ -173,49 +228,59 @@ def forward(x, w, labels, rx, rw, s, tau, need_o):
 
 
 @guard_device
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, tau):
-    """``dL/dW`` (C, D) in the centers' dtype, as :func:`mdkernels.ops.margin_ce.torch_backend.center_grad`."""
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget):
+    """``dL/dW`` (C K, D) in the centers' dtype, as :func:`mdkernels.ops.margin_ce.torch_backend.center_grad`."""
     B, D = x.shape
-    C = w.shape[0]
+    C = w.shape[0] // nt.K
     dw = torch.empty_like(w)
     gscale = grad_scale(gr, coef, s).to(rx.dtype)
     flags = triton_flags(x.dtype, x.is_cuda)
+    const, (phi, t) = _options(nt, x)
+    kt = nt.kt.contiguous() if nt.kt is not None else labels
 
     def launch(cfg):
         grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))
         _margin_ce_center_grad_kernel[grid](
-            x, w, rx, rw, labels, lse, gr, coef, gscale, dw, B, C, D, x.stride(0), w.stride(0), dw.stride(0),
-            float(s), float(tau if tau is not None else 0.0), HAS_FILTER=tau is not None, **flags, **cfg,
+            x, w, rx, rw, labels, lse, gr, coef, kt, phi, t, gscale, dw, B, C, D, x.stride(0), w.stride(0),
+            dw.stride(0), float(s), float(nt.tau if nt.tau is not None else 0.0), float(nt.cos_clamp), **const,
+            **flags, **cfg,
         )  # fmt: skip
 
     if C and B:
-        launch(autotuned("center_grad", x, B, C, D, launch))
+        launch(autotuned("center_grad", x, B, C, D, launch, subcenters=nt.K))
     else:
         dw.zero_()
     return dw
 
 
 def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
-    """The kernels as the GPU launcher compiles them for ``dtype`` at D = 512 (resident) and D = 1024 (split
-    over the grid): (name, kernel, runtime signature, constexprs, options), for
-    :mod:`mdkernels.tools.gpu_compile` (checks without a GPU)."""
+    """The kernels as the GPU launcher compiles them for ``dtype``: every option at D = 512 (resident), the D
+    split at 1024 (name, kernel, runtime signature, constexprs, options), for
+    :mod:`mdkernels.tools.gpu_compile` (checks without a GPU). CurricularFace and sub-centers (K = 3) are
+    compiled for bf16 and fp32 (fp16 is the same code with another operand type)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     flags = triton_flags(dtype, on_cuda=True)
-    common = {"X": ptr(dtype), "W": ptr(dtype), "RX": ptr(acc), "RW": ptr(acc), "Y": "*i64", "B": "i32", "C": "i32",
-              "D": "i32", "stride_x": "i32", "stride_w": "i32", "s": "fp32", "tau": "fp32"}  # fmt: skip
+    common = {"X": ptr(dtype), "W": ptr(dtype), "RX": ptr(acc), "RW": ptr(acc), "Y": "*i64", "PHI": ptr(acc),
+              "T": ptr(acc), "B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32", "s": "fp32",
+              "tau": "fp32", "bound": "fp32"}  # fmt: skip
     fwd = {**common, "M_OUT": ptr(acc), "L_OUT": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
-    bwd = {**common, "LSE": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc), "GSCALE": ptr(acc), "DW": ptr(dtype),
-           "stride_dw": "i32"}  # fmt: skip
+    bwd = {**common, "LSE": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc), "KT": "*i64", "GSCALE": ptr(acc),
+           "DW": ptr(dtype), "stride_dw": "i32"}  # fmt: skip
+    # (D, filter, need_o, curricular, K): every plain variant at D = 512, the D split at 1024
+    variants = [(D, flt, need_o, False, 1) for flt in (False, True) for need_o in (False, True)]
+    variants.append((1024, False, True, False, 1))
+    if dtype != torch.float16:
+        variants += [(D, False, True, True, 1), (D, False, True, False, 3)]
     specs = []
-    # every variant at D = 512 (resident); the D split at 1024 with the variants of most registers
-    variants = [(D, flt, need_o) for flt in (False, True) for need_o in (False, True)] + [(1024, False, True)]
-    for d, flt, need_o in variants:
-        fcfg, gcfg = tile_config("forward", dtype, B, d), tile_config("center_grad", dtype, B, d)
+    for d, flt, need_o, curr, K in variants:
+        fcfg, gcfg = tile_config("forward", dtype, B, d, K), tile_config("center_grad", dtype, B, d, K)
         fopts = {"num_warps": fcfg.pop("num_warps"), "num_stages": fcfg.pop("num_stages")}
         gopts = {"num_warps": gcfg.pop("num_warps"), "num_stages": gcfg.pop("num_stages")}
-        specs.append((f"margin_ce_forward D={d} filter={flt} need_o={need_o}", _margin_ce_forward_kernel, fwd,
-                      {"HAS_FILTER": flt, "NEED_O": need_o, **fcfg, **flags}, fopts))  # fmt: skip
+        const = {"HAS_FILTER": flt, "CURRICULAR": curr, "K": K, "KP": triton.next_power_of_2(K), **flags}
+        name = f"D={d} filter={flt}" + (" curricular" if curr else "") + (f" K={K}" if K > 1 else "")
+        specs.append((f"margin_ce_forward {name} need_o={need_o}", _margin_ce_forward_kernel, fwd,
+                      {"NEED_O": need_o, **const, **fcfg}, fopts))  # fmt: skip
         if need_o:
-            specs.append((f"margin_ce_center_grad D={d} filter={flt}", _margin_ce_center_grad_kernel, bwd,
-                          {"HAS_FILTER": flt, **gcfg, **flags}, gopts))  # fmt: skip
+            specs.append((f"margin_ce_center_grad {name}", _margin_ce_center_grad_kernel, bwd, {**const, **gcfg},
+                          gopts))  # fmt: skip
     return specs

@@ -42,8 +42,8 @@ def _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_in
     _, _, raw_t = target_cos(xt, w, labels, rxt, rw, ignore_index)
     m2v = torch.full_like(raw_s, m2)
     kw = dict(s=s, m1=m1, m3=m3, fallback=fallback, grad="exact")
-    z_ts, slope = margin_target_and_slope(raw_s.clamp(-1.0, 1.0), m2v, **kw)
-    z_tt, _ = margin_target_and_slope(raw_t.clamp(-1.0, 1.0), m2v, **kw)
+    z_ts, slope, _ = margin_target_and_slope(raw_s.clamp(-1.0, 1.0), m2v, **kw)
+    z_tt, _, _ = margin_target_and_slope(raw_t.clamp(-1.0, 1.0), m2v, **kw)
     return valid, safe, raw_s, z_ts, z_tt, slope
 
 

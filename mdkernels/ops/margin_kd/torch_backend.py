@@ -27,8 +27,8 @@ def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
     l_s, l_sT, l_tT, A = (torch.zeros(B, dtype=cd, device=xs.device) for _ in range(4))
     o3 = torch.zeros(3 * B, xs.shape[1], dtype=cd, device=xs.device) if need_o else None
     for c0, c1 in chunked.chunks(4 * B, C):  # two logit chunks, and the three stacked P's
-        zs, mxs, keep, _, _ = chunked.chunk_logits(ss, w, rw, labels, c0, c1, s, None)
-        zt, mxt, _, _, _ = chunked.chunk_logits(st, w, rw, labels, c0, c1, s, None)
+        cs, ct = chunked.chunk_logits(ss, w, rw, labels, c0, c1, s), chunked.chunk_logits(st, w, rw, labels, c0, c1, s)
+        zs, mxs, keep, zt, mxt = cs.z, cs.mx, cs.keep, ct.z, ct.mx
         ms_new, mt_new = torch.maximum(m_s, mxs), torch.maximum(m_t, mxt)
         a_s, a_sT, a_tT = torch.exp(m_s - ms_new), torch.exp((m_s - ms_new) / T), torch.exp((m_t - mt_new) / T)
         es = zs - ms_new[:, None]
@@ -56,9 +56,9 @@ def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef
     ss, st = xs.to(cd) * (rxs * s)[:, None], xt.to(cd) * (rxt * s)[:, None]
 
     def nontarget(zs, c0, c1):
-        zt = chunked.chunk_logits(st, w, rw, labels, c0, c1, s, None)[0]
+        zt = chunked.chunk_logits(st, w, rw, labels, c0, c1, s).z
         q_t = zt.div_(T).sub_(lse_tT[:, None]).exp_()
         q_s = (zs / T).sub_(lse_sT[:, None]).exp_()
         return torch.sub(zs, lse_s[:, None]).exp_().mul_(1.0 - alpha).add_(q_s.sub_(q_t), alpha=alpha * T)
 
-    return chunked.center_grad(ss, w, rw, labels, gr, coef, raw_t, s, None, nontarget=nontarget, logit_sets=3)
+    return chunked.center_grad(ss, w, rw, labels, gr, coef, raw_t, s, nontarget=nontarget, logit_sets=3)

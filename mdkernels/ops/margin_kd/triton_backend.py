@@ -83,8 +83,8 @@ if HAS_TRITON:
                                  stride_xt, stride_w, FULL_D, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST,
                                  PRECISION)  # fmt: skip
             live = (cols[None, :] != y[:, None]) & col_mask[None, :]
-            zs, keep = logits(cs, live, s, 0.0, False)
-            zt, _ = logits(ct, live, s, 0.0, False)
+            zs, keep, _ = logits(cs, live, s, 0.0, 1.0, rxs, 0.0, False, False)
+            zt, _, _ = logits(ct, live, s, 0.0, 1.0, rxs, 0.0, False, False)
             ms_new = tl.maximum(m_s, tl.max(zs, 1))
             mt_new = tl.maximum(m_t, tl.max(zt, 1))
             a_s = tl.exp(m_s - ms_new)
@@ -160,8 +160,8 @@ if HAS_TRITON:
                                      UPCAST, PRECISION)  # fmt: skip
                 target = (cols[None, :] == y[:, None]) & col_mask[None, :]
                 live = ~target & col_mask[None, :] & row_mask[:, None]
-                zs, keep = logits(cs, live, s, 0.0, False)
-                zt, _ = logits(ct, live, s, 0.0, False)
+                zs, keep, _ = logits(cs, live, s, 0.0, 1.0, rxs, 0.0, False, False)
+                zt, _, _ = logits(ct, live, s, 0.0, 1.0, rxs, 0.0, False, False)
                 p_s = tl.exp(zs - lse_s[:, None])
                 q_s = tl.exp(zs * inv_T - lse_sT[:, None])
                 q_t = tl.exp(zt * inv_T - lse_tT[:, None])

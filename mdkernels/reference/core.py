@@ -1,4 +1,4 @@
-"""Every mdkernels loss in plain eager PyTorch: the oracle for tests and the baseline for benchmarks.
+"""SPEC sections 1-6 in plain eager PyTorch: the margin CE and the distillation losses (the oracle).
 
 Readable first, fast never: these functions materialise the full ``B x C`` cosine matrix (and ``B^3``
 triplet tensors) on purpose. The formulas are those of ``SPEC.md``; names and defaults match the
@@ -30,25 +30,37 @@ def margin_target(
     *,
     m1: float = 1.0,
     m2: float | torch.Tensor = 0.5,
-    m3: float = 0.0,
+    m3: float | torch.Tensor = 0.0,
     fallback: bool = True,
     grad: str = "exact",
+    easy_margin: bool = False,
+    theta_clip: float | None = None,
 ) -> torch.Tensor:
     """The margin function g(c) = cos(m1*acos(c) + m2) - m3 on the target cosines ``cos_t: (B,)``.
 
     Derivative: exact ``m1*sin(m1*theta + m2)/sin(theta)`` with theta from c clamped to
     ``[-1 + 1e-7, 1 - 1e-7]`` (the value uses the unclamped c), or 1 for ``grad="straight_through"``.
     ``fallback`` (only when m1 == 1): where ``c < cos(pi - m2)`` use ``c - m2*sin(m2) - m3``.
+    ``theta_clip`` (AdaFace): the angle ``m1*theta + m2`` is clipped to ``[clip, pi - clip]``.
+    ``easy_margin`` (MagFace): where ``c <= 0`` use ``c - m3``. ``m2`` and ``m3`` may be ``(B,)`` tensors; a
+    tensor ``m2`` that requires grad receives its gradient (MagFace's ``m(|x|)``), except straight-through.
     """
-    m2 = torch.as_tensor(m2, dtype=cos_t.dtype, device=cos_t.device).detach()
+    m2 = torch.as_tensor(m2, dtype=cos_t.dtype, device=cos_t.device)
+    m3 = torch.as_tensor(m3, dtype=cos_t.dtype, device=cos_t.device).detach()
     # value at c, derivative at the clamped c: a straight-through clamp
     c_d = cos_t + (cos_t.clamp(-1 + THETA_CLAMP, 1 - THETA_CLAMP) - cos_t).detach()
-    g_d = torch.cos(m1 * torch.acos(c_d) + m2) - m3
-    g_value = torch.cos(m1 * torch.acos(cos_t.detach()) + m2) - m3
-    g = g_d + (g_value - g_d).detach()
+    phi_d = m1 * torch.acos(c_d) + m2
+    phi_value = m1 * torch.acos(cos_t.detach()) + m2
+    if theta_clip is not None:
+        phi_d = phi_d.clamp(theta_clip, math.pi - theta_clip)
+        phi_value = phi_value.clamp(theta_clip, math.pi - theta_clip)
+    g_d = torch.cos(phi_d) - m3
+    g = g_d + (torch.cos(phi_value) - m3 - g_d).detach()
     if fallback and m1 == 1.0:
         threshold = torch.cos(math.pi - m2)
         g = torch.where(cos_t < threshold, cos_t - m2 * torch.sin(m2) - m3, g)
+    if easy_margin:
+        g = torch.where(cos_t <= 0, cos_t - m3, g)
     if grad == "straight_through":
         g = cos_t + (g - cos_t).detach()
     return g
@@ -62,22 +74,41 @@ def margin_logits(
     s: float = 64.0,
     m1: float = 1.0,
     m2: float | torch.Tensor = 0.5,
-    m3: float = 0.0,
+    m3: float | torch.Tensor = 0.0,
     fallback: bool = True,
     grad: str = "exact",
     interclass_filter: float | None = None,
+    subcenters: int = 1,
+    curricular_t: float | torch.Tensor | None = None,
+    easy_margin: bool = False,
+    theta_clip: float | None = None,
+    cos_clamp: float = 1.0,
     ignore_index: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full margin logits ``z: (B, C)``, target logits ``z_t: (B,)`` and the valid-row mask ``(B,)``.
 
-    Ignored rows (label == ignore_index) get plain ``s*cos`` logits and ``z_t = 0``; callers mask them.
+    Every cosine is clamped to ``[-cos_clamp, cos_clamp]``. ``subcenters`` K: the centers are ``(C K, D)``,
+    row ``c*K + k``, and a class's cosine is the max over its K rows (``torch.max``: the gradient goes to the
+    argmax). ``curricular_t`` (CurricularFace): non-target cosines above ``phi_i = cos(m1 theta_y + m2) -
+    m3`` (before any fallback) become ``c (t + c)``, ``t`` without gradient. Ignored rows (label ==
+    ignore_index) get plain ``s*cos`` logits and ``z_t = 0``; callers mask them.
     """
-    cos = (normalize(embeddings) @ normalize(centers).T).clamp(-1.0, 1.0)
+    cos = (normalize(embeddings) @ normalize(centers).T).clamp(-cos_clamp, cos_clamp)
+    if subcenters > 1:
+        cos = cos.view(cos.shape[0], -1, subcenters).max(2).values
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    target_mask = F.one_hot(safe, centers.shape[0]).bool() & valid[:, None]
+    target_mask = F.one_hot(safe, cos.shape[1]).bool() & valid[:, None]
     cos_t = cos.gather(1, safe[:, None]).squeeze(1)
-    z_t = s * margin_target(cos_t, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad)
+    z_t = s * margin_target(cos_t, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad, easy_margin=easy_margin,
+                            theta_clip=theta_clip)  # fmt: skip
+    if curricular_t is not None:  # CurricularFace: the hard non-targets, against the pre-fallback target
+        with torch.no_grad():
+            m2_, m3_ = (torch.as_tensor(v, dtype=cos.dtype, device=cos.device) for v in (m2, m3))
+            phi = torch.cos(m1 * torch.acos(cos_t) + m2_) - m3_
+            t = torch.as_tensor(curricular_t, dtype=cos.dtype, device=cos.device)
+        hard = (cos > phi[:, None]) & ~target_mask
+        cos = torch.where(hard, cos * (t + cos), cos)
     if interclass_filter is not None:  # insightface: non-target cosines above tau are zeroed
         cos = torch.where((cos > interclass_filter) & ~target_mask, torch.zeros_like(cos), cos)
     logits = torch.where(target_mask, z_t[:, None], s * cos)
@@ -102,19 +133,27 @@ def margin_cross_entropy(
     s: float = 64.0,
     m1: float = 1.0,
     m2: float | torch.Tensor = 0.5,
-    m3: float = 0.0,
+    m3: float | torch.Tensor = 0.0,
     fallback: bool = True,
     grad: str = "exact",
     interclass_filter: float | None = None,
+    subcenters: int = 1,
+    curricular_t: float | torch.Tensor | None = None,
+    easy_margin: bool = False,
+    theta_clip: float | None = None,
+    cos_clamp: float = 1.0,
     ignore_index: int = -1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SPEC section 1: ``logsumexp_j(z_ij) - z_iy`` with the margin on the target logit.
+    """SPEC section 1 (and the options of section 7): ``logsumexp_j(z_ij) - z_iy`` with the margin on the
+    target logit.
 
-    embeddings: (B, D), centers: (C, D), labels: (B,) int64 (``ignore_index`` rows are ignored).
+    embeddings: (B, D), centers: (C, D) (``(C K, D)`` with sub-centers), labels: (B,) int64
+    (``ignore_index`` rows are ignored).
     """
     V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction)
-    V.check_label_values(labels, centers.shape[0], ignore_index)
+    V.check_subcenters(subcenters, centers)
+    V.check_label_values(labels, centers.shape[0] // subcenters, ignore_index)
     logits, z_t, valid = margin_logits(
         embeddings,
         centers,
@@ -126,6 +165,11 @@ def margin_cross_entropy(
         fallback=fallback,
         grad=grad,
         interclass_filter=interclass_filter,
+        subcenters=subcenters,
+        curricular_t=curricular_t,
+        easy_margin=easy_margin,
+        theta_clip=theta_clip,
+        cos_clamp=cos_clamp,
         ignore_index=ignore_index,
     )
     return reduce_rows(torch.logsumexp(logits, dim=1) - z_t, valid, reduction)
@@ -396,3 +440,21 @@ def margin_kd_loss(
     log_ps, log_pt = F.log_softmax(z_s / T, 1), F.log_softmax(z_t / T, 1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(1)
     return reduce_rows((1 - alpha) * ce + alpha * T * T * kl, valid, reduction)
+
+
+__all__ = [
+    "angular_distillation_loss",
+    "distillation_margins",
+    "margin_cross_entropy",
+    "margin_distillation_loss",
+    "margin_kd_loss",
+    "margin_logits",
+    "margin_target",
+    "mine_triplets",
+    "normalize",
+    "pairwise_distance",
+    "proxyless_kd_loss",
+    "reduce_rows",
+    "teacher_target_cosine",
+    "triplet_distillation_loss",
+]
