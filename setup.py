@@ -100,7 +100,7 @@ class CMakeBuild(build_ext):
         for ext in self.extensions:
             try:
                 self._build_cmake(ext, nvcc, with_cpu)
-            except (subprocess.CalledProcessError, OSError) as err:
+            except (subprocess.CalledProcessError, OSError, ImportError) as err:  # ImportError: no pybind11
                 if mode == "ON" and nvcc is not None:
                     raise SystemExit(f"MDK_BUILD_CUDA=ON and the CUDA module failed to build: {err}") from err
                 if cpu_mode == "ON":

@@ -76,12 +76,12 @@ def test_off_build_removes_stale_modules(tmp_path):
     shutil.copytree(REPO / "mdkernels", src / "mdkernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     stale = src / "mdkernels" / "_cuda.cpython-stale.so"
     stale.write_bytes(b"stale")
-    env = dict(os.environ, MDK_BUILD_CUDA="OFF")
+    env = dict(os.environ, MDK_BUILD_CUDA="OFF", MDK_BUILD_CPU="OFF")  # nothing to build: pybind11 not needed
     res = subprocess.run(
         [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "MDK_BUILD_CUDA=OFF" in res.stdout
+    assert "MDK_BUILD_CUDA=OFF" in res.stdout and "MDK_BUILD_CPU=OFF" in res.stdout
     assert not stale.exists()
     bad = subprocess.run(
         [sys.executable, "setup.py", "build_ext"],

@@ -528,6 +528,7 @@ def test_cpu_epilogue_default_target_build():
     MDK_CPU_ISA=base in a fresh interpreter, against the reference in fp32."""
     import subprocess
     import sys
+    import tempfile
     import textwrap
 
     code = textwrap.dedent(
@@ -550,6 +551,7 @@ def test_cpu_epilogue_default_target_build():
         print("base ok")
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    # cwd outside the tree: the child must import the package under test (installed in CI), not the sources
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir(),
                          env=dict(os.environ, MDK_CPU_ISA="base"))  # fmt: skip
     assert res.returncode == 0 and "base ok" in res.stdout, res.stderr[-3000:]
