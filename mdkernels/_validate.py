@@ -56,6 +56,20 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
         raise ValueError(f"{name} must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}")
 
 
+def check_m1(m1: float) -> None:
+    if not isinstance(m1, (int, float)) or not math.isfinite(float(m1)) or float(m1) < 1:
+        raise ValueError(f"m1 (the multiplicative angular margin) must be a finite number >= 1, got {m1}")
+
+
+def check_margin_range(m_min: float, m_max: float) -> None:
+    """MarginDistillation's and triplet distillation's margin range."""
+    for name, v in (("m_min", m_min), ("m_max", m_max)):
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be finite, got {v}")
+    if float(m_min) > float(m_max):
+        raise ValueError(f"m_min ({m_min}) must not exceed m_max ({m_max})")
+
+
 def check_scale(s: float) -> None:
     if not math.isfinite(float(s)) or float(s) <= 0:
         raise ValueError(f"s (the logit scale) must be a positive finite number, got {s}")
@@ -101,7 +115,9 @@ def check_margin_ce_args(
     reduction: str,
     emb_name: str = "embeddings",
     centers_name: str = "centers",
+    m1: float = 1.0,
 ) -> None:
+    check_m1(m1)
     check_matrix(embeddings, emb_name)
     check_matrix(centers, centers_name, cols=embeddings.shape[1])
     check_same(embeddings, centers, emb_name, centers_name)

@@ -214,7 +214,7 @@ def sharded_margin_cross_entropy(
     rank, world = _world(group)
     error = None
     try:
-        V.check_margin_ce_args(embeddings, local_centers, labels, s=s, m2=m2, grad=grad, reduction=reduction,
+        V.check_margin_ce_args(embeddings, local_centers, labels, s=s, m1=m1, m2=m2, grad=grad, reduction=reduction,
                                centers_name="local_centers")  # fmt: skip
         if not 0 <= class_start <= num_classes - local_centers.shape[0]:
             raise ValueError(

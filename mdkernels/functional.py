@@ -95,7 +95,7 @@ def margin_cross_entropy(
     derivative (insightface arcface_torch). Returns the loss (float32; float64 for float64 inputs); with
     ``return_stats=True`` also :class:`MarginCEStats`. No ``B x C`` tensor is allocated by the fused backends.
     """
-    V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction)
+    V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction, m1=m1)
     V.check_subcenters(subcenters, centers)
     V.check_margin_options(m3=m3, fallback=fallback, easy_margin=easy_margin, theta_clip=theta_clip,
                            cos_clamp=cos_clamp, curricular_t=curricular_t, batch=embeddings.shape[0],
@@ -168,6 +168,7 @@ def margin_distillation_loss(
     """
     if (teacher_embeddings is None) == (teacher_cos is None):
         raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
+    V.check_margin_range(m_min, m_max)
     V.check_matrix(embeddings, "embeddings")
     V.check_labels(labels, embeddings.shape[0], embeddings.device)
     V.check_matrix(teacher_centers, "teacher_centers", cols=embeddings.shape[1])
@@ -258,6 +259,8 @@ def angular_distillation_loss(
         raise ValueError(f"student must be a floating tensor, got {student.dtype}")
     if not p >= 1:
         raise ValueError(f"p must be >= 1 (1 or 2 in the papers), got {p}")
+    if per not in ("sample", "position"):
+        raise ValueError(f"per must be 'sample' or 'position', got {per!r}")
     numel = student.numel()  # the dispatch table is measured per (rows, 1, row length)
     rows = numel // student.shape[1] if per == "position" and student.dim() > 2 else student.shape[0]
     backend = backends.resolve("angular_distill", backend, student, (rows, 1, numel // max(rows, 1)))
@@ -299,6 +302,7 @@ def triplet_distillation_loss(
         raise ValueError(f"distance must be 'l2' or 'angle', got {distance!r}")
     if mining not in ("all", "hard", "semihard"):
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
+    V.check_margin_range(m_min, m_max)
     backend = backends.resolve("triplet_distill", backend, student)
     if triplets is None and labels is None:
         raise ValueError("pass triplets (N, 3) or labels (B,) to mine them from")
@@ -354,7 +358,7 @@ def margin_kd_loss(
     """
     V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0],
                    cols=student_embeddings.shape[1])  # fmt: skip
-    V.check_margin_ce_args(student_embeddings, centers, labels, s=s, m2=m2, grad="exact", reduction=reduction,
+    V.check_margin_ce_args(student_embeddings, centers, labels, s=s, m1=m1, m2=m2, grad="exact", reduction=reduction,
                            emb_name="student_embeddings")  # fmt: skip
     V.check_same(student_embeddings, teacher_embeddings, "student_embeddings", "teacher_embeddings")
     if isinstance(m2, torch.Tensor):

@@ -19,6 +19,17 @@ import mdkernels  # noqa: E402,F401
 from mdkernels.ops._common.env import HAS_TRITON, interpreting  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+try:  # hypothesis profiles (test_fuzz.py): "ci" by default, --hypothesis-profile=long by hand
+    from hypothesis import HealthCheck, settings
+
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", derandomize=True, max_examples=12, deadline=None, print_blob=True,
+                              suppress_health_check=_quiet)  # fmt: skip
+    settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True, suppress_health_check=_quiet)
+    settings.load_profile("ci")
+except ImportError:  # hypothesis is in the test extra; without it test_fuzz.py skips
+    pass
 TRITON_RUNS = HAS_TRITON and (HAS_CUDA or interpreting())
 
 # One tolerance table for the whole suite: (rtol, atol) of a fused result against the reference

@@ -176,19 +176,77 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(rec_data, tmp_path):
     assert torch.equal(a["head"]["head.weight"], b["head"]["head.weight"])
 
 
+def _limited_file_size(limit):
+    """preexec_fn: a child whose files cannot grow past ``limit`` bytes (a full disk, as write() sees it)."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_checkpoint_faults_lose_nothing(rec_data, tmp_path):
+    """A kill inside a checkpoint write, a full disk during one and a corrupt last.pt: the run stops (with
+    one line where it can print), and every checkpoint the user had stays loadable."""
+    out = tmp_path / "run"
+    args = ["--data", rec_data["train"], "--backbone", "mobilefacenet", "--width", "0.25", "--embedding-size", "64",
+            "--input-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0", "--s", "32",
+            "--no-progress", "--no-tensorboard", "--save-every", "2", "--out", str(out)]  # fmt: skip
+    first = _cli_train([*args, "--max-steps", "4"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 4 and load_checkpoint(out / "last.prev.pt")["step"] == 2
+    saved = (out / "last.pt").read_bytes()
+    # killed inside the checkpoint write (the data on disk, not yet renamed): step 6 never replaces step 4
+    resume = ["--out", str(out), "--resume", "--no-progress"]
+    killed = _cli_train([*resume, "--max-steps", "8"], env={"MDK_KILL_IN_SAVE_AT_STEP": "6"})
+    assert killed.returncode == 137 and (out / "last.pt").read_bytes() == saved
+    assert list(out.glob(".last.pt.tmp*"))  # the half-done write, never renamed
+    cmd = [sys.executable, "-m", "mdkernels.cli", "train", "--out", str(out), "--resume", "--max-steps", "8",
+           "--no-progress"]  # fmt: skip
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          preexec_fn=_limited_file_size(len(saved) // 2))  # fmt: skip
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "could not write the checkpoint" in full.stderr and "File too large" in full.stderr
+    assert (out / "last.pt").read_bytes() == saved  # untouched
+    assert len(list(out.glob(".last.pt*tmp*"))) == 1  # its own partial write removed; the killed one's stays
+    (out / "last.pt").write_bytes(saved[: len(saved) // 3])  # a corrupt last.pt
+    corrupt = _cli_train(["--out", str(out), "--resume", "--no-progress"])
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
+    line = corrupt.stderr.strip().splitlines()[-1]
+    assert "last.pt" in line and "last.prev.pt is intact" in line
+    assert load_checkpoint(out / "last.prev.pt")["step"] == 2  # the previous checkpoint is still usable
+    shutil.copyfile(out / "last.prev.pt", out / "last.pt")
+    again = _cli_train([*resume, "--max-steps", "6"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 6
+    assert not list(out.glob(".last.pt*tmp*"))  # a successful write removes the killed run's temporary
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_ddp_with_two_gloo_processes(rec_data, tmp_path, sharded):
     out = tmp_path / "ddp"
+    init = []
+    if sharded:  # the head starts from mdk reshard's files, each rank reading its own (lr 0: they stay)
+        from mdkernels.train.insightface import write_mdk_shards
+
+        centers = torch.randn(12, 64, generator=torch.Generator().manual_seed(5))
+        write_mdk_shards(centers, tmp_path / "shards", 2)
+        init = ["--sharded", "--init-centers", str(tmp_path / "shards"), "--lr", "0", "--weight-decay", "0"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdkernels.cli",
            "train", "--data", rec_data["train"], "--out", str(out), "--backbone", "mobilefacenet", "--width", "0.25",
            "--embedding-size", "64", "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
-           "--no-progress", "--no-tensorboard", *(["--sharded"] if sharded else [])]  # fmt: skip
+           "--no-progress", "--no-tensorboard", *init]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["step"] == 6  # 96 images / (2 ranks x 8)
     assert ckpt["head"]["head.weight"].shape == (12, 64)  # the full matrix, gathered from the shards
     assert (out / "last.rank1.pt").is_file() == sharded
+    if sharded:
+        assert torch.equal(ckpt["head"]["head.weight"], centers)
 
 
 # --- regressions from review ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mdkernels import _validate as V
 from mdkernels import functional as F_
 
 
@@ -66,6 +67,7 @@ class ProxylessKD(nn.Module):
     ) -> None:
         super().__init__()
         self.register_buffer("teacher_centers", _centers_buffer(teacher_centers))
+        V.margin_triple(margin, m)  # an unknown margin family fails here, not at the first forward
         self.margin, self.s, self.m, self.backend = margin, s, m, backend
         dim = self.teacher_centers.shape[1]
         if projection:

@@ -168,15 +168,24 @@ class PartialFCHead(CombinedMargin):
     ) -> None:
         if sample_rate != 1.0:
             raise ValueError("PartialFCHead supports sample_rate=1.0 only; negative sampling is sharded-head work")
-        if m1 == 1.0 and m3 == 0.0:
-            kw.setdefault("grad", "straight_through")
-            kw.setdefault("fallback", False)
-        elif m3 > 0 and m1 == 1.0 and m2 == 0.0:
-            kw.setdefault("grad", "exact")
-        else:
-            raise ValueError(
-                f"insightface's CombinedMarginLoss handles (m1=1, m3=0) or (m1=1, m2=0, m3>0), got "
-                f"({m1}, {m2}, {m3}); use mdkernels.nn.CombinedMargin for combined margins"
-            )
-        tau = interclass_filtering_threshold if interclass_filtering_threshold > 0 else None
-        super().__init__(embedding_size, num_classes, s=s, m1=m1, m2=m2, m3=m3, interclass_filter=tau, **kw)
+        for k, v in insightface_margin_options(m1, m2, m3, interclass_filtering_threshold).items():
+            kw.setdefault(k, v)
+        super().__init__(embedding_size, num_classes, s=s, m1=m1, m2=m2, m3=m3, **kw)
+
+
+def insightface_margin_options(m1: float, m2: float, m3: float, interclass_filtering_threshold: float = 0.0) -> dict:
+    """The ``margin_cross_entropy`` options that reproduce arcface_torch's ``CombinedMarginLoss`` for
+    ``(m1, m2, m3)``: ArcFace (``m1 == 1, m3 == 0``) as the literal ``cos(theta + m2)`` with a
+    straight-through gradient and no fallback, CosFace (``m1 == 1, m2 == 0, m3 > 0``) exact; the filter
+    on when the threshold is above 0. Other combinations raise, as insightface rejects them."""
+    if m1 == 1.0 and m3 == 0.0:
+        opts = {"grad": "straight_through", "fallback": False}
+    elif m3 > 0 and m1 == 1.0 and m2 == 0.0:
+        opts = {"grad": "exact"}
+    else:
+        raise ValueError(
+            f"insightface's CombinedMarginLoss handles (m1=1, m3=0) or (m1=1, m2=0, m3>0), got "
+            f"({m1}, {m2}, {m3}); use mdkernels.nn.CombinedMargin for combined margins"
+        )
+    opts["interclass_filter"] = interclass_filtering_threshold if interclass_filtering_threshold > 0 else None
+    return opts

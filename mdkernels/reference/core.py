@@ -151,8 +151,11 @@ def margin_cross_entropy(
     embeddings: (B, D), centers: (C, D) (``(C K, D)`` with sub-centers), labels: (B,) int64
     (``ignore_index`` rows are ignored).
     """
-    V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction)
+    V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction, m1=m1)
     V.check_subcenters(subcenters, centers)
+    V.check_margin_options(m3=m3, fallback=fallback, easy_margin=easy_margin, theta_clip=theta_clip,
+                           cos_clamp=cos_clamp, curricular_t=curricular_t, batch=embeddings.shape[0],
+                           device=embeddings.device)  # fmt: skip
     V.check_label_values(labels, centers.shape[0] // subcenters, ignore_index)
     logits, z_t, valid = margin_logits(
         embeddings,
@@ -233,6 +236,7 @@ def margin_distillation_loss(
     """SPEC section 2 (arXiv 2003.02586): ArcFace on frozen teacher centers with a per-sample margin."""
     if (teacher_embeddings is None) == (teacher_cos is None):
         raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
+    V.check_margin_range(m_min, m_max)
     valid = labels != ignore_index
     if teacher_cos is None:
         V.check_matrix(
@@ -375,6 +379,7 @@ def triplet_distillation_loss(
     """
     if student.dim() != 2 or teacher.shape != student.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must both be (B, D)")
+    V.check_margin_range(m_min, m_max)
     B = student.shape[0]
     d_s = pairwise_distance(student, distance)
     d_t = pairwise_distance(teacher.detach(), distance)
@@ -423,6 +428,7 @@ def margin_kd_loss(
         centers,
         labels,
         s=s,
+        m1=m1,
         m2=m2,
         grad="exact",
         reduction=reduction,

@@ -7,16 +7,21 @@ import dataclasses
 FAMILY = ("adaface", "curricularface", "magface", "elasticface", "subcenter")  # mdkernels.nn.margins heads
 METHODS = ("arcface", "cosface", "sphereface", *FAMILY, "margindistill", "proxyless", "angular", "triplet", "hinton")
 DISTILL = ("margindistill", "proxyless", "angular", "triplet", "hinton")
+OPTIMIZERS = ("sgd", "adamw")
 _DEFAULT_M = {"cosface": 0.35, "sphereface": 1.35, "adaface": 0.4}
 
 
 @dataclasses.dataclass
 class TrainConfig:
     data: str = ""  # train.rec or an image-folder root
-    val: str | None = None  # verification .bin
+    val: str | None = None  # verification .bin (several: comma-separated)
+    num_classes: int = 0  # expected classes in the data (0: whatever it holds); a mismatch is an error
+    num_images: int = 0  # expected images in the data (0: any)
     out: str = "runs/mdk"
     method: str = "arcface"
-    teacher: str | None = None  # teacher checkpoint for the distillation methods
+    teacher: str | None = None  # teacher: an mdk checkpoint, or an arcface_torch run directory (--teacher-network)
+    teacher_network: str | None = None  # the teacher run's insightface network (r18 .. r200, mbf, mbf_large)
+    init_centers: str | None = None  # start the head from these centers (run dir, mdk shards, checkpoint)
     backbone: str = "mobilefacenet"
     width: float = 1.0
     embedding_size: int = 512
@@ -26,10 +31,17 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # "sgd" (momentum) or "adamw", as arcface_torch
     warmup_epochs: float = 0.0
     seed: int = 0
     workers: int = 2
+    crop_pad: int = 2  # random-crop augmentation padding in pixels (0: flip only, as arcface_torch)
     s: float = 64.0
+    # "m1,m2,m3": insightface's CombinedMarginLoss (arcface_torch's numerics: cos(theta + m2) with a
+    # straight-through gradient and no fallback, or CosFace's m3), in place of --method's margin
+    margin_list: str | None = None
+    interclass_filter: float = 0.0  # arcface_torch's interclass_filtering_threshold (0: off)
+    sample_rate: float = 1.0  # Partial FC negative-class sampling (--sharded under torchrun)
     m: float | None = None  # margin (default: 0.5; 0.35 cosface and elasticface cos, 1.35 sphereface, 0.4 adaface)
     m_min: float = 0.2
     m_max: float = 0.5
@@ -63,6 +75,18 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0: run every epoch)
     progress: bool = True
     tensorboard: bool = True
+
+    def margin_triple(self) -> tuple[float, float, float] | None:
+        """``(m1, m2, m3)`` of ``margin_list``, or None."""
+        if self.margin_list is None:
+            return None
+        try:
+            m = tuple(float(v) for v in str(self.margin_list).strip("()[] ").split(","))
+        except ValueError:
+            m = ()
+        if len(m) != 3:
+            raise ValueError(f"--margin-list must be three numbers 'm1,m2,m3', got {self.margin_list!r}")
+        return m
 
     def margin(self) -> float:
         if self.m is not None:

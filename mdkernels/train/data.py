@@ -166,6 +166,8 @@ def augment(img: torch.Tensor, seed: int, epoch: int, index: int, pad: int = 2) 
 class FaceDataset(Dataset):
     """Base: items are ``(image (3, S, S), label, index)``; ``set_epoch`` changes the augmentation."""
 
+    crop_pad = 2  # random-crop padding of the training augmentation (0: flip only, as arcface_torch)
+
     def __init__(self, size: int | None, train: bool, seed: int) -> None:
         self.size, self.train, self.seed, self.epoch = size, train, seed, 0
         self.labels: list[int] = []
@@ -187,7 +189,7 @@ class FaceDataset(Dataset):
         data, source = self._bytes(index)
         img = decode_image(data, self.size, source)
         if self.train:
-            img = augment(img, self.seed, self.epoch, index)
+            img = augment(img, self.seed, self.epoch, index, pad=self.crop_pad)
         return img, self.labels[index], index
 
 
@@ -262,12 +264,12 @@ class RecordDataset(FaceDataset):
         return payload, f"{self.reader.rec_path}#{self.keys[index]}"
 
 
-def open_dataset(path: str | Path, **kw) -> FaceDataset:
-    """A ``.rec`` file or an image-folder root."""
+def open_dataset(path: str | Path, crop_pad: int = 2, **kw) -> FaceDataset:
+    """A ``.rec`` file or an image-folder root; ``crop_pad`` as :attr:`FaceDataset.crop_pad`."""
     path = Path(path)
-    if path.suffix == ".rec":
-        return RecordDataset(path, **kw)
-    return ImageFolderDataset(path, **kw)
+    ds = RecordDataset(path, **kw) if path.suffix == ".rec" else ImageFolderDataset(path, **kw)
+    ds.crop_pad = int(crop_pad)
+    return ds
 
 
 class ResumableSampler(torch.utils.data.Sampler):

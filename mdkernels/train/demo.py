@@ -85,7 +85,7 @@ def run_demo(out: str | Path = "mdk_demo", preset: str = "full", progress: bool 
 
 def _run(method: str, cfg: TrainConfig, seed: int) -> dict:
     t0 = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # the demo owns its output folder
     m = result["metrics"]
     far, tar = m.pop("roc")
     np.save(Path(cfg.out) / "roc.npy", np.stack([far, tar]))

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mdkernels
+from mdkernels.nn.heads import insightface_margin_options
 from mdkernels.train import data as D
 from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint
 from mdkernels.train.config import DISTILL, FAMILY, TrainConfig
@@ -48,14 +49,28 @@ class MethodLoss(nn.Module):
         m, backend = cfg.margin(), cfg.backend
         margins = {"arcface": (1.0, m, 0.0), "cosface": (1.0, 0.0, m), "sphereface": (m, 0.0, 0.0)}
         if cfg.method in ("arcface", "cosface", "sphereface", "angular", "triplet"):
-            m1, m2, m3 = margins.get(cfg.method, margins["arcface"])
-            if cfg.sharded and dist.is_initialized():
+            m1, m2, m3 = cfg.margin_triple() or margins.get(cfg.method, margins["arcface"])
+            opts = {"backend": backend}
+            if cfg.margin_list is not None:  # arcface_torch's CombinedMarginLoss numerics
+                opts.update(insightface_margin_options(m1, m2, m3, cfg.interclass_filter))
+            elif cfg.interclass_filter > 0:
+                opts["interclass_filter"] = cfg.interclass_filter
+            sharded = cfg.sharded and dist.is_initialized()
+            if not 0 < cfg.sample_rate <= 1:
+                raise ValueError(f"--sample-rate must be in (0, 1], got {cfg.sample_rate}")
+            if cfg.sample_rate < 1 and not sharded:
+                raise ValueError(f"--sample-rate {cfg.sample_rate} (Partial FC negative sampling) needs --sharded "
+                                 "under torchrun; pass --sample-rate 1 on one process")  # fmt: skip
+            if sharded:
                 from mdkernels.distributed import ShardedMarginHead
 
-                self.head = ShardedMarginHead(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3, backend=backend)
+                self.head = ShardedMarginHead(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3,
+                                              sample_rate=cfg.sample_rate, **opts)  # fmt: skip
             else:
-                self.head = mdkernels.nn.CombinedMargin(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3,
-                                                        backend=backend)  # fmt: skip
+                self.head = mdkernels.nn.CombinedMargin(cfg.embedding_size, num_classes, cfg.s, m1, m2, m3, **opts)
+        elif cfg.margin_list is not None or cfg.interclass_filter > 0 or cfg.sample_rate != 1:
+            raise ValueError(f"--margin-list, --interclass-filter and --sample-rate belong to arcface/cosface/"
+                             f"sphereface (and the angular/triplet heads), not --method {cfg.method}")  # fmt: skip
         elif cfg.method in FAMILY:
             if cfg.sharded:
                 raise ValueError(f"--sharded covers arcface/cosface/sphereface, not --method {cfg.method}")

@@ -29,8 +29,8 @@ from torch import nn
 
 from mdkernels.train import data as D
 from mdkernels.train import evaluate as E
-from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint, save_checkpoint
-from mdkernels.train.config import DISTILL, METHODS, TrainConfig
+from mdkernels.train.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from mdkernels.train.config import DISTILL, METHODS, OPTIMIZERS, TrainConfig
 from mdkernels.train.methods import MethodLoss, batch_accuracy, teacher_data
 from mdkernels.train.models import build_backbone
 
@@ -110,8 +110,8 @@ class _Logger:
 # Settings a resume may change: where files are, how the run is shown and saved, and when it stops.
 # Anything else would make the resumed run differ from the one the checkpoint belongs to.
 RESUME_OVERRIDABLE = frozenset(
-    {"out", "data", "val", "teacher", "workers", "progress", "tensorboard", "save_every", "eval_every", "max_steps",
-     "backend"}
+    {"out", "data", "val", "teacher", "teacher_network", "init_centers", "workers", "progress", "tensorboard",
+     "save_every", "eval_every", "max_steps", "backend"}
 )  # fmt: skip
 
 
@@ -136,10 +136,22 @@ def _resume_config(saved: TrainConfig, cfg: TrainConfig, overrides) -> TrainConf
     return dataclasses.replace(saved, **{f: getattr(cfg, f) for f in keep})
 
 
-def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
+def _resume_state(path: Path) -> dict:
+    """The checkpoint to resume from; a corrupt one is refused, naming the intact previous checkpoint."""
+    try:
+        return load_checkpoint(path)
+    except ValueError as err:
+        prev = previous_path(path)
+        hint = (f"; the previous checkpoint {prev} is intact: copy it over {path.name} to resume from it"
+                if prev.is_file() else "")  # fmt: skip
+        raise ValueError(f"--resume: {err}{hint}") from err
+
+
+def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool = False) -> dict:
     """Train per ``cfg``; returns ``{"checkpoint", "metrics", "log"}``. ``resume`` continues from
     ``<out>/last.pt`` with the checkpoint's config; ``overrides`` names the settings given explicitly
-    (the CLI's flags): paths, logging and max_steps may change on a resume, anything else must match."""
+    (the CLI's flags): paths, logging and max_steps may change on a resume, anything else must match. A
+    fresh run into an ``out`` that holds a checkpoint is refused unless ``overwrite``."""
     if cfg.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.method in DISTILL and not cfg.teacher and not resume:
@@ -149,18 +161,28 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
     sharded = cfg.sharded and world > 1
     # sharded heads: every rank checkpoints its own shard (and optimizer state); rank 0's file is last.pt
     ckpt_path = out / ("last.pt" if rank == 0 or not sharded else f"last.rank{rank}.pt")
-    state = load_checkpoint(ckpt_path) if resume else None
+    state = _resume_state(ckpt_path) if resume else None
+    if not resume and not overwrite and ckpt_path.is_file():
+        raise ValueError(f"{ckpt_path} already holds a run: --resume continues it, --overwrite starts over (replacing "
+                         "it), or pass a new --out")  # fmt: skip
     if state is not None:
         cfg = _resume_config(TrainConfig.from_dict(state["config"]), cfg, overrides)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    if cfg.crop_pad < 0:
+        raise ValueError(f"--crop-pad must be >= 0 pixels, got {cfg.crop_pad}")
     torch.manual_seed(cfg.seed)
-    dataset = D.open_dataset(cfg.data, size=cfg.input_size, train=True, seed=cfg.seed)
+    dataset = D.open_dataset(cfg.data, size=cfg.input_size, train=True, seed=cfg.seed, crop_pad=cfg.crop_pad)
     num_classes = dataset.num_classes
-    # the cache sits beside the teacher checkpoint: one per (teacher, data), shared by every student run
-    teacher = (
-        teacher_data(cfg.teacher, cfg.data, Path(cfg.teacher).parent / "teacher_cache", device)
-        if cfg.method in DISTILL
-        else None
-    )
+    if cfg.num_classes and cfg.num_classes != num_classes:
+        raise ValueError(f"{cfg.data} holds {num_classes} classes, but num_classes is {cfg.num_classes}")
+    if cfg.num_images and cfg.num_images != len(dataset):
+        raise ValueError(f"{cfg.data} holds {len(dataset)} images, but num_images is {cfg.num_images}")
+    teacher = None
+    if cfg.method in DISTILL:
+        teacher_path = _teacher_checkpoint(cfg, out, rank)
+        # the cache sits beside the teacher checkpoint: one per (teacher, data), shared by every student run
+        teacher = teacher_data(str(teacher_path), cfg.data, teacher_path.parent / "teacher_cache", device)
     if teacher is not None:
         teacher["centers"] = teacher["centers"].to(device)
     backbone = build_backbone(cfg.backbone, width=cfg.width, embedding_size=cfg.embedding_size,
@@ -174,7 +196,10 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
     params = [p for p in [*backbone.parameters(), *loss_fn.parameters()] if p.requires_grad]
     shard_param = loss_fn.head.weight if sharded and hasattr(loss_fn, "head") else None
     replicated = [p for p in loss_fn.parameters() if p.requires_grad and p is not shard_param]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":  # arcface_torch's AdamW: no momentum argument, its own betas
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = D.ResumableSampler(len(dataset), cfg.seed, rank, world, cfg.batch_size)
     steps_per_epoch = sampler.batches_per_epoch()
     if steps_per_epoch == 0:
@@ -190,16 +215,24 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    elif cfg.init_centers:
+        _init_centers(loss_fn, cfg.init_centers, num_classes, cfg.embedding_size, sharded, rank, world)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     logger = _Logger(out, rank == 0, cfg.tensorboard, step if state is not None else None)
     if rank == 0:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    val = E.load_bin(cfg.val, cfg.input_size) if cfg.val else None
+    val = _load_vals(cfg.val, cfg.input_size) if cfg.val else None
     use_amp = cfg.amp and device.type == "cuda"
     kill_at = int(os.environ.get("MDK_KILL_AT_STEP", "0"))  # tests: die hard right after this step's checkpoint
+    kill_in_save = int(os.environ.get("MDK_KILL_IN_SAVE_AT_STEP", "0"))  # tests: die inside that checkpoint's write
+
+    last_saved: list = [None]  # the (step, epoch, batch) last written: the same state is not written twice
 
     def checkpoint() -> None:
+        if last_saved[0] == (step, epoch, batch_in_epoch):
+            return  # every rank returns alike: no collective is skipped on one rank only
+        last_saved[0] = (step, epoch, batch_in_epoch)
         centers = loss_fn.centers().detach()
         if sharded and hasattr(loss_fn, "head"):
             centers = loss_fn.head.full_weight()  # a collective: every rank enters it
@@ -211,7 +244,8 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
               "head": {"head.weight": centers.float().cpu(), "subcenters": loss_fn.rows_per_class}}  # fmt: skip
         if device.type == "cuda":
             st["rng_cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(ckpt_path, st)
+        die = bool(kill_in_save and step == kill_in_save)
+        save_checkpoint(ckpt_path, st, keep_previous=True, _die_before_rename=die)
 
     metrics: dict = {}
     bar = None
@@ -302,16 +336,80 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=()) -> dict:
             "backbone": backbone}  # fmt: skip
 
 
-def _eval(backbone, val, device) -> dict:
-    images, issame = val
-    return E.verify(backbone, images, issame, device=device)
+def _load_vals(val: str, size: int) -> dict:
+    """``{name: (images, issame)}`` of each comma-separated verification ``.bin``."""
+    paths = [Path(v.strip()) for v in str(val).split(",") if v.strip()]
+    return {p.stem: E.load_bin(p, size) for p in paths}
 
 
-def evaluate_checkpoint(checkpoint: str, target: str, *, flip: bool = True, max_pairs: int = 3000) -> dict:
-    """``mdk eval``: a checkpoint on a verification ``.bin`` or on pairs drawn from an image folder."""
-    ckpt = load_checkpoint(checkpoint)
-    model = backbone_from_checkpoint(ckpt)
-    size = ckpt["config"]["input_size"]
+def _eval(backbone, vals: dict, device) -> dict:
+    """The metrics of one verification set, or ``<name>_<metric>`` of each of several."""
+    out = {name: E.verify(backbone, images, issame, device=device) for name, (images, issame) in vals.items()}
+    if len(out) == 1:
+        return next(iter(out.values()))
+    return {f"{name}_{k}": v for name, m in out.items() for k, v in m.items() if k != "roc"}
+
+
+def _teacher_checkpoint(cfg: TrainConfig, out: Path, rank: int) -> Path:
+    """The teacher's mdk checkpoint: ``--teacher`` itself, or, for an arcface_torch run directory, its
+    import into ``<out>/teacher_import.pt`` (rank 0 writes it, kept while the run's files are unchanged)."""
+    src = Path(cfg.teacher)
+    if not src.is_dir():
+        return src
+    from mdkernels.train import insightface
+
+    if not cfg.teacher_network:
+        raise ValueError(f"--teacher {src} is an arcface_torch run directory: name its network with "
+                         f"--teacher-network (one of {insightface.INSIGHTFACE_NETWORKS})")  # fmt: skip
+    path = out / "teacher_import.pt"
+    if rank == 0:
+        insightface.import_run_cached(src, cfg.teacher_network, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def _init_centers(loss_fn, src: str, num_classes: int, dim: int, sharded: bool, rank: int, world: int) -> None:
+    """Start the head from saved centers (``--init-centers``): an arcface_torch run directory, a folder of
+    ``mdk reshard`` shards (each rank reads its own file when sharded), an mdk checkpoint or a tensor file."""
+    from mdkernels.train import insightface
+
+    head = getattr(loss_fn, "head", None)
+    if head is None or getattr(head, "K", 1) != 1:
+        raise ValueError("--init-centers needs a head with one center per class (arcface/cosface/sphereface, the "
+                         "margin family but sub-center, angular, triplet)")  # fmt: skip
+    if sharded and Path(src).is_dir() and any(Path(src).glob("centers_rank*_of*.pt")):
+        part = insightface.mdk_shard(src, rank, world)
+        if part["num_classes"] != num_classes or part["weight"].shape[1] != dim:
+            raise ValueError(f"{src}: shards of ({part['num_classes']}, {part['weight'].shape[1]}) centers, the run "
+                             f"needs ({num_classes}, {dim})")  # fmt: skip
+        with torch.no_grad():
+            head.weight.copy_(part["weight"])
+        return
+    full = insightface.load_full_centers(src, num_classes)
+    if full.shape[1] != dim:
+        raise ValueError(f"{src}: {full.shape[1]}-d centers, but --embedding-size is {dim}")
+    with torch.no_grad():
+        if sharded:
+            head.load_full_weight(full)
+        else:
+            head.weight.copy_(full)
+
+
+def evaluate_checkpoint(checkpoint: str, target: str, *, flip: bool = True, max_pairs: int = 3000,
+                        network: str | None = None) -> dict:  # fmt: skip
+    """``mdk eval``: a model on a verification ``.bin`` or on pairs drawn from an image folder. The model is
+    an mdk checkpoint, an exported ``.onnx`` (run with onnxruntime), or an insightface backbone file
+    (``network`` names it)."""
+    if str(checkpoint).endswith(".onnx"):
+        from mdkernels.train.export import OnnxBackbone
+
+        model = OnnxBackbone(checkpoint)
+        size = model.input_size
+    else:
+        from mdkernels.train.export import backbone_for_export
+
+        model, size = backbone_for_export(checkpoint, network)
     if str(target).endswith(".bin"):
         images, issame = E.load_bin(target, size)
         return E.verify(model, images, issame, flip=flip)
