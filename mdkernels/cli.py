@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print versions and what this install can run")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("demo", help="distil a teacher into students on generated identities (CPU)")
-    p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (about a third of the full run)")
     p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"])
     p.add_argument("--out", default="mdk_demo", help="output folder (default: mdk_demo)")
     p.add_argument("--no-progress", action="store_true")

@@ -28,7 +28,10 @@ from hypothesis import strategies as st  # noqa: E402
 
 BACKENDS = ["torch"] + (["triton"] if TRITON_RUNS else []) + (["cuda"] if _cuda_ext.emu is not None else [])
 F64 = (1e-8, 1e-9)  # fused fp64 against the fp64 reference (rtol, atol x the largest value)
-F32 = (2e-4, 2e-4)  # the emulated CUDA kernels run in fp32
+# The emulated CUDA kernels run in fp32: the normalisation backward leaves |dL/dn(x)| eps / |x| in a row,
+# and MarginDistillation's margins amplify the teacher cosines' rounding by 1/Dmax, so 1e-3 of the largest
+# value (a random soak found 3.4e-4 once); a logic error is O(1)
+F32 = (1e-3, 1e-3)
 # A row exactly on (or opposite) a center (and every row when D = 1) has cos = +-1 up to the last bit,
 # where sin(theta) = sqrt(1 - c^2) turns that bit into sqrt(2 eps) ~ 2e-8 (fp64) of the margin logit: both
 # sides are right to within the problem's conditioning there, so those cases compare at this tolerance.
