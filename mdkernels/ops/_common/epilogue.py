@@ -1,11 +1,25 @@
-"""Gradient pieces shared by the margin ops: the embeddings' gradient from the forward's accumulator, and
-the scale of the 16-bit gradient operand."""
+"""Pieces shared by the margin ops' kernel launchers: the merge of split-C forward partials, the
+embeddings' gradient from the forward's accumulator, and the scale of the 16-bit gradient operand."""
 
 from __future__ import annotations
 
 import torch
 
 from mdkernels.ops.l2norm import normalize_backward
+
+
+def merge_splits(m: torch.Tensor, l: torch.Tensor, o: torch.Tensor | None, s: float):
+    """``(lse_nt, o_bar)`` from per-split partials, as flash-decoding merges them: ``m, l`` (splits, B) are
+    each split's running max and rescaled sum of ``exp``, ``o`` (splits, B, D) its unnormalised accumulator
+    (None when the forward skipped it). ``o_bar = s * sum_k e^(m_k - M) o_k / total`` (0 for empty rows)."""
+    m_max = m.max(0).values
+    scale = torch.exp(m - m_max)
+    total = (l * scale).sum(0)
+    lse_nt = m_max + torch.log(total)
+    if o is None:
+        return lse_nt, None
+    o = torch.einsum("sbd,sb->bd", o, scale)
+    return lse_nt, o * torch.where(total > 0, s / total, torch.zeros_like(total))[:, None]
 
 
 def grad_scale(gr: torch.Tensor, coef: torch.Tensor, s: float) -> torch.Tensor:

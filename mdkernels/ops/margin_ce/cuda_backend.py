@@ -8,7 +8,7 @@ import torch
 from mdkernels import _cuda_ext
 from mdkernels._cuda_ext import guard_device
 from mdkernels.ops._common.env import num_sms
-from mdkernels.ops._common.epilogue import grad_scale
+from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget
 
 
@@ -32,14 +32,7 @@ def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
         per_split, float(s), float(nt.tau if nt.tau is not None else 0.0), nt.tau is not None, float(nt.cos_clamp),
         _cuda_ext.stream_of(x),
     )  # fmt: skip
-    m_max = m.max(0).values
-    scale = torch.exp(m - m_max)
-    total = (l * scale).sum(0)
-    lse_nt = m_max + torch.log(total)
-    if not need_o:
-        return lse_nt, None
-    o = torch.einsum("sbd,sb->bd", o, scale)
-    return lse_nt, o * torch.where(total > 0, s / total, torch.zeros_like(total))[:, None]
+    return merge_splits(m, l, o if need_o else None, s)
 
 
 @guard_device

@@ -19,7 +19,7 @@ import torch
 from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import compute_dtype
 from mdkernels.ops._common.env import HAS_TRITON, NEG_BIG, num_sms, ptr
-from mdkernels.ops._common.epilogue import grad_scale
+from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget
 from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
 
@@ -217,14 +217,7 @@ def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
         return m, l, o
 
     m, l, o = launch(autotuned("forward", x, B, C, D, launch, subcenters=nt.K))
-    m_max = m.max(0).values
-    scale = torch.exp(m - m_max)
-    total = (l * scale).sum(0)
-    lse_nt = m_max + torch.log(total)
-    if not need_o:
-        return lse_nt, None
-    o = torch.einsum("sbd,sb->bd", o, scale)
-    return lse_nt, o * torch.where(total > 0, s / total, torch.zeros_like(total))[:, None]
+    return merge_splits(m, l, o if need_o else None, s)
 
 
 @guard_device
