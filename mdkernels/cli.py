@@ -89,14 +89,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    import torch
-
     from mdkernels.train import insightface
 
-    out = insightface.import_run(args.run_dir, args.network, args.out, num_classes=args.num_classes)
-    ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    print(json.dumps({"checkpoint": str(out), "classes": ckpt["num_classes"],
-                      "embedding_size": ckpt["config"]["embedding_size"], **ckpt["source"]}, indent=1))  # fmt: skip
+    print(json.dumps(insightface.import_run(args.run_dir, args.network, args.out, num_classes=args.num_classes),
+                     indent=1))  # fmt: skip
     return 0
 
 

@@ -68,6 +68,17 @@ def assert_close_to_truth(
     assert err_fast <= bound, f"{what}: fused error {err_fast:.3g} > 2 x plain error {err_plain:.3g} (+floor)"
 
 
+def mdk_process(*args: str):
+    """``mdk ARGS`` in a child process, from outside the tree: the package under test (installed in CI),
+    not the sources in the working directory."""
+    import subprocess
+    import sys
+    import tempfile
+
+    cmd = [sys.executable, "-m", "mdkernels.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+
+
 # ---- inputs and probes shared by the op test files ------------------------------------------------------
 def make(B, D, C, dtype, device="cpu", seed=0, ignore=True, pull=2.0):
     g = torch.Generator().manual_seed(seed)

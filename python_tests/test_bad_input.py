@@ -8,12 +8,10 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
+from conftest import mdk_process
 
 import mdkernels
 from mdkernels import nn as mnn
@@ -199,11 +197,6 @@ def test_bad_file_raises_naming_it(files, case, call, exc, match):
 
 
 # ---- the mdk commands: one line, no traceback, nothing of the user's replaced ---------------------------------------
-def _mdk(*args, cwd=None):
-    cmd = [sys.executable, "-m", "mdkernels.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd or tempfile.gettempdir())
-
-
 CLI_CASES = [
     ("train/no data", ["train", "--out", "{root}/o"], "--data"),
     ("train/missing data", ["train", "--data", "{root}/none.rec", "--out", "{root}/o"], "none"),
@@ -246,7 +239,7 @@ def test_cli_bad_input_is_one_line(cli_files, capsys, case, args, match):
     before = {p: p.read_bytes() for p in root.iterdir() if p.is_file()}
     argv = [a.format(**fill) for a in args]
     if case == CLI_CASES[0][0]:
-        res = _mdk(*argv)
+        res = mdk_process(*argv)
         code, err = res.returncode, res.stderr
     else:
         try:

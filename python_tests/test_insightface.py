@@ -9,13 +9,11 @@ import json
 import os
 import pickle
 import re
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
 import torch
+from conftest import mdk_process
 from insightface_nets import get_model, randomize
 
 from mdkernels.distributed import shard_range
@@ -413,12 +411,6 @@ def test_export_insightface_model_pt_and_eval_the_onnx(tmp_path):
     assert abs(a["accuracy"] - b["accuracy"]) < 1e-9 and abs(a["threshold"] - b["threshold"]) < 1e-4
 
 
-def _mdk(*args):
-    """The mdk command in a child, from outside the tree (the package under test, not the sources)."""
-    cmd = [sys.executable, "-m", "mdkernels.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
-
-
 def test_export_mdk_checkpoint_and_nothing_partial(tmp_path):
     from mdkernels.train.checkpoint import save_checkpoint
     from mdkernels.train.export import export_onnx
@@ -427,7 +419,7 @@ def test_export_mdk_checkpoint_and_nothing_partial(tmp_path):
     randomize(model, seed=5, size=32)
     cfg = TrainConfig(backbone="mobilefacenet", width=0.25, embedding_size=EMB, input_size=32)
     save_checkpoint(tmp_path / "last.pt", {"config": cfg.__dict__, "backbone": model.state_dict()})
-    res = _mdk("export", str(tmp_path / "last.pt"), str(tmp_path / "s.onnx"))
+    res = mdk_process("export", str(tmp_path / "last.pt"), str(tmp_path / "s.onnx"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout)["max_abs_diff_normalised"] <= 1e-4
     _insightface_checker(tmp_path / "s.onnx")
@@ -442,7 +434,7 @@ def test_export_mdk_checkpoint_and_nothing_partial(tmp_path):
         export_onnx(Broken(), tmp_path / "s.onnx", input_size=32)
     assert (tmp_path / "s.onnx").read_bytes() == before  # the earlier export is intact
     assert not list(tmp_path.glob(".s.onnx.tmp*"))
-    bad = _mdk("export", str(tmp_path / "nope.pt"), str(tmp_path / "x.onnx"))
+    bad = mdk_process("export", str(tmp_path / "nope.pt"), str(tmp_path / "x.onnx"))
     assert bad.returncode == 2 and bad.stderr.strip() == f"mdk export: error: model not found: {tmp_path / 'nope.pt'}"
 
 

@@ -92,24 +92,18 @@ def load_backbone(path: str | Path, network: str) -> nn.Module:
                          f"got {network!r}")
     state = backbone_state(path)
     model = build_backbone(network, embedding_size=embedding_size_of(state, network), input_size=INPUT_SIZE)
-    missing, unexpected = _mismatch(model.state_dict(), state)
+    mine = model.state_dict()
+    missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
     if missing or unexpected:
         raise ValueError(f"{path} is not an insightface {network!r} backbone: missing {missing[:4]}, unexpected "
-                         f"{unexpected[:4]}, wrong shapes {_shapes(model.state_dict(), state)[:4]}; "
+                         f"{unexpected[:4]}, wrong shapes {shapes[:4]}; "
                          "pass the network it was trained as (--network / --teacher-network)")  # fmt: skip
-    if _shapes(model.state_dict(), state):
-        raise ValueError(f"{path}: shapes differ from {network!r}: {_shapes(model.state_dict(), state)[:4]}")
+    if shapes:
+        raise ValueError(f"{path}: shapes differ from {network!r}: {shapes[:4]}")
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def _mismatch(mine: dict, theirs: dict) -> tuple[list, list]:
-    return sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-
-
-def _shapes(mine: dict, theirs: dict) -> list:
-    return [f"{k}: {tuple(theirs[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items()
-            if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]  # fmt: skip
 
 
 def find_backbone(run_dir: str | Path) -> Path:
@@ -291,9 +285,10 @@ def fingerprint(run_dir: str | Path) -> str:
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
-def import_run(run_dir: str | Path, network: str, out: str | Path, num_classes: int | None = None) -> Path:
+def import_run(run_dir: str | Path, network: str, out: str | Path, num_classes: int | None = None) -> dict:
     """Write an mdk teacher checkpoint (what ``mdk train --teacher`` reads) from an arcface_torch run: the
-    backbone (strict load) and the full centers, checked against each other."""
+    backbone (strict load) and the full centers, checked against each other. Returns what was written:
+    ``{"checkpoint", "classes", "embedding_size", **source}``."""
     from mdkernels.train.config import TrainConfig
 
     backbone_path = find_backbone(run_dir)
@@ -302,12 +297,12 @@ def import_run(run_dir: str | Path, network: str, out: str | Path, num_classes: 
     centers, layout, world = load_centers(run_dir, num_classes, D, with_layout=True)
     cfg = TrainConfig(method="arcface", backbone=network, embedding_size=D, input_size=INPUT_SIZE)
     out = Path(out)
+    source = {"insightface_run": str(Path(run_dir).resolve()), "backbone": backbone_path.name, "network": network,
+              "shard_layout": layout, "world_size": world, "fingerprint": fingerprint(run_dir)}  # fmt: skip
     save_checkpoint(out, {"config": dataclasses.asdict(cfg), "backbone": model.state_dict(), "step": 0,
                           "num_classes": centers.shape[0], "head": {"head.weight": centers, "subcenters": 1},
-                          "source": {"insightface_run": str(Path(run_dir).resolve()), "backbone": backbone_path.name,
-                                     "network": network, "shard_layout": layout, "world_size": world,
-                                     "fingerprint": fingerprint(run_dir)}})  # fmt: skip
-    return out
+                          "source": source})  # fmt: skip
+    return {"checkpoint": str(out), "classes": int(centers.shape[0]), "embedding_size": D, **source}
 
 
 def import_run_cached(run_dir: str | Path, network: str, out: str | Path) -> Path:
