@@ -1,7 +1,9 @@
-"""Where the kernels run: Triton's presence, the interpreter, pointer types for the compile check, SMs."""
+"""Where the kernels run: Triton's presence, the interpreter, pointer types for the compile check, the
+GPU's SMs and compute capability, and the options every Triton launch passes."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,6 +14,11 @@ try:
     HAS_TRITON = True
 except ImportError:  # CPU-only installs may not have Triton
     HAS_TRITON = False
+
+# Every Triton launch passes these. Fused multiply-add contraction on: fewer roundings, the numerics every
+# Triton up to 3.9 defaulted to (3.10 turns it off by default) and that nvcc's --fmad=true gives the CUDA
+# kernels. Set explicitly so that a Triton upgrade does not change mdkernels' results.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 NEG_BIG = -1e30  # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) free of NaN
 
@@ -35,6 +42,18 @@ def ptr(dtype: torch.dtype) -> str:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (1 off the GPU): sizes the split-C grids."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return _props(device.index if device.index is not None else torch.cuda.current_device())[0] if device.type == "cuda" else 1
+
+
+def capability(device: torch.device) -> int | None:
+    """The compute capability of a CUDA ``device`` as ``10 * major + minor`` (90 for an H100), None off the
+    GPU: the Triton tile configurations depend on it (wgmma from sm_90 on)."""
+    if device.type != "cuda":
+        return None
+    return _props(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+@functools.cache
+def _props(index: int) -> tuple[int, int]:
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, 10 * p.major + p.minor

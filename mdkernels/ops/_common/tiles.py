@@ -18,7 +18,7 @@ import os
 import torch
 
 from mdkernels._spec import EPS
-from mdkernels.ops._common.env import HAS_TRITON, interpreting
+from mdkernels.ops._common.env import HAS_TRITON, capability, interpreting
 
 if HAS_TRITON:
     import triton
@@ -27,48 +27,73 @@ if HAS_TRITON:
     _ZERO_ROW_RW = tl.constexpr(0.5 / EPS)  # 1/|w| at or above this: a zero row, linear in n() (no projection)
 
     @triton.jit
-    def load_tile(P, rows, row_mask, dd, d_mask, stride):
-        """Rows ``rows`` x columns ``dd`` of a row-major matrix with row stride ``stride``, zero outside."""
-        return tl.load(P + rows[:, None].to(tl.int64) * stride + dd[None, :], mask=row_mask[:, None] & d_mask[None, :],
-                       other=0.0)  # fmt: skip
+    def load_tile(P, rows, row_mask, dd, d_mask, stride_r, stride_c):
+        """Rows ``rows`` x columns ``dd`` of a matrix with strides ``(stride_r, stride_c)`` (any layout: the
+        centers of pytorch-metric-learning's ``(D, C)`` parameter arrive as a ``(C, D)`` view with strides
+        ``(1, C)``, and a launch specialises ``stride_c == 1`` away), zero outside the masks."""
+        return tl.load(P + rows[:, None].to(tl.int64) * stride_r + dd[None, :].to(tl.int64) * stride_c,
+                       mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
 
     @triton.jit
-    def normalised(t, r, OUT_DTYPE: tl.constexpr):
-        """Rows of ``t`` times ``r`` (their inverse norms) in fp32 (fp64 stays fp64), then cast: every entry
-        of a normalised row is in [-1, 1] whatever the norms, so a 16-bit operand cannot overflow."""
-        return (t.to(r.dtype) * r[:, None]).to(OUT_DTYPE)
+    def round_bf16(x):
+        """fp32 ``x`` rounded to the nearest bf16 (ties to even), returned as fp32: the value a GPU's bf16
+        operand holds. The interpreter's own fp32 -> bf16 cast is off by an ulp on some values."""
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def cos_tile(X, W, RX, RW, rows, cols, row_mask, col_mask, D, stride_x, stride_w, BLOCK_B: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):  # fmt: skip
-        """Raw cosines ``n(x_i) . n(w_j)`` of one (rows x cols) tile over D in BLOCK_D steps. The steps are
-        normalised before the dot, as the resident tiles of the FULL_D kernels are, so that a kernel of
-        either kind computes the same cosines (to the order of the fp32 sums)."""
-        op_dtype = ACC_DTYPE if UPCAST else X.dtype.element_ty  # the interpreter's low-precision dot is unreliable
-        rx = tl.load(RX + rows, mask=row_mask, other=0.0)
-        rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-        acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=ACC_DTYPE)
+    def as_operand(t, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr):
+        """``t`` as a ``tl.dot`` operand of ``OP_DTYPE``. ``ROUND`` (the interpreter, whose 16-bit dots are
+        unreliable): the 16-bit value, kept in fp32 for an fp32 dot, so that CPU tests see the rounding of
+        every 16-bit operand a GPU sees."""
+        if ROUND and OP_DTYPE == tl.bfloat16:
+            out = round_bf16(t.to(tl.float32))
+        elif ROUND and OP_DTYPE == tl.float16:
+            out = t.to(tl.float16).to(tl.float32)
+        else:
+            out = t.to(OP_DTYPE)
+        return out
+
+    @triton.jit
+    def normalised(t, r, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr):
+        """Rows of ``t`` times ``r`` (their inverse norms) in fp32 (fp64 stays fp64), then the dot operand
+        (:func:`as_operand`): every entry of a normalised row is in [-1, 1] whatever the norms, so a 16-bit
+        operand cannot overflow. fp32 tiles under autocast are cast here, in registers: no 16-bit copy of
+        the centers is ever made."""
+        return as_operand(t.to(r.dtype) * r[:, None], OP_DTYPE, ROUND)
+
+    @triton.jit
+    def cos_tile(A, Bm, RA, RB, ra_idx, rb_idx, a_mask, b_mask, D, sa, sac, sb, sbc, BLOCK_A: tl.constexpr,
+                 BLOCK_BB: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr,
+                 ROUND: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """Raw cosines ``n(a_i) . n(b_j)`` of one ``(BLOCK_A, BLOCK_BB)`` tile over D in BLOCK_D steps (rows of
+        ``A`` against rows of ``Bm``: embeddings against centers, or class-major, centers against
+        embeddings). The steps are normalised before the dot, as the resident tiles of the FULL_D kernels
+        are, so that a kernel of either kind computes the same cosines (to the order of the fp32 sums)."""
+        ra = tl.load(RA + ra_idx, mask=a_mask, other=0.0)
+        rb = tl.load(RB + rb_idx, mask=b_mask, other=0.0)
+        acc = tl.zeros((BLOCK_A, BLOCK_BB), dtype=ACC_DTYPE)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_mask = dd < D
-            xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x), rx, op_dtype)
-            wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
-            acc = tl.dot(xn, tl.trans(wn), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            an = normalised(load_tile(A, ra_idx, a_mask, dd, d_mask, sa, sac), ra, OP_DTYPE, ROUND)
+            bn = normalised(load_tile(Bm, rb_idx, b_mask, dd, d_mask, sb, sbc), rb, OP_DTYPE, ROUND)
+            acc = tl.dot(an, tl.trans(bn), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         return acc
 
     @triton.jit
     def logits(raw, live, s, tau, bound, phi, t, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr):
         """``(z, keep, slope)`` from raw cosines: ``z = s*clamp(c, -bound, bound)``, CurricularFace's
-        ``c (t + c)`` where ``c > phi`` (``slope = (dz/dc)/s = t + 2c`` there, else 1; only with CURRICULAR),
-        insightface's filter (0 where ``c > tau``), ``-inf`` where not ``live`` (the target column,
-        out-of-range entries); ``keep``: the entries that pass a gradient (live, inside the clamp before
-        it, not filtered)."""
+        ``c (t + c)`` where ``c > phi`` (``phi``: the rows' thresholds, broadcastable to ``raw``; ``slope =
+        (dz/dc)/s = t + 2c`` there, else 1; only with CURRICULAR), insightface's filter (0 where ``c > tau``),
+        ``-inf`` where not ``live`` (the target column, out-of-range entries); ``keep``: the entries that pass
+        a gradient (live, inside the clamp before it, not filtered)."""
         keep = live & (raw >= -bound) & (raw <= bound)
         c = tl.minimum(tl.maximum(raw, -bound), bound)
         slope = tl.full(c.shape, 1.0, c.dtype)
         if CURRICULAR:
-            hard = c > phi[:, None]
+            hard = c > phi
             slope = tl.where(hard, t + 2.0 * c, 1.0)
             c = tl.where(hard, c * (t + c), c)
         if HAS_FILTER:
@@ -88,60 +113,129 @@ if HAS_TRITON:
         return best, kidx
 
     @triton.jit
+    def subcenter_tile_cm(raw, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+        """:func:`subcenter_tile` for a class-major tile: ``(BLOCK_C * KP, BLOCK_B)`` to ``(BLOCK_C, BLOCK_B)``."""
+        r3 = tl.reshape(raw, (BLOCK_C, KP, BLOCK_B))
+        ks = tl.arange(0, KP)[None, :, None]
+        r3 = tl.where(ks < K, r3, float("-inf"))
+        best = tl.max(r3, 1)
+        kidx = tl.min(tl.where(r3 == best[:, None, :], ks, KP), 1)
+        return best, kidx
+
+    @triton.jit
     def spread_rows(v, kidx, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr):
         """``(BLOCK_B, BLOCK_C)`` class entries onto their argmax sub-center: ``(BLOCK_B, BLOCK_C * KP)``."""
         ks = tl.arange(0, KP)[None, None, :]
         return tl.reshape(tl.where(ks == kidx[:, :, None], v[:, :, None], 0.0), (BLOCK_B, BLOCK_C * KP))
 
     @triton.jit
-    def center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw):
+    def spread_rows_cm(v, kidx, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, KP: tl.constexpr):
+        """:func:`spread_rows` class-major: ``(BLOCK_C, BLOCK_B)`` to ``(BLOCK_C * KP, BLOCK_B)``."""
+        ks = tl.arange(0, KP)[None, :, None]
+        return tl.reshape(tl.where(ks == kidx[:, None, :], v[:, None, :], 0.0), (BLOCK_C * KP, BLOCK_B))
+
+    @triton.jit
+    def center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw, stride_dwc):
         """Writes ``dL/dw_j = rw_j * gscale * acc_j - w_j * rw_j^2 dot_j`` for a class tile, with ``acc`` the
         (scaled) ``G^T n(x)`` and ``dot_j = sum_i G_ij c_ij = <n(w_j), dW^_j>``: the normalisation backward
         without a pass over D. Rows of norm below EPS have no projection (``n(w) = w / EPS``)."""
         proj = tl.where(rw >= _ZERO_ROW_RW, 0.0, dot * rw * rw)
         dw = acc * (gscale * rw)[:, None] - wt.to(acc.dtype) * proj[:, None]
-        tl.store(DW + cols[:, None].to(tl.int64) * stride_dw + dd[None, :], dw.to(DW.dtype.element_ty),
-                 mask=col_mask[:, None] & d_mask[None, :])  # fmt: skip
+        tl.store(DW + cols[:, None].to(tl.int64) * stride_dw + dd[None, :].to(tl.int64) * stride_dwc,
+                 dw.to(DW.dtype.element_ty), mask=col_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
-def triton_flags(dtype: torch.dtype, on_cuda: bool) -> dict:
-    """Accumulator dtype, interpreter upcast and dot precision of a kernel on ``dtype`` inputs."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    allow_tf32 = on_cuda and torch.backends.cuda.matmul.allow_tf32
-    precision = "tf32" if (dtype in (torch.float16, torch.bfloat16) or allow_tf32) else "ieee"
-    upcast = interpreting() and dtype in (torch.float16, torch.bfloat16)
-    return dict(ACC_DTYPE=acc, UPCAST=upcast, PRECISION=precision)
+def triton_flags(dtype: torch.dtype, on_cuda: bool, op_dtype: torch.dtype | None = None) -> dict:
+    """The precision constexprs of a kernel on ``dtype`` inputs whose dots take ``op_dtype`` operands (the
+    input dtype, or the autocast dtype for fp32 inputs under ``torch.autocast``):
+
+    * ``ACC_DTYPE``: fp32 accumulation (fp64 for fp64 inputs);
+    * ``OP_DTYPE``: the dots' operand dtype; tiles are loaded in the input dtype, normalised in fp32 and
+      cast in registers;
+    * ``ROUND``: under the interpreter, 16-bit operands are rounded to their 16-bit value and the dot runs in
+      fp32 (the interpreter's 16-bit dots are unreliable), so CPU tests see a GPU's operand rounding;
+    * ``PRECISION``: fp32 operands on a GPU use ``tf32x3`` (three TF32 tensor-core products, near-fp32: a
+      cosine to about 1e-6), whatever ``torch.backends.cuda.matmul.allow_tf32`` says. Plain TF32 would
+      leave about 1e-3 on a cosine, 0.06 on a logit at s = 64, silently; bf16/fp16 (or autocast) is the fast
+      path and says so in its dtype. fp64: IEEE."""
+    op = op_dtype if op_dtype is not None else dtype
+    half = op in (torch.float16, torch.bfloat16)
+    round_ = interpreting() and half
+    if op == torch.float64 or round_ or not on_cuda:
+        precision = "ieee"
+    else:
+        precision = "tf32" if half else "tf32x3"  # the 16-bit dots ignore it
+    return dict(ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32, OP_DTYPE=_TL[op], ROUND=round_,
+                PRECISION=precision)  # fmt: skip
 
 
-# (kernel, dtype class) -> the default tile. ``full_d``: the largest padded D kept resident (an accumulator of
-# BLOCK x D fp32 and a resident tile must fit the registers); above it each program owns ``split_do``
-# columns of D and steps over D in BLOCK_D. For the forward, BLOCK_B rows are resident against BLOCK_C
-# classes; for the center gradient BLOCK_C classes against BLOCK_B rows. Untuned GPU defaults, chosen to
-# compile without register spills on sm_80 and sm_90 at D = 512 and 1024 (test_gpu_compile asserts it).
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# (kernel, operand class, arch class) -> the default tile. The arch class: "hopper" (sm_90, sm_100: wgmma /
+# Blackwell MMA, 227 KiB of shared memory) or "ampere" (sm_80-89 and the consumer Blackwell sm_120:
+# mma.sync, and an 8.x kernel must fit the 99 KiB of sm_86/89). ``full_d``: the largest padded D kept resident
+# (an accumulator of BLOCK x D fp32 and a resident tile must fit the registers); above it each program owns
+# ``split_do`` columns of D and recomputes the cosines over all of D (see :func:`gemm_units`). The forward
+# is row-major (BLOCK_B rows against BLOCK_C classes: M = BLOCK_B); the center gradient class-major
+# (BLOCK_C classes against BLOCK_B rows: M = BLOCK_C), so that both of its products are M = 64 wgmma on
+# Hopper whatever B. Untuned without a GPU: chosen to compile without register spills, within each
+# family's shared memory, with wgmma in the sm_90 16-bit kernels (test_gpu_compile asserts all three).
 _TILES = {
-    ("forward", "half"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256),
-    ("forward", "fp32"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=4, num_stages=2, full_d=256, split_do=128),
-    ("center_grad", "half"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
-    ("center_grad", "fp32"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
-    ("kd_forward", "half"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=512, split_do=256),
-    ("kd_forward", "fp32"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
-    ("kd_center_grad", "half"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
-    ("kd_center_grad", "fp32"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256, split_do=128),
-}
+    ("forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256),
+    ("forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
+    ("forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256, split_do=256),
+    ("forward", "fp32", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=128),
+    ("center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256,
+                                            split_do=256),
+    ("center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
+                                            split_do=256),
+    ("center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256,
+                                            split_do=256),
+    ("center_grad", "fp32", "hopper"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=128,
+                                            split_do=128),
+    ("kd_forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=512, split_do=256),
+    ("kd_forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
+    ("kd_forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=128),
+    # fp32 margin KD on Hopper: two cosine tiles, three accumulators and tf32x3's split operands spill at any
+    # 64-row wgmma tile; the mma.sync tiles of sm_80 compile clean
+    ("kd_forward", "fp32", "hopper"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
+    ("kd_center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256,
+                                               split_do=256),
+    ("kd_center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
+                                               split_do=128),
+    ("kd_center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256,
+                                               split_do=256),
+    ("kd_center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
+                                               split_do=128),
+}  # fmt: skip
 # The interpreter: few, large tiles (each program iteration costs ~ms); D up to 512 resident.
 _INTERPRET = dict(BLOCK_C=128, num_warps=4, num_stages=1, full_d=512, split_do=256)
+HOPPER_MIN_ROWS = 64  # below this many rows the forward keeps the small mma.sync row tile on Hopper too
 
 
-def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int = 1) -> dict:
-    """The tile of ``kernel`` ("forward", "center_grad", "kd_forward", "kd_center_grad") for ``dtype`` and
-    D: BLOCK_B, BLOCK_C, BLOCK_D (the step of a D loop), BLOCK_DO (the columns of D one program owns),
-    FULL_D (D resident in one BLOCK_DO), num_warps, num_stages. Above the resident size, D is split over
-    the grid in BLOCK_DO columns; each of those programs builds the cosines over all of D in steps. With
-    ``subcenters`` K, a class tile spans BLOCK_C * next_pow2(K) weight rows: BLOCK_C shrinks to match."""
+def arch_class(arch: int | None) -> str:
+    """"hopper" for sm_90 to sm_119 (wgmma, or Blackwell's MMA, and 227 KiB of shared memory), else "ampere"."""
+    return "hopper" if arch is not None and 90 <= arch < 120 else "ampere"
+
+
+def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int = 1, arch: int | None = 80,
+                op_dtype: torch.dtype | None = None) -> dict:  # fmt: skip
+    """The tile of ``kernel`` ("forward", "center_grad", "kd_forward", "kd_center_grad") for ``dtype`` inputs
+    with ``op_dtype`` dot operands (default: the input dtype), D and the GPU's compute capability ``arch``
+    (``10 * major + minor``): BLOCK_B, BLOCK_C, BLOCK_D (the step of a D loop), BLOCK_DO (the columns of D one
+    program owns), FULL_D (D resident in one BLOCK_DO), num_warps, num_stages. Above the resident size, D is
+    split over the grid in BLOCK_DO columns; each of those programs builds the cosines over all of D in steps.
+    With ``subcenters`` K, a class tile spans BLOCK_C * next_pow2(K) weight rows: BLOCK_C shrinks to match."""
+    op = op_dtype if op_dtype is not None else dtype
     if interpreting():
         cfg = dict(_INTERPRET, BLOCK_B=max(16, min(64, triton.next_power_of_2(max(B, 1)))))
     else:
-        cfg = dict(_TILES[(kernel, "half" if dtype in (torch.float16, torch.bfloat16) else "fp32")])
+        klass = arch_class(arch)
+        if klass == "hopper" and kernel in ("forward", "kd_forward") and B < HOPPER_MIN_ROWS:
+            klass = "ampere"  # a 64-row tile would be mostly padding: mma.sync on a 16-row tile
+        cfg = dict(_TILES[(kernel, "half" if op in (torch.float16, torch.bfloat16) else "fp32", klass)])
+        if op != dtype:  # autocast: fp32 tiles in flight for 16-bit operands; D = 512 resident needs 146 KiB
+            cfg["full_d"] = min(cfg["full_d"], 256)
     cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // triton.next_power_of_2(subcenters))
     if subcenters > 1 and not interpreting():  # the (B, C, K) max tile: 4 warps spill on sm_80
         cfg["num_warps"] = 8
@@ -152,10 +246,28 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int
     return dict(cfg, BLOCK_D=64, BLOCK_DO=split_do, FULL_D=False)
 
 
+def gemm_units(dtype: torch.dtype, D: int, arch: int, trainable: bool = True, B: int = 1024, kd: bool = False) -> int:
+    """The GEMM work of one fused step in units of the ``B x C x D`` product, as the default tiles run it: the
+    forward builds the cosines once per column block of D it owns (``cdiv(D, BLOCK_DO)``; 1 when D is
+    resident) and accumulates ``P . n(W)`` once; the center gradient (``trainable``) the same over its own
+    column blocks. 4 is the floor of a trainable step, 2 of a frozen one (the cosines and ``o_bar``)."""
+    fwd = tile_config("kd_forward" if kd else "forward", dtype, B, D, arch=arch)
+    units = (1 if fwd["FULL_D"] else -(-D // fwd["BLOCK_DO"])) + 1
+    if trainable:
+        bwd = tile_config("kd_center_grad" if kd else "center_grad", dtype, B, D, arch=arch)
+        units += (1 if bwd["FULL_D"] else -(-D // bwd["BLOCK_DO"])) + 1
+    return units
+
+
 def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int, **options) -> list[dict]:
-    """The default tile first, then the variants ``MDK_AUTOTUNE=1`` times on a GPU."""
+    """The default tile first, then the variants ``MDK_AUTOTUNE=1`` times on a GPU: the other arch class's
+    tile (on Hopper: the mma.sync tiles, which keep more of D resident: fewer GEMM units, older MMA), and
+    halved or doubled row and class tiles."""
     base = tile_config(kernel, dtype, B, D, **options)
     out = [base]
+    other = dict(options, arch=80 if arch_class(options.get("arch")) == "hopper" else 90)
+    if not interpreting() and tile_config(kernel, dtype, B, D, **other) not in out:
+        out.append(tile_config(kernel, dtype, B, D, **other))
     for bb, bc, warps in ((base["BLOCK_B"] * 2, base["BLOCK_C"], 8), (base["BLOCK_B"], base["BLOCK_C"] * 2, 8),
                           (base["BLOCK_B"], base["BLOCK_C"], 4), (base["BLOCK_B"] // 2 or 16, base["BLOCK_C"], 4)):  # fmt: skip
         cand = dict(base, BLOCK_B=max(16, bb), BLOCK_C=max(min(16, base["BLOCK_C"]), bc), num_warps=warps)
@@ -169,7 +281,9 @@ _TUNED: dict[tuple, dict] = {}
 
 def autotuned(kernel: str, x: torch.Tensor, B: int, C: int, D: int, launch, **options) -> dict:
     """The config ``launch(cfg)`` runs with: :func:`tile_config`, or with ``MDK_AUTOTUNE=1`` on a GPU the
-    fastest of :func:`candidate_configs` for this (kernel, dtype, B, C, D), timed once and remembered."""
+    fastest of :func:`candidate_configs` for this (kernel, dtype, B, C, D), timed once and remembered.
+    ``options``: ``subcenters``, ``op_dtype`` (:func:`tile_config`); the arch is ``x``'s GPU's."""
+    options = dict(options, arch=capability(x.device))
     default = tile_config(kernel, x.dtype, B, D, **options)
     if not (x.is_cuda and os.environ.get("MDK_AUTOTUNE") == "1"):
         return default

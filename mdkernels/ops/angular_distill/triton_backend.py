@@ -6,7 +6,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import EPS, compute_dtype
-from mdkernels.ops._common.env import HAS_TRITON, interpreting, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, ptr
 
 if HAS_TRITON:
     import triton
@@ -77,8 +77,9 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def compile_specs(dtype: torch.dtype, D: int = 512) -> list:
-    """The row kernels as the GPU launcher compiles them (see :mod:`mdkernels.tools.gpu_compile`)."""
+def compile_specs(dtype: torch.dtype, arch: int = 90, D: int = 512) -> list:
+    """The row kernels as the GPU launcher compiles them (see :mod:`mdkernels.tools.gpu_compile`); the same
+    tiles on every arch."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     cfg = _config(D)
     rows = {"R": "i32", "D": "i32", "stride_s": "i32", "stride_t": "i32", "p": "fp32"}
@@ -86,8 +87,9 @@ def compile_specs(dtype: torch.dtype, D: int = 512) -> list:
     bwd = {"S": ptr(dtype), "T": ptr(dtype), "G": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc),
            "DS": ptr(dtype), **rows}  # fmt: skip
     const = {**cfg, "ACC_DTYPE": _acc(dtype)}
-    return [("angular_forward", _angular_forward_kernel, fwd, const, {}),
-            ("angular_backward", _angular_backward_kernel, bwd, const, {})]  # fmt: skip
+    divisible = {"R", "D", "stride_s", "stride_t"}
+    return [("angular_forward", _angular_forward_kernel, fwd, const, {}, divisible),
+            ("angular_backward", _angular_backward_kernel, bwd, const, {}, divisible)]  # fmt: skip
 
 
 @guard_device
@@ -99,7 +101,8 @@ def forward(s, t, p):
     cfg = _config(D)
     if R:
         _angular_forward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
+            s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg,
+            **LAUNCH_OPTIONS,
         )
     return loss, ns, nt, cos
 
@@ -112,6 +115,7 @@ def backward(g, s, t, ns, nt, cos, p):
     cfg = _config(D)
     if R:
         _angular_backward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
-            s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg
+            s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg,
+            **LAUNCH_OPTIONS,
         )
     return ds

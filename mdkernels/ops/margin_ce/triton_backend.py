@@ -18,7 +18,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import compute_dtype
-from mdkernels.ops._common.env import HAS_TRITON, NEG_BIG, num_sms, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget
 from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
@@ -28,13 +28,16 @@ if HAS_TRITON:
     import triton.language as tl
 
     from mdkernels.ops._common.tiles import (
+        as_operand,
         center_grad_epilogue,
         cos_tile,
         load_tile,
         logits,
         normalised,
         spread_rows,
+        spread_rows_cm,
         subcenter_tile,
+        subcenter_tile_cm,
     )
 
     _NEG_BIG = tl.constexpr(NEG_BIG)  # globals read inside @triton.jit must be constexpr
@@ -50,10 +53,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _margin_ce_forward_kernel(
-        X, W, RX, RW, Y, PHI, T, M_OUT, L_OUT, O_OUT, B, C, D, stride_x, stride_w, classes_per_split, s, tau, bound,
-        HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, NEED_O: tl.constexpr,
-        FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        X, W, RX, RW, Y, PHI, T, M_OUT, L_OUT, O_OUT, B, C, D, stride_x, stride_xc, stride_w, stride_wc,
+        classes_per_split, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr,
+        KP: tl.constexpr, NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr,
+        ROUND: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Per (row tile, class split, D block): running max ``M``, sum-exp ``L`` and ``O`` (unnormalised,
         relative to ``M``) of the non-target logits of the split. ``C`` counts classes (K weight rows each)."""
@@ -71,9 +75,8 @@ if HAS_TRITON:
             t = tl.load(T)
         dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         d_mask = dd < D
-        op_dtype = ACC_DTYPE if UPCAST else X.dtype.element_ty  # the dots' operand dtype
         if FULL_D:  # the row tile, normalised once: both kernels build FULL_D cosines from n(x) . n(W)^T
-            xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x), rx, op_dtype)
+            xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x, stride_xc), rx, OP_DTYPE, ROUND)
         m = tl.full((BLOCK_B,), _NEG_BIG, dtype=ACC_DTYPE)
         l = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
         o = tl.zeros((BLOCK_B, BLOCK_DO), dtype=ACC_DTYPE)
@@ -85,28 +88,29 @@ if HAS_TRITON:
             wr, wr_mask = _weight_rows(cols, col_mask, BLOCK_C, K, KP)
             rw = tl.load(RW + wr, mask=wr_mask, other=0.0)
             if FULL_D:
-                wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w), rw, op_dtype)
+                wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
                 raw = tl.dot(xn, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
             else:
-                raw = cos_tile(X, W, RX, RW, rows, wr, row_mask, wr_mask, D, stride_x, stride_w, BLOCK_B,
-                               BLOCK_C * KP, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+                raw = cos_tile(X, W, RX, RW, rows, wr, row_mask, wr_mask, D, stride_x, stride_xc, stride_w, stride_wc,
+                               BLOCK_B, BLOCK_C * KP, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND, PRECISION)  # fmt: skip
             if K > 1:
                 raw, kidx = subcenter_tile(raw, BLOCK_B, BLOCK_C, K, KP)
             live = (cols[None, :] != y[:, None]) & col_mask[None, :]
-            z, keep, slope = logits(raw, live, s, tau, bound, phi, t, HAS_FILTER, CURRICULAR)
+            z, keep, slope = logits(raw, live, s, tau, bound, phi[:, None], t, HAS_FILTER, CURRICULAR)
             m_new = tl.maximum(m, tl.max(z, 1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(z - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
             if NEED_O:
                 if not FULL_D:
-                    wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w), rw, op_dtype)
+                    wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
                 p = tl.where(keep, p, 0.0)  # in [0, 1] (times CurricularFace's slope, at most 3)
                 if CURRICULAR:
                     p = p * slope
                 if K > 1:
                     p = spread_rows(p, kidx, BLOCK_B, BLOCK_C, KP)
-                o = o * alpha[:, None] + tl.dot(p.to(op_dtype), wn, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                o = o * alpha[:, None] + tl.dot(as_operand(p, OP_DTYPE, ROUND), wn, input_precision=PRECISION,
+                                                out_dtype=ACC_DTYPE)  # fmt: skip
             m = m_new
         if pid_d == 0:
             tl.store(M_OUT + pid_s * B + rows, m, mask=row_mask)
@@ -117,13 +121,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _margin_ce_center_grad_kernel(
-        X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, T, GSCALE, DW, B, C, D, stride_x, stride_w, stride_dw, s, tau, bound,
-        HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, FULL_D: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, T, GSCALE, DW, B, C, D, stride_x, stride_xc, stride_w, stride_wc,
+        stride_dw, stride_dwc, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr,
+        KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         """One (class tile, D block): ``dW`` of its centers (``BLOCK_C * K`` weight rows) from every row,
-        written once."""
+        written once. Class-major: every tile is (classes, rows), so that both products have the class tile
+        as M (64-row wgmma on Hopper whatever the batch)."""
         pid_c = tl.program_id(0)
         pid_d = tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -131,10 +137,9 @@ if HAS_TRITON:
         wr, wr_mask = _weight_rows(cols, col_mask, BLOCK_C, K, KP)
         dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         d_mask = dd < D
-        op_dtype = ACC_DTYPE if UPCAST else X.dtype.element_ty
         rw = tl.load(RW + wr, mask=wr_mask, other=0.0)
         if FULL_D:
-            wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w), rw, op_dtype)
+            wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
         gscale = tl.load(GSCALE)
         t = 0.0
         if CURRICULAR:
@@ -153,34 +158,41 @@ if HAS_TRITON:
                 phi = rx
                 if CURRICULAR:
                     phi = tl.load(PHI + rows, mask=row_mask, other=0.0)
-                xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x), rx, op_dtype)
+                xn = normalised(load_tile(X, rows, row_mask, dd, d_mask, stride_x, stride_xc), rx, OP_DTYPE, ROUND)
                 if FULL_D:
-                    raw_k = tl.dot(xn, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    raw_k = tl.dot(wn, tl.trans(xn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
                 else:
-                    raw_k = cos_tile(X, W, RX, RW, rows, wr, row_mask, wr_mask, D, stride_x, stride_w, BLOCK_B,
-                                     BLOCK_C * KP, BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
+                    raw_k = cos_tile(W, X, RW, RX, wr, rows, wr_mask, row_mask, D, stride_w, stride_wc, stride_x,
+                                     stride_xc, BLOCK_C * KP, BLOCK_B, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND,
+                                     PRECISION)  # fmt: skip
                 raw = raw_k
                 if K > 1:
-                    raw, kidx = subcenter_tile(raw_k, BLOCK_B, BLOCK_C, K, KP)
-                target = (cols[None, :] == y[:, None]) & col_mask[None, :]
-                live = ~target & col_mask[None, :] & row_mask[:, None]
-                z, keep, slope = logits(raw, live, s, tau, bound, phi, t, HAS_FILTER, CURRICULAR)
+                    raw, kidx = subcenter_tile_cm(raw_k, BLOCK_C, BLOCK_B, K, KP)
+                target = (cols[:, None] == y[None, :]) & col_mask[:, None]
+                live = ~target & col_mask[:, None] & row_mask[None, :]
+                z, keep, slope = logits(raw, live, s, tau, bound, phi[None, :], t, HAS_FILTER, CURRICULAR)
                 # masked entries are exp(-inf) = 0 before any product: the un-margined target may overflow
-                g = tl.where(keep, tl.exp(z - lse[:, None]) * (s * gr)[:, None], 0.0)
+                g = tl.where(keep, tl.exp(z - lse[None, :]) * (s * gr)[None, :], 0.0)
                 if CURRICULAR:
                     g = g * slope
-                g = tl.where(target, coef[:, None], g)
+                g = tl.where(target, coef[None, :], g)
                 if K > 1:  # each class's entry to its argmax sub-center; the target's to the sub-center it used
                     kt = tl.load(KT + rows, mask=row_mask, other=0).to(tl.int32)
-                    g = spread_rows(g, tl.where(target, kt[:, None], kidx), BLOCK_B, BLOCK_C, KP)
-                dot += tl.sum(g * raw_k, 0)
-                acc += tl.dot(tl.trans((g / gscale).to(op_dtype)), xn, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w)  # reloaded: not held in registers over the loop
-        center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw)
+                    g = spread_rows_cm(g, tl.where(target, kt[None, :], kidx), BLOCK_C, BLOCK_B, KP)
+                dot += tl.sum(g * raw_k, 1)
+                acc += tl.dot(as_operand(g / gscale, OP_DTYPE, ROUND), xn, input_precision=PRECISION,
+                              out_dtype=ACC_DTYPE)  # fmt: skip
+        wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc)  # reloaded: not held over the loop
+        center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw, stride_dwc)
+
+
+FORCE_SPLITS: int | None = None  # tests: force this many class splits (split-C) on any device
 
 
 def _splits(x: torch.Tensor, row_tiles: int, class_tiles: int) -> int:
     """Class splits: enough programs to fill the GPU when the batch alone gives few row tiles."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(class_tiles, FORCE_SPLITS))
     return max(1, min(class_tiles, (4 * num_sms(x.device)) // max(row_tiles, 1))) if x.is_cuda else 1
 
 
@@ -193,12 +205,13 @@ def _options(nt: NonTarget, x: torch.Tensor) -> tuple[dict, tuple]:
 
 
 @guard_device
-def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
-    """``(lse_nt, o)`` as :func:`mdkernels.ops.margin_ce.torch_backend.forward`."""
+def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o, op_dtype=None):
+    """``(lse_nt, o)`` as :func:`mdkernels.ops.margin_ce.torch_backend.forward`. ``op_dtype``: the dots'
+    operand dtype (autocast's, for fp32 inputs), default the inputs' own. Any strides."""
     B, D = x.shape
     C = w.shape[0] // nt.K
     cd = compute_dtype(x)
-    flags = triton_flags(x.dtype, x.is_cuda)
+    flags = triton_flags(x.dtype, x.is_cuda, op_dtype)
     const, (phi, t) = _options(nt, x)
 
     def launch(cfg):
@@ -211,69 +224,82 @@ def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
         l = torch.empty_like(m)
         o = torch.empty(splits, B, D, dtype=cd, device=x.device) if need_o else m
         _margin_ce_forward_kernel[(row_tiles, splits, d_splits)](
-            x, w, rx, rw, labels, phi, t, m, l, o, B, C, D, x.stride(0), w.stride(0), per_split, float(s),
-            float(nt.tau if nt.tau is not None else 0.0), float(nt.cos_clamp), NEED_O=need_o, **const, **flags, **cfg,
+            x, w, rx, rw, labels, phi, t, m, l, o, B, C, D, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            per_split, float(s), float(nt.tau if nt.tau is not None else 0.0), float(nt.cos_clamp), NEED_O=need_o,
+            **const, **flags, **cfg, **LAUNCH_OPTIONS,
         )  # fmt: skip
         return m, l, o
 
-    m, l, o = launch(autotuned("forward", x, B, C, D, launch, subcenters=nt.K))
+    m, l, o = launch(autotuned("forward", x, B, C, D, launch, subcenters=nt.K, op_dtype=op_dtype))
     return merge_splits(m, l, o if need_o else None, s)
 
 
 @guard_device
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget):
-    """``dL/dW`` (C K, D) in the centers' dtype, as :func:`mdkernels.ops.margin_ce.torch_backend.center_grad`."""
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype=None):
+    """``dL/dW`` (C K, D) in the centers' dtype and layout, as
+    :func:`mdkernels.ops.margin_ce.torch_backend.center_grad`."""
     B, D = x.shape
     C = w.shape[0] // nt.K
-    dw = torch.empty_like(w)
+    dw = torch.empty_like(w)  # the centers' strides: a (D, C) parameter's view gets its gradient in place
     gscale = grad_scale(gr, coef, s).to(rx.dtype)
-    flags = triton_flags(x.dtype, x.is_cuda)
+    flags = triton_flags(x.dtype, x.is_cuda, op_dtype)
     const, (phi, t) = _options(nt, x)
     kt = nt.kt.contiguous() if nt.kt is not None else labels
 
     def launch(cfg):
         grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))
         _margin_ce_center_grad_kernel[grid](
-            x, w, rx, rw, labels, lse, gr, coef, kt, phi, t, gscale, dw, B, C, D, x.stride(0), w.stride(0),
-            dw.stride(0), float(s), float(nt.tau if nt.tau is not None else 0.0), float(nt.cos_clamp), **const,
-            **flags, **cfg,
+            x, w, rx, rw, labels, lse, gr, coef, kt, phi, t, gscale, dw, B, C, D, x.stride(0), x.stride(1),
+            w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), float(s),
+            float(nt.tau if nt.tau is not None else 0.0), float(nt.cos_clamp), **const, **flags, **cfg,
+            **LAUNCH_OPTIONS,
         )  # fmt: skip
 
     if C and B:
-        launch(autotuned("center_grad", x, B, C, D, launch, subcenters=nt.K))
+        launch(autotuned("center_grad", x, B, C, D, launch, subcenters=nt.K, op_dtype=op_dtype))
     else:
         dw.zero_()
     return dw
 
 
-def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
-    """The kernels as the GPU launcher compiles them for ``dtype``: every option at D = 512 (resident), the D
-    split at 1024 (name, kernel, runtime signature, constexprs, options), for
-    :mod:`mdkernels.tools.gpu_compile` (checks without a GPU). CurricularFace and sub-centers (K = 3) are
-    compiled for bf16 and fp32 (fp16 is the same code with another operand type)."""
+# the integer arguments a launch at the compile check's shape sees as multiples of 16 (C = 85,742 is not)
+_DIVISIBLE = {"B", "D", "stride_x", "stride_w", "stride_dw", "classes_per_split"}
+
+
+def compile_specs(dtype: torch.dtype, arch: int = 90, B: int = 1024, D: int = 512) -> list:
+    """The kernels as the GPU launcher compiles them for ``dtype`` on ``sm_<arch>``: every option at D = 512
+    (resident), the D split at 1024, fp32 inputs with bf16 operands (autocast) (name, kernel, runtime
+    signature, constexprs, options, the integer arguments seen as multiples of 16), for
+    :mod:`mdkernels.tools.gpu_compile` (checks without a GPU). The column strides are 1, which a launch
+    specialises into a constant. CurricularFace and sub-centers (K = 3) are compiled for bf16 and fp32 (fp16
+    is the same code with another operand type)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    flags = triton_flags(dtype, on_cuda=True)
     common = {"X": ptr(dtype), "W": ptr(dtype), "RX": ptr(acc), "RW": ptr(acc), "Y": "*i64", "PHI": ptr(acc),
               "T": ptr(acc), "B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32", "s": "fp32",
               "tau": "fp32", "bound": "fp32"}  # fmt: skip
     fwd = {**common, "M_OUT": ptr(acc), "L_OUT": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
     bwd = {**common, "LSE": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc), "KT": "*i64", "GSCALE": ptr(acc),
            "DW": ptr(dtype), "stride_dw": "i32"}  # fmt: skip
-    # (D, filter, need_o, curricular, K): every plain variant at D = 512, the D split at 1024
-    variants = [(D, flt, need_o, False, 1) for flt in (False, True) for need_o in (False, True)]
-    variants.append((1024, False, True, False, 1))
+    # (D, filter, need_o, curricular, K, operand dtype): every plain variant at D = 512, the D split at 1024
+    variants = [(D, flt, need_o, False, 1, None) for flt in (False, True) for need_o in (False, True)]
+    variants.append((1024, False, True, False, 1, None))
     if dtype != torch.float16:
-        variants += [(D, False, True, True, 1), (D, False, True, False, 3)]
+        variants += [(D, False, True, True, 1, None), (D, False, True, False, 3, None)]
+    if dtype == torch.float32:  # autocast: fp32 tiles, bf16 operands cast in registers
+        variants += [(D, False, True, False, 1, torch.bfloat16)]
     specs = []
-    for d, flt, need_o, curr, K in variants:
-        fcfg, gcfg = tile_config("forward", dtype, B, d, K), tile_config("center_grad", dtype, B, d, K)
+    for d, flt, need_o, curr, K, op in variants:
+        fcfg = tile_config("forward", dtype, B, d, K, arch=arch, op_dtype=op)
+        gcfg = tile_config("center_grad", dtype, B, d, K, arch=arch, op_dtype=op)
         fopts = {"num_warps": fcfg.pop("num_warps"), "num_stages": fcfg.pop("num_stages")}
         gopts = {"num_warps": gcfg.pop("num_warps"), "num_stages": gcfg.pop("num_stages")}
-        const = {"HAS_FILTER": flt, "CURRICULAR": curr, "K": K, "KP": triton.next_power_of_2(K), **flags}
-        name = f"D={d} filter={flt}" + (" curricular" if curr else "") + (f" K={K}" if K > 1 else "")
+        const = {"HAS_FILTER": flt, "CURRICULAR": curr, "K": K, "KP": triton.next_power_of_2(K),
+                 "stride_xc": 1, "stride_wc": 1, **triton_flags(dtype, True, op)}  # fmt: skip
+        name = (f"D={d} filter={flt}" + (" curricular" if curr else "") + (f" K={K}" if K > 1 else "")
+                + (" amp-bf16" if op is not None else ""))  # fmt: skip
         specs.append((f"margin_ce_forward {name} need_o={need_o}", _margin_ce_forward_kernel, fwd,
-                      {"NEED_O": need_o, **const, **fcfg}, fopts))  # fmt: skip
+                      {"NEED_O": need_o, **const, **fcfg}, fopts, _DIVISIBLE))  # fmt: skip
         if need_o:
-            specs.append((f"margin_ce_center_grad {name}", _margin_ce_center_grad_kernel, bwd, {**const, **gcfg},
-                          gopts))  # fmt: skip
+            specs.append((f"margin_ce_center_grad {name}", _margin_ce_center_grad_kernel, bwd,
+                          {**const, "stride_dwc": 1, **gcfg}, gopts, _DIVISIBLE))  # fmt: skip
     return specs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
-from mdkernels.ops._common.env import HAS_TRITON, NEG_BIG, num_sms, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale
 from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
 
@@ -21,32 +21,16 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from mdkernels.ops._common.tiles import center_grad_epilogue, cos_tile, load_tile, logits, normalised
+    from mdkernels.ops._common.tiles import as_operand, center_grad_epilogue, cos_tile, load_tile, logits, normalised
 
     _NEG_BIG = tl.constexpr(NEG_BIG)
 
     @triton.jit
-    def _kd_cosines(XS, XT, W, RXS, RXT, RW, xs_n, xt_n, wn, rows, cols, row_mask, col_mask, D, stride_xs, stride_xt,
-                    stride_w, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        """Raw student and teacher cosines of one (rows x cols) tile: from the normalised, resident tiles
-        (FULL_D), or over D in steps."""
-        if FULL_D:
-            cs = tl.dot(xs_n, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            ct = tl.dot(xt_n, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            cs = cos_tile(XS, W, RXS, RW, rows, cols, row_mask, col_mask, D, stride_xs, stride_w, BLOCK_B, BLOCK_C,
-                          BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
-            ct = cos_tile(XT, W, RXT, RW, rows, cols, row_mask, col_mask, D, stride_xt, stride_w, BLOCK_B, BLOCK_C,
-                          BLOCK_D, ACC_DTYPE, UPCAST, PRECISION)  # fmt: skip
-        return cs, ct
-
-    @triton.jit
     def _margin_kd_forward_kernel(
-        XS, XT, W, RXS, RXT, RW, Y, STATS, O_OUT, B, C, D, stride_xs, stride_xt, stride_w, classes_per_split, s, inv_T,
-        NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
+        XS, XT, W, RXS, RXT, RW, Y, STATS, O_OUT, B, C, D, stride_xs, stride_xsc, stride_xt, stride_xtc, stride_w,
+        stride_wc, classes_per_split, s, inv_T, NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        OP_DTYPE: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """Per (row tile, class split, D block): STATS[split, k, row] for k = m_s, l_s, l_sT, m_t, l_tT, A and
         O_OUT[split, k, row, d] for the three accumulators."""
@@ -60,9 +44,9 @@ if HAS_TRITON:
         rxt = tl.load(RXT + rows, mask=row_mask, other=0.0)
         dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         d_mask = dd < D
-        op_dtype = ACC_DTYPE if UPCAST else XS.dtype.element_ty
-        xs_n = normalised(load_tile(XS, rows, row_mask, dd, d_mask, stride_xs), rxs, op_dtype)
-        xt_n = normalised(load_tile(XT, rows, row_mask, dd, d_mask, stride_xt), rxt, op_dtype)
+        if FULL_D:
+            xs_n = normalised(load_tile(XS, rows, row_mask, dd, d_mask, stride_xs, stride_xsc), rxs, OP_DTYPE, ROUND)
+            xt_n = normalised(load_tile(XT, rows, row_mask, dd, d_mask, stride_xt, stride_xtc), rxt, OP_DTYPE, ROUND)
         m_s = tl.full((BLOCK_B,), _NEG_BIG, dtype=ACC_DTYPE)
         m_t = tl.full((BLOCK_B,), _NEG_BIG, dtype=ACC_DTYPE)
         l_s = tl.zeros((BLOCK_B,), dtype=ACC_DTYPE)
@@ -78,13 +62,19 @@ if HAS_TRITON:
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < c_end
             rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-            wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
-            cs, ct = _kd_cosines(XS, XT, W, RXS, RXT, RW, xs_n, xt_n, wn, rows, cols, row_mask, col_mask, D, stride_xs,
-                                 stride_xt, stride_w, FULL_D, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, UPCAST,
-                                 PRECISION)  # fmt: skip
+            if FULL_D or NEED_O:
+                wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
+            if FULL_D:
+                cs = tl.dot(xs_n, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                ct = tl.dot(xt_n, tl.trans(wn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                cs = cos_tile(XS, W, RXS, RW, rows, cols, row_mask, col_mask, D, stride_xs, stride_xsc, stride_w,
+                              stride_wc, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND, PRECISION)  # fmt: skip
+                ct = cos_tile(XT, W, RXT, RW, rows, cols, row_mask, col_mask, D, stride_xt, stride_xtc, stride_w,
+                              stride_wc, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND, PRECISION)  # fmt: skip
             live = (cols[None, :] != y[:, None]) & col_mask[None, :]
-            zs, keep, _ = logits(cs, live, s, 0.0, 1.0, rxs, 0.0, False, False)
-            zt, _, _ = logits(ct, live, s, 0.0, 1.0, rxs, 0.0, False, False)
+            zs, keep, _ = logits(cs, live, s, 0.0, 1.0, rxs[:, None], 0.0, False, False)
+            zt, _, _ = logits(ct, live, s, 0.0, 1.0, rxs[:, None], 0.0, False, False)
             ms_new = tl.maximum(m_s, tl.max(zs, 1))
             mt_new = tl.maximum(m_t, tl.max(zt, 1))
             a_s = tl.exp(m_s - ms_new)
@@ -98,11 +88,11 @@ if HAS_TRITON:
             l_tT = l_tT * a_tT + tl.sum(etT, 1)
             A = A * a_tT + tl.sum(tl.where(live, etT * (zt - zs), 0.0), 1)
             if NEED_O:
-                o_s = o_s * a_s[:, None] + tl.dot(tl.where(keep, es, 0.0).to(op_dtype), wn, input_precision=PRECISION,
-                                                  out_dtype=ACC_DTYPE)  # fmt: skip
-                o_sT = o_sT * a_sT[:, None] + tl.dot(tl.where(keep, esT, 0.0).to(op_dtype), wn,
+                o_s = o_s * a_s[:, None] + tl.dot(as_operand(tl.where(keep, es, 0.0), OP_DTYPE, ROUND), wn,
+                                                  input_precision=PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
+                o_sT = o_sT * a_sT[:, None] + tl.dot(as_operand(tl.where(keep, esT, 0.0), OP_DTYPE, ROUND), wn,
                                                      input_precision=PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
-                o_tT = o_tT * a_tT[:, None] + tl.dot(tl.where(keep, etT, 0.0).to(op_dtype), wn,
+                o_tT = o_tT * a_tT[:, None] + tl.dot(as_operand(tl.where(keep, etT, 0.0), OP_DTYPE, ROUND), wn,
                                                      input_precision=PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
             m_s = ms_new
             m_t = mt_new
@@ -123,21 +113,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _margin_kd_center_grad_kernel(
-        XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, COEF, GSCALE, DW, B, C, D, stride_xs, stride_xt,
-        stride_w, stride_dw, s, inv_T, alpha, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr,
+        XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, COEF, GSCALE, DW, B, C, D, stride_xs, stride_xsc,
+        stride_xt, stride_xtc, stride_w, stride_wc, stride_dw, stride_dwc, s, inv_T, alpha, FULL_D: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """One (class tile, D block): ``dW`` of its centers through the student's logits, written once."""
+        """One (class tile, D block): ``dW`` of its centers through the student's logits, written once.
+        Class-major, as the margin CE's."""
         pid_c = tl.program_id(0)
         pid_d = tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_mask = cols < C
         dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         d_mask = dd < D
-        op_dtype = ACC_DTYPE if UPCAST else XS.dtype.element_ty
         rw = tl.load(RW + cols, mask=col_mask, other=0.0)
-        wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w), rw, op_dtype)
+        if FULL_D:
+            wn = normalised(load_tile(W, cols, col_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
         gscale = tl.load(GSCALE)
         acc = tl.zeros((BLOCK_C, BLOCK_DO), dtype=ACC_DTYPE)
         dot = tl.zeros((BLOCK_C,), dtype=ACC_DTYPE)
@@ -153,34 +144,45 @@ if HAS_TRITON:
                 lse_sT = tl.load(LSE_ST + rows, mask=row_mask, other=0.0)
                 lse_tT = tl.load(LSE_TT + rows, mask=row_mask, other=0.0)
                 coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
-                xs_n = normalised(load_tile(XS, rows, row_mask, dd, d_mask, stride_xs), rxs, op_dtype)
-                xt_n = normalised(load_tile(XT, rows, row_mask, dd, d_mask, stride_xt), rxt, op_dtype)
-                cs, ct = _kd_cosines(XS, XT, W, RXS, RXT, RW, xs_n, xt_n, wn, rows, cols, row_mask, col_mask, D,
-                                     stride_xs, stride_xt, stride_w, FULL_D, BLOCK_B, BLOCK_C, BLOCK_D, ACC_DTYPE,
-                                     UPCAST, PRECISION)  # fmt: skip
-                target = (cols[None, :] == y[:, None]) & col_mask[None, :]
-                live = ~target & col_mask[None, :] & row_mask[:, None]
-                zs, keep, _ = logits(cs, live, s, 0.0, 1.0, rxs, 0.0, False, False)
-                zt, _, _ = logits(ct, live, s, 0.0, 1.0, rxs, 0.0, False, False)
-                p_s = tl.exp(zs - lse_s[:, None])
-                q_s = tl.exp(zs * inv_T - lse_sT[:, None])
-                q_t = tl.exp(zt * inv_T - lse_tT[:, None])
+                xs_n = normalised(load_tile(XS, rows, row_mask, dd, d_mask, stride_xs, stride_xsc), rxs, OP_DTYPE,
+                                  ROUND)  # fmt: skip
+                if FULL_D:
+                    xt_n = normalised(load_tile(XT, rows, row_mask, dd, d_mask, stride_xt, stride_xtc), rxt, OP_DTYPE,
+                                      ROUND)  # fmt: skip
+                    cs = tl.dot(wn, tl.trans(xs_n), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                    ct = tl.dot(wn, tl.trans(xt_n), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+                else:
+                    cs = cos_tile(W, XS, RW, RXS, cols, rows, col_mask, row_mask, D, stride_w, stride_wc, stride_xs,
+                                  stride_xsc, BLOCK_C, BLOCK_B, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND,
+                                  PRECISION)  # fmt: skip
+                    ct = cos_tile(W, XT, RW, RXT, cols, rows, col_mask, row_mask, D, stride_w, stride_wc, stride_xt,
+                                  stride_xtc, BLOCK_C, BLOCK_B, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND,
+                                  PRECISION)  # fmt: skip
+                target = (cols[:, None] == y[None, :]) & col_mask[:, None]
+                live = ~target & col_mask[:, None] & row_mask[None, :]
+                zs, keep, _ = logits(cs, live, s, 0.0, 1.0, rxs[None, :], 0.0, False, False)
+                zt, _, _ = logits(ct, live, s, 0.0, 1.0, rxs[None, :], 0.0, False, False)
+                p_s = tl.exp(zs - lse_s[None, :])
+                q_s = tl.exp(zs * inv_T - lse_sT[None, :])
+                q_t = tl.exp(zt * inv_T - lse_tT[None, :])
                 dz = (1.0 - alpha) * p_s + (alpha / inv_T) * (q_s - q_t)
-                g = tl.where(keep, dz * (s * gr)[:, None], 0.0)
-                g = tl.where(target, coef[:, None], g)
-                dot += tl.sum(g * cs, 0)
-                acc += tl.dot(tl.trans((g / gscale).to(op_dtype)), xs_n, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        wt = load_tile(W, cols, col_mask, dd, d_mask, stride_w)  # reloaded: not held in registers over the loop
-        center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw)
+                g = tl.where(keep, dz * (s * gr)[None, :], 0.0)
+                g = tl.where(target, coef[None, :], g)
+                dot += tl.sum(g * cs, 1)
+                acc += tl.dot(as_operand(g / gscale, OP_DTYPE, ROUND), xs_n, input_precision=PRECISION,
+                              out_dtype=ACC_DTYPE)  # fmt: skip
+        wt = load_tile(W, cols, col_mask, dd, d_mask, stride_w, stride_wc)  # reloaded: not held over the loop
+        center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw, stride_dwc)
 
 
 @guard_device
-def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
-    """``(stats, o3)`` as :func:`mdkernels.ops.margin_kd.torch_backend.forward`, split-C partials merged."""
+def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o, op_dtype=None):
+    """``(stats, o3)`` as :func:`mdkernels.ops.margin_kd.torch_backend.forward`, split-C partials merged.
+    ``op_dtype``: the dots' operand dtype (autocast's, for fp32 inputs). Any strides."""
     B, D = xs.shape
     C = w.shape[0]
     cd = rxs.dtype
-    flags = triton_flags(xs.dtype, xs.is_cuda)
+    flags = triton_flags(xs.dtype, xs.is_cuda, op_dtype)
 
     def launch(cfg):
         row_tiles, class_tiles = triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"])
@@ -191,12 +193,13 @@ def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
         stats = torch.empty(splits, 6, B, dtype=cd, device=xs.device)
         o = torch.empty(splits, 3, B, D, dtype=cd, device=xs.device) if need_o else stats
         _margin_kd_forward_kernel[(row_tiles, splits, d_splits)](
-            xs, xt, w, rxs, rxt, rw, labels, stats, o, B, C, D, xs.stride(0), xt.stride(0), w.stride(0), per_split,
-            float(s), 1.0 / float(T), NEED_O=need_o, **flags, **cfg,
+            xs, xt, w, rxs, rxt, rw, labels, stats, o, B, C, D, xs.stride(0), xs.stride(1), xt.stride(0),
+            xt.stride(1), w.stride(0), w.stride(1), per_split, float(s), 1.0 / float(T), NEED_O=need_o, **flags,
+            **cfg, **LAUNCH_OPTIONS,
         )  # fmt: skip
         return stats, o
 
-    stats, o = launch(autotuned("kd_forward", xs, B, C, D, launch))
+    stats, o = launch(autotuned("kd_forward", xs, B, C, D, launch, op_dtype=op_dtype))
     m_s, l_s, l_sT, m_t, l_tT, A = stats.unbind(1)
     ms, mt = m_s.max(0).values, m_t.max(0).values
     fs, fsT, ft = torch.exp(m_s - ms), torch.exp((m_s - ms) / T), torch.exp((m_t - mt) / T)
@@ -208,47 +211,58 @@ def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
 
 
 @guard_device
-def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_t, s, T, alpha):
-    """``dL/dW`` (C, D) in the centers' dtype, as :func:`mdkernels.ops.margin_kd.torch_backend.center_grad`."""
+def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_t, s, T, alpha, op_dtype=None):
+    """``dL/dW`` (C, D) in the centers' dtype and layout, as
+    :func:`mdkernels.ops.margin_kd.torch_backend.center_grad`."""
     B, D = xs.shape
     C = w.shape[0]
     dw = torch.empty_like(w)
     gscale = grad_scale(gr, coef, s).to(rxs.dtype)
-    flags = triton_flags(xs.dtype, xs.is_cuda)
+    flags = triton_flags(xs.dtype, xs.is_cuda, op_dtype)
 
     def launch(cfg):
         grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))
         _margin_kd_center_grad_kernel[grid](
             xs, xt, w, rxs, rxt, rw, labels, lse_s, lse_sT, lse_tT, gr, coef, gscale, dw, B, C, D, xs.stride(0),
-            xt.stride(0), w.stride(0), dw.stride(0), float(s), 1.0 / float(T), float(alpha), **flags, **cfg,
+            xs.stride(1), xt.stride(0), xt.stride(1), w.stride(0), w.stride(1), dw.stride(0), dw.stride(1), float(s),
+            1.0 / float(T), float(alpha), **flags, **cfg, **LAUNCH_OPTIONS,
         )  # fmt: skip
 
     if C and B:
-        launch(autotuned("kd_center_grad", xs, B, C, D, launch))
+        launch(autotuned("kd_center_grad", xs, B, C, D, launch, op_dtype=op_dtype))
     else:
         dw.zero_()
     return dw
 
 
-def compile_specs(dtype: torch.dtype, B: int = 1024, D: int = 512) -> list:
-    """The kernels as the GPU launcher compiles them at D = 512 and D = 1024 (see
-    :mod:`mdkernels.tools.gpu_compile`)."""
+_DIVISIBLE = {"B", "D", "stride_xs", "stride_xt", "stride_w", "stride_dw", "classes_per_split"}
+
+
+def compile_specs(dtype: torch.dtype, arch: int = 90, B: int = 1024, D: int = 512) -> list:
+    """The kernels as the GPU launcher compiles them on ``sm_<arch>`` at D = 512 and D = 1024, and fp32 with
+    bf16 operands (autocast) (see :mod:`mdkernels.tools.gpu_compile`)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    flags = triton_flags(dtype, on_cuda=True)
     common = {"XS": ptr(dtype), "XT": ptr(dtype), "W": ptr(dtype), "RXS": ptr(acc), "RXT": ptr(acc), "RW": ptr(acc),
               "Y": "*i64", "B": "i32", "C": "i32", "D": "i32", "stride_xs": "i32", "stride_xt": "i32",
               "stride_w": "i32", "s": "fp32", "inv_T": "fp32"}  # fmt: skip
     fwd = {**common, "STATS": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
     bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc),
            "GSCALE": ptr(acc), "DW": ptr(dtype), "stride_dw": "i32", "alpha": "fp32"}  # fmt: skip
+    unit = {"stride_xsc": 1, "stride_xtc": 1, "stride_wc": 1}
+    variants = [(D, False, None), (D, True, None), (1024, True, None)]  # the D split at 1024, its largest variant
+    if dtype == torch.float32:
+        variants.append((D, True, torch.bfloat16))
     specs = []
-    for d, need_o in ((D, False), (D, True), (1024, True)):  # the D split at 1024 with its largest variant
-        fcfg, gcfg = tile_config("kd_forward", dtype, B, d), tile_config("kd_center_grad", dtype, B, d)
+    for d, need_o, op in variants:
+        fcfg = tile_config("kd_forward", dtype, B, d, arch=arch, op_dtype=op)
+        gcfg = tile_config("kd_center_grad", dtype, B, d, arch=arch, op_dtype=op)
         fopts = {"num_warps": fcfg.pop("num_warps"), "num_stages": fcfg.pop("num_stages")}
         gopts = {"num_warps": gcfg.pop("num_warps"), "num_stages": gcfg.pop("num_stages")}
-        specs.append((f"margin_kd_forward D={d} need_o={need_o}", _margin_kd_forward_kernel, fwd,
-                      {"NEED_O": need_o, **fcfg, **flags}, fopts))  # fmt: skip
+        flags = triton_flags(dtype, True, op)
+        name = f"D={d}" + (" amp-bf16" if op is not None else "")
+        specs.append((f"margin_kd_forward {name} need_o={need_o}", _margin_kd_forward_kernel, fwd,
+                      {"NEED_O": need_o, **unit, **fcfg, **flags}, fopts, _DIVISIBLE))  # fmt: skip
         if need_o:
-            specs.append((f"margin_kd_center_grad D={d}", _margin_kd_center_grad_kernel, bwd, {**gcfg, **flags},
-                          gopts))  # fmt: skip
+            specs.append((f"margin_kd_center_grad {name}", _margin_kd_center_grad_kernel, bwd,
+                          {**unit, "stride_dwc": 1, **gcfg, **flags}, gopts, _DIVISIBLE))  # fmt: skip
     return specs

@@ -6,7 +6,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import EPS
-from mdkernels.ops._common.env import HAS_TRITON, interpreting
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting
 
 if HAS_TRITON:
     import triton
@@ -116,16 +116,16 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
     gcnt = torch.zeros_like(gmax)
     grid_p = (B, max(1, triton.cdiv(largest, bp)))  # tiles of the largest class's positives
     args = (ds32, dt32, y, start, end)
-    _triplet_all_kernel[grid_p](*args, gmax, gcnt, params, B, ignore_index, MODE=0, **flags)  # fmt: skip
+    _triplet_all_kernel[grid_p](*args, gmax, gcnt, params, B, ignore_index, MODE=0, **flags, **LAUNCH_OPTIONS)  # fmt: skip
     count = int(gcnt.sum().item())
     if count == 0:
         return ds.new_zeros(()), torch.zeros_like(ds), 0
     params[0] = gmax.max()
     act_p, hinge = torch.zeros_like(gmax), torch.zeros_like(gmax)
-    _triplet_all_kernel[grid_p](*args, act_p, hinge, params, B, ignore_index, MODE=1, **flags)  # fmt: skip
+    _triplet_all_kernel[grid_p](*args, act_p, hinge, params, B, ignore_index, MODE=1, **flags, **LAUNCH_OPTIONS)  # fmt: skip
     act_n = torch.empty_like(gmax)
     _triplet_all_kernel[(B, triton.cdiv(B, bn))](*args, act_n, act_n, params, B, ignore_index, MODE=2,
-                                                 **flags)  # fmt: skip
+                                                 **flags, **LAUNCH_OPTIONS)  # fmt: skip
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(B, device=perm.device)
     grad = ((act_p - act_n) / count)[inv][:, inv].to(ds.dtype)  # back to the caller's row order
@@ -142,11 +142,12 @@ def tile_config() -> dict:
     return dict(BLOCK_P=32, BLOCK_N=128, num_warps=8)
 
 
-def compile_specs(dtype: torch.dtype) -> list:
-    """The kernel as the GPU launcher compiles it (distances are fp32 whatever the input dtype)."""
+def compile_specs(dtype: torch.dtype, arch: int = 90) -> list:
+    """The kernel as the GPU launcher compiles it (distances are fp32 whatever the input dtype; the same
+    tiles on every arch)."""
     cfg = tile_config()
     opts = {"num_warps": cfg.pop("num_warps")}
     sig = {"DS": "*fp32", "DT": "*fp32", "Y": "*i64", "POS_START": "*i64", "POS_END": "*i64", "OUT_A": "*fp32",
            "OUT_B": "*fp32", "PARAMS": "*fp32", "B": "i32", "ignore_index": "i32"}  # fmt: skip
-    return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, **cfg, "ACC_DTYPE": tl.float32}, opts)
-            for m in (0, 1, 2)]  # fmt: skip
+    return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, **cfg, "ACC_DTYPE": tl.float32}, opts,
+             {"B"}) for m in (0, 1, 2)]  # fmt: skip
