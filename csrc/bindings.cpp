@@ -30,6 +30,15 @@ P* ptr(std::uintptr_t p) {
   return reinterpret_cast<P*>(p);
 }
 
+int driver_version() {
+  int v = 0;
+  if (cudaDriverGetVersion(&v) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -55,8 +64,13 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
                                "angular_backward", "margin_ce_forward", "margin_ce_center_grad",
                                "margin_target_forward"};
   m.attr("margin_tile_classes") = mdk::margin_tile_classes();
-  m.attr("margin_accumulator_columns") = mdk::margin_accumulator_columns();
+  m.def("margin_smem_bytes", [](int dtype, bool forward, int accumulator_columns) {
+    return mdk::margin_smem_bytes(static_cast<mdk::DType>(dtype), forward, accumulator_columns);
+  }, py::arg("dtype"), py::arg("forward"), py::arg("accumulator_columns"),
+        "Dynamic shared memory of a margin-CE block (256 or 128 accumulator columns)");
   m.def("device_count", &device_count, "CUDA devices visible to this module's runtime (0 without a driver)");
+  m.def("driver_version", &driver_version,
+        "The CUDA version the installed driver supports (12040 = 12.4), 0 without a driver");
 
   m.def(
       "l2norm_forward",
@@ -80,59 +94,64 @@ PYBIND11_MODULE(MDK_MODULE_NAME, m) {
       py::arg("stream"));
 
   auto margin_args = [](std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
-                        std::uintptr_t labels, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, float s,
-                        float tau, bool has_filter, float bound) {
+                        std::uintptr_t labels, int64_t B, int64_t C, int64_t D, const std::vector<int64_t>& strides,
+                        float s, float tau, bool has_filter, float bound) {
+    if (strides.size() != 4) throw std::invalid_argument("strides must be (x row, x col, w row, w col)");
     return mdk::MarginArgs{ptr<const void>(x), ptr<const void>(w), ptr<const float>(rx), ptr<const float>(rw),
-                           ptr<const int64_t>(labels), B, C, D, sx, sw, s, tau, has_filter, bound};
+                           ptr<const int64_t>(labels), B, C, D, strides[0], strides[2], strides[1], strides[3], s,
+                           tau, has_filter, bound};
   };
 
   m.def(
       "margin_ce_forward",
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
                     std::uintptr_t labels, std::uintptr_t m_out, std::uintptr_t l_out, std::uintptr_t o_out, int64_t B,
-                    int64_t C, int64_t D, int64_t sx, int64_t sw, int64_t splits, int64_t per_split, float s,
-                    float tau, bool has_filter, float bound, std::uintptr_t stream) {
+                    int64_t C, int64_t D, const std::vector<int64_t>& strides, int64_t splits, int64_t per_split,
+                    float s, float tau, bool has_filter, float bound, std::uintptr_t stream) {
         mdk::margin_ce_forward(static_cast<mdk::DType>(dtype),
-                               margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter, bound),
+                               margin_args(x, w, rx, rw, labels, B, C, D, strides, s, tau, has_filter, bound),
                                ptr<float>(m_out), ptr<float>(l_out), ptr<float>(o_out), splits, per_split,
                                mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("m_out"),
-      py::arg("l_out"), py::arg("o_out"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("x_row_stride"),
-      py::arg("w_row_stride"), py::arg("splits"), py::arg("per_split"), py::arg("s"), py::arg("tau"),
+      py::arg("l_out"), py::arg("o_out"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("strides"),
+      py::arg("splits"), py::arg("per_split"), py::arg("s"), py::arg("tau"),
       py::arg("has_filter"), py::arg("bound"), py::arg("stream"));
 
   m.def(
       "margin_ce_center_grad",
       [margin_args](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t rx, std::uintptr_t rw,
                     std::uintptr_t labels, std::uintptr_t lse, std::uintptr_t gr, std::uintptr_t coef,
-                    std::uintptr_t gscale, std::uintptr_t dw, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw,
-                    int64_t sdw, float s, float tau, bool has_filter, float bound, std::uintptr_t stream) {
+                    std::uintptr_t gscale, std::uintptr_t dw, int64_t B, int64_t C, int64_t D,
+                    const std::vector<int64_t>& strides, int64_t sdw, int64_t sdwc, float s, float tau,
+                    bool has_filter, float bound, std::uintptr_t stream) {
         mdk::margin_ce_center_grad(static_cast<mdk::DType>(dtype),
-                                   margin_args(x, w, rx, rw, labels, B, C, D, sx, sw, s, tau, has_filter, bound),
+                                   margin_args(x, w, rx, rw, labels, B, C, D, strides, s, tau, has_filter, bound),
                                    ptr<const float>(lse), ptr<const float>(gr), ptr<const float>(coef),
-                                   ptr<const float>(gscale), ptr<void>(dw), sdw, mdk::as_stream(stream));
+                                   ptr<const float>(gscale), ptr<void>(dw), sdw, sdwc, mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("rx"), py::arg("rw"), py::arg("labels"), py::arg("lse"),
       py::arg("gr"), py::arg("coef"), py::arg("gscale"), py::arg("dw"), py::arg("B"), py::arg("C"), py::arg("D"),
-      py::arg("x_row_stride"), py::arg("w_row_stride"), py::arg("dw_row_stride"), py::arg("s"), py::arg("tau"),
+      py::arg("strides"), py::arg("dw_row_stride"), py::arg("dw_col_stride"), py::arg("s"), py::arg("tau"),
       py::arg("has_filter"), py::arg("bound"), py::arg("stream"));
 
   m.def(
       "margin_target_forward",
       [](int dtype, std::uintptr_t x, std::uintptr_t w, std::uintptr_t labels, std::uintptr_t rx, std::uintptr_t rw,
-         std::uintptr_t m2, std::uintptr_t raw, std::uintptr_t z, std::uintptr_t slope, int64_t B, int64_t D,
-         int64_t sx, int64_t sw, float s, float m1, float m3, bool fallback, bool straight_through,
+         std::uintptr_t m2, std::uintptr_t m3, std::uintptr_t raw, std::uintptr_t z, std::uintptr_t slope, int64_t B,
+         int64_t D, const std::vector<int64_t>& strides, float s, float m1, bool fallback, bool straight_through,
          std::uintptr_t stream) {
-        mdk::margin_target_forward(static_cast<mdk::DType>(dtype), ptr<const void>(x), ptr<const void>(w),
-                                   ptr<const int64_t>(labels), ptr<const float>(rx), ptr<const float>(rw),
-                                   ptr<const float>(m2), ptr<float>(raw), ptr<float>(z), ptr<float>(slope), B, D, sx,
-                                   sw, s, m1, m3, fallback, straight_through, mdk::as_stream(stream));
+        if (strides.size() != 4) throw std::invalid_argument("strides must be (x row, x col, w row, w col)");
+        const mdk::MarginTargetArgs a{ptr<const void>(x), ptr<const void>(w), ptr<const int64_t>(labels),
+                                      ptr<const float>(rx), ptr<const float>(rw), ptr<const float>(m2),
+                                      ptr<const float>(m3), ptr<float>(raw), ptr<float>(z), ptr<float>(slope), B, D,
+                                      strides[0], strides[1], strides[2], strides[3], s, m1, fallback,
+                                      straight_through};
+        mdk::margin_target_forward(static_cast<mdk::DType>(dtype), a, mdk::as_stream(stream));
       },
       py::arg("dtype"), py::arg("x"), py::arg("w"), py::arg("labels"), py::arg("rx"), py::arg("rw"), py::arg("m2"),
-      py::arg("raw"), py::arg("z"), py::arg("slope"), py::arg("B"), py::arg("D"), py::arg("x_row_stride"),
-      py::arg("w_row_stride"), py::arg("s"), py::arg("m1"), py::arg("m3"), py::arg("fallback"),
-      py::arg("straight_through"), py::arg("stream"));
+      py::arg("m3"), py::arg("raw"), py::arg("z"), py::arg("slope"), py::arg("B"), py::arg("D"), py::arg("strides"),
+      py::arg("s"), py::arg("m1"), py::arg("fallback"), py::arg("straight_through"), py::arg("stream"));
 
   m.def(
       "angular_forward",

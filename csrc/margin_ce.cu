@@ -6,19 +6,21 @@
 // 16x16x16, fp32 accumulation) for bf16/fp16, fp32 FMAs (SIMT) for fp32. It goes to shared memory as fp32;
 // each entry is scaled by 1/|x_i| and 1/|w_j|, clamped and filtered (tile_cos).
 //
-// Forward (margin_ce_forward): a block owns a row tile, a class split and kAccCols columns of D (the grid's
+// Forward (margin_ce_forward): a block owns a row tile, a class split and ACC columns of D (the grid's
 // third axis splits D above that). Per class tile, two threads per row find the tile's row max, rescale the
 // running sum-exp, and write P = exp(s*c - m) in [0, 1] (0 where no gradient passes) as a 16-bit operand;
 // then O = O * alpha + P . n(W) over the block's columns, O in shared memory (fp32), on tensor cores for
 // 16-bit inputs. The block writes its (m, l, O) partials; the host merges the splits (flash-decoding).
 //
-// Center gradient (margin_ce_center_grad): a block owns a class tile and kAccCols columns of D, and loops
+// Center gradient (margin_ce_center_grad): a block owns a class tile and ACC columns of D, and loops
 // over every row tile: cosines again, G = dL/dc (the target's coefficient in its column) as G / gscale,
 // dW^ += G^T . n(x) into shared memory, dot_j += sum_i G_ij c_ij. Its epilogue finishes the normalisation
 // backward, dW_j = |w_j|^-1 gscale dW^_j - w_j |w_j|^-2 dot_j, and writes dW once in the centers' dtype.
 #include <mma.h>
 
+#include <atomic>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "margin_ce.h"
@@ -28,8 +30,11 @@ namespace mdk {
 namespace {
 
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;
-constexpr int kAccCols = 256;        // columns of D one block accumulates (O or dW^) in shared memory
-constexpr int LDA = kAccCols + 4;    // row stride of the fp32 accumulator (a multiple of 4: WMMA ldm)
+// ACC, a template parameter: the columns of D one block accumulates (O or dW^) in shared memory, 256 where
+// the GPU's opt-in shared memory holds that layout (sm_80, sm_90, sm_100: 163 to 227 KiB), else 128 (sm_86,
+// sm_89, sm_120: 99 KiB); the launcher reads the device's limit, never its capability.
+template <int ACC>
+constexpr int kLda = ACC + 4;  // row stride of the fp32 accumulator (a multiple of 4: WMMA ldm)
 constexpr float kZeroRowRw = 0.5e12f;  // 1/|w| at or above this (|w| <= 2 EPS): a zero row, no projection
 // Shared row stride of the x / w tiles: 16-bit tiles feed WMMA (ldm a multiple of 8 elements); fp32 rows
 // are padded by one word so that the SIMT tile reads 8 different rows per warp without bank conflicts.
@@ -38,7 +43,7 @@ constexpr int kLds = std::is_same<T, float>::value ? BK + 1 : BK + 8;
 constexpr int LDC = BN + 4;  // shared row stride of the fp32 cosine tile
 constexpr int LDG = BN + 8;  // shared row stride of the 16-bit P / G tile
 static_assert(BM == BN && BM == 16 * (kThreads / 32), "one 16-row slice of each product per warp");
-static_assert(kAccCols % BK == 0, "the accumulator is filled in BK-wide chunks");
+static_assert(128 % BK == 0 && 256 % BK == 0, "the accumulator is filled in BK-wide chunks");
 
 // The P (forward) or G (center gradient) tile: a 16-bit WMMA operand, or fp32 for the SIMT path.
 template <typename T>
@@ -56,7 +61,7 @@ struct TileSmem {
 // D, the row stride and the base pointer allow them), else one element per load.
 template <typename T, int R, typename Store>
 __device__ __forceinline__ void visit_tile(const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0, int64_t dim,
-                                  int64_t stride, bool vec, Store store) {
+                                  int64_t stride, int64_t cstride, bool vec, Store store) {
   constexpr int V = 16 / sizeof(T);
   if (vec) {
     for (int e = threadIdx.x; e < R * BK / V; e += kThreads) {
@@ -74,7 +79,7 @@ __device__ __forceinline__ void visit_tile(const T* __restrict__ src, int64_t r0
       const int r = e / BK, k = e % BK;
       const int64_t gr = r0 + r, gk = k0 + k;
       const bool in = gr < rows && gk < dim;
-      store(r, k, gr, in ? src[gr * stride + gk] : from_float<T>(0.f), in);
+      store(r, k, gr, in ? src[gr * stride + gk * cstride] : from_float<T>(0.f), in);
     }
   }
 }
@@ -82,8 +87,9 @@ __device__ __forceinline__ void visit_tile(const T* __restrict__ src, int64_t r0
 // Loads the tile into shared memory as stored, zero-filled.
 template <typename T, int R>
 __device__ __forceinline__ void load_tile(T (*dst)[kLds<T>], const T* __restrict__ src, int64_t r0, int64_t rows, int64_t k0,
-                                 int64_t dim, int64_t stride, bool vec) {
-  visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t, T v, bool) { dst[r][k] = v; });
+                                 int64_t dim, int64_t stride, int64_t cstride, bool vec) {
+  visit_tile<T, R>(src, r0, rows, k0, dim, stride, cstride, vec,
+                   [&](int r, int k, int64_t, T v, bool) { dst[r][k] = v; });
 }
 
 // Loads like load_tile, rows scaled by scale[row] = 1/|row| in fp32 before the rounding to T: the
@@ -91,8 +97,8 @@ __device__ __forceinline__ void load_tile(T (*dst)[kLds<T>], const T* __restrict
 template <typename T, int R>
 __device__ __forceinline__ void load_tile_normalised(T (*dst)[kLds<T>], const T* __restrict__ src,
                                             const float* __restrict__ scale, int64_t r0, int64_t rows, int64_t k0,
-                                            int64_t dim, int64_t stride, bool vec) {
-  visit_tile<T, R>(src, r0, rows, k0, dim, stride, vec, [&](int r, int k, int64_t gr, T v, bool in) {
+                                            int64_t dim, int64_t stride, int64_t cstride, bool vec) {
+  visit_tile<T, R>(src, r0, rows, k0, dim, stride, cstride, vec, [&](int r, int k, int64_t gr, T v, bool in) {
     dst[r][k] = from_float<T>(in ? to_float(v) * scale[gr] : 0.f);
   });
 }
@@ -100,7 +106,7 @@ __device__ __forceinline__ void load_tile_normalised(T (*dst)[kLds<T>], const T*
 // acc tile (fp32, in smem.cs) = x[r0:r0+BM] . w[c0:c0+BN]^T over all of D.
 template <typename T>
 __device__ __forceinline__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ x, const T* __restrict__ w, int64_t r0, int64_t c0,
-                         int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw, bool vec) {
+                         int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sxc, int64_t sw, int64_t swc, bool vec) {
   using namespace nvcuda;
   const int warp = threadIdx.x / 32;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // this warp's 32x32 quarter
@@ -110,8 +116,8 @@ __device__ __forceinline__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ 
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
   for (int64_t k0 = 0; k0 < D; k0 += BK) {
-    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx, vec);
-    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw, vec);
+    load_tile<T, BM>(sm.xs, x, r0, B, k0, D, sx, sxc, vec);
+    load_tile<T, BN>(sm.ws, w, c0, C, k0, D, sw, swc, vec);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
@@ -141,13 +147,13 @@ __device__ __forceinline__ void cos_tile(TileSmem<T>& sm, const T* __restrict__ 
 // one-word padding puts in 8 different banks.
 template <>
 __device__ __forceinline__ void cos_tile<float>(TileSmem<float>& sm, const float* __restrict__ x, const float* __restrict__ w,
-                                int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sw,
-                                bool vec) {
+                                int64_t r0, int64_t c0, int64_t B, int64_t C, int64_t D, int64_t sx, int64_t sxc,
+                                int64_t sw, int64_t swc, bool vec) {
   const int tr = (threadIdx.x / 8) * 4, tc = threadIdx.x % 8;  // 16 x 8 threads, 4 x 8 outputs each
   float acc[4][8] = {};
   for (int64_t k0 = 0; k0 < D; k0 += BK) {
-    load_tile<float, BM>(sm.xs, x, r0, B, k0, D, sx, vec);
-    load_tile<float, BN>(sm.ws, w, c0, C, k0, D, sw, vec);
+    load_tile<float, BM>(sm.xs, x, r0, B, k0, D, sx, sxc, vec);
+    load_tile<float, BN>(sm.ws, w, c0, C, k0, D, sw, swc, vec);
     __syncthreads();
 #pragma unroll 4
     for (int k = 0; k < BK; ++k) {
@@ -185,11 +191,11 @@ __device__ __forceinline__ float tile_cos(float raw, float rx, float rw, bool ha
   return cc;
 }
 
-// acc[BM][kAccCols] (fp32, shared) += P[BM][BN] . V[BN][BK chunk] for every BK chunk of the block's columns
+// acc[BM][ACC] (fp32, shared) += P[BM][BN] . V[BN][BK chunk] for every BK chunk of the block's columns
 // [d_begin, d_end), with V rows loaded by load_v(k0) into ws. 16-bit: each warp owns a 16-row slice on
 // tensor cores, the accumulator fragments loaded from and stored back to shared memory. fp32: SIMT.
-template <typename T, typename LoadV, typename PAt>
-__device__ __forceinline__ void accumulate_products(TileSmem<T>& sm, float (*acc)[LDA], PAt p_at, const OperandT<T>* p_base,
+template <typename T, int ACC, typename LoadV, typename PAt>
+__device__ __forceinline__ void accumulate_products(TileSmem<T>& sm, float (*acc)[kLda<ACC>], PAt p_at, const OperandT<T>* p_base,
                                     int64_t d_begin, int64_t d_end, LoadV load_v, bool transpose_p) {
   for (int64_t k0 = d_begin; k0 < d_end; k0 += BK) {
     load_v(k0);
@@ -207,7 +213,8 @@ __device__ __forceinline__ void accumulate_products(TileSmem<T>& sm, float (*acc
       const int warp = threadIdx.x / 32;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2];
 #pragma unroll
-      for (int n = 0; n < 2; ++n) wmma::load_matrix_sync(f[n], &acc[16 * warp][kl + 16 * n], LDA, wmma::mem_row_major);
+      for (int n = 0; n < 2; ++n)
+        wmma::load_matrix_sync(f[n], &acc[16 * warp][kl + 16 * n], kLda<ACC>, wmma::mem_row_major);
 #pragma unroll
       for (int kk = 0; kk < BN; kk += 16) {
 #pragma unroll
@@ -227,31 +234,33 @@ __device__ __forceinline__ void accumulate_products(TileSmem<T>& sm, float (*acc
       }
 #pragma unroll
       for (int n = 0; n < 2; ++n)
-        wmma::store_matrix_sync(&acc[16 * warp][kl + 16 * n], f[n], LDA, wmma::mem_row_major);
+        wmma::store_matrix_sync(&acc[16 * warp][kl + 16 * n], f[n], kLda<ACC>, wmma::mem_row_major);
     }
     __syncthreads();  // the next chunk overwrites ws
   }
 }
 
-template <typename T>
+template <typename T, int ACC>
 struct FwdSmem : TileSmem<T> {
   OperandT<T> ps[BM][std::is_same<T, float>::value ? LDC : LDG];  // P: exp(z - m), 0 where no gradient passes
   float alpha[BM];
-  float acc[BM][LDA];  // O over the block's columns
+  float acc[BM][kLda<ACC>];  // O over the block's columns
 };
 
-template <typename T>
+template <typename T, int ACC>
 __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, float* m_out, float* l_out, float* o_out, int64_t B, int64_t C, int64_t D,
-    int64_t sx, int64_t sw, int64_t classes_per_split, float s, float tau, bool has_filter, float bound, bool vec) {
+    int64_t sx, int64_t sxc, int64_t sw, int64_t swc, int64_t classes_per_split, float s, float tau, bool has_filter,
+    float bound, bool vec) {
+  constexpr int LDA = kLda<ACC>;
   MDK_DYNAMIC_SMEM(smem_raw);  // 128-byte aligned: WMMA pointers need 32
-  FwdSmem<T>& sm = *reinterpret_cast<FwdSmem<T>*>(smem_raw);
+  FwdSmem<T, ACC>& sm = *reinterpret_cast<FwdSmem<T, ACC>*>(smem_raw);
   const int64_t r0 = int64_t(blockIdx.x) * BM;
   const int64_t c_begin = int64_t(blockIdx.y) * classes_per_split;
   const int64_t c_end = c_begin + classes_per_split < C ? c_begin + classes_per_split : C;
-  const int64_t d_begin = int64_t(blockIdx.z) * kAccCols;
-  const int64_t d_end = d_begin + kAccCols < D ? d_begin + kAccCols : D;
+  const int64_t d_begin = int64_t(blockIdx.z) * ACC;
+  const int64_t d_end = d_begin + ACC < D ? d_begin + ACC : D;
   const bool need_o = o_out != nullptr;
   const int my_row = threadIdx.x / 2, half = threadIdx.x % 2;  // two threads per row, 32 columns each
   const int64_t grow = r0 + my_row;
@@ -260,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
   float m = -1e30f, l = 0.f;
   for (int e = threadIdx.x; need_o && e < BM * LDA; e += kThreads) sm.acc[e / LDA][e % LDA] = 0.f;
   for (int64_t c0 = c_begin; c0 < c_end; c0 += BN) {
-    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sw, vec);
+    cos_tile<T>(sm, x, w, r0, c0, B, c_end, D, sx, sxc, sw, swc, vec);
     // the tile's row max, then P and the rescaled sum-exp (both threads of a row keep the same m, l)
     float tmax = -1e30f;
     for (int j = half * (BN / 2); j < (half + 1) * (BN / 2); ++j) {
@@ -289,10 +298,12 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
     if (half == 0) sm.alpha[my_row] = alpha;
     __syncthreads();
     if (need_o) {
-      for (int e = threadIdx.x; e < BM * kAccCols; e += kThreads) sm.acc[e / kAccCols][e % kAccCols] *= sm.alpha[e / kAccCols];
+      for (int e = threadIdx.x; e < BM * ACC; e += kThreads) sm.acc[e / ACC][e % ACC] *= sm.alpha[e / ACC];
       auto p_at = [&](int r, int j) { return to_float(sm.ps[r][j]); };
-      auto load_v = [&](int64_t k0) { load_tile_normalised<T, BN>(sm.ws, w, rw, c0, c_end, k0, D, sw, vec); };
-      accumulate_products<T>(sm, sm.acc, p_at, &sm.ps[0][0], d_begin, d_end, load_v, false);
+      auto load_v = [&](int64_t k0) {
+        load_tile_normalised<T, BN>(sm.ws, w, rw, c0, c_end, k0, D, sw, swc, vec);
+      };
+      accumulate_products<T, ACC>(sm, sm.acc, p_at, &sm.ps[0][0], d_begin, d_end, load_v, false);
     }
     __syncthreads();  // cs and ps are overwritten by the next tile
   }
@@ -309,24 +320,26 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_forward_kernel(
   }
 }
 
-template <typename T>
+template <typename T, int ACC>
 struct GradSmem : TileSmem<T> {
   OperandT<T> gs[BM][std::is_same<T, float>::value ? LDC : LDG];  // G / gscale, rows x classes
-  float dot[BN];       // sum_i G_ij c_ij per class
-  float acc[BN][LDA];  // dW^ (times 1 / gscale) over the block's columns
+  float dot[BN];             // sum_i G_ij c_ij per class
+  float acc[BN][kLda<ACC>];  // dW^ (times 1 / gscale) over the block's columns
 };
 
-template <typename T>
+template <typename T, int ACC>
 __global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rx, const float* __restrict__ rw,
     const int64_t* __restrict__ labels, const float* __restrict__ lse, const float* __restrict__ gr,
     const float* __restrict__ coef, const float* __restrict__ gscale_ptr, T* dw, int64_t B, int64_t C, int64_t D,
-    int64_t sx, int64_t sw, int64_t sdw, float s, float tau, bool has_filter, float bound, bool vec) {
+    int64_t sx, int64_t sxc, int64_t sw, int64_t swc, int64_t sdw, int64_t sdwc, float s, float tau, bool has_filter,
+    float bound, bool vec) {
+  constexpr int LDA = kLda<ACC>;
   MDK_DYNAMIC_SMEM(smem_raw);
-  GradSmem<T>& sm = *reinterpret_cast<GradSmem<T>*>(smem_raw);
+  GradSmem<T, ACC>& sm = *reinterpret_cast<GradSmem<T, ACC>*>(smem_raw);
   const int64_t c0 = int64_t(blockIdx.x) * BN;  // class tiles on grid axis x (no 65535 limit)
-  const int64_t d_begin = int64_t(blockIdx.y) * kAccCols;
-  const int64_t d_end = d_begin + kAccCols < D ? d_begin + kAccCols : D;
+  const int64_t d_begin = int64_t(blockIdx.y) * ACC;
+  const int64_t d_end = d_begin + ACC < D ? d_begin + ACC : D;
   const float gscale = *gscale_ptr, inv_gscale = 1.f / gscale;
   __shared__ int any_weight;
   for (int e = threadIdx.x; e < BN * LDA; e += kThreads) sm.acc[e / LDA][e % LDA] = 0.f;
@@ -338,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
     if (threadIdx.x < BM && r0 + threadIdx.x < B && gr[r0 + threadIdx.x] != 0.f) any_weight = 1;
     __syncthreads();
     if (!any_weight) continue;
-    cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sw, vec);
+    cos_tile<T>(sm, x, w, r0, c0, B, C, D, sx, sxc, sw, swc, vec);
     for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
       const int r = e / BN, j = e % BN;
       const int64_t grow = r0 + r, col = c0 + j;
@@ -363,8 +376,8 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
       sm.dot[j] += v;
     }
     auto p_at = [&](int j, int r) { return to_float(sm.gs[r][j]); };  // G^T
-    auto load_v = [&](int64_t k0) { load_tile_normalised<T, BM>(sm.ws, x, rx, r0, B, k0, D, sx, vec); };
-    accumulate_products<T>(sm, sm.acc, p_at, &sm.gs[0][0], d_begin, d_end, load_v, true);
+    auto load_v = [&](int64_t k0) { load_tile_normalised<T, BM>(sm.ws, x, rx, r0, B, k0, D, sx, sxc, vec); };
+    accumulate_products<T, ACC>(sm, sm.acc, p_at, &sm.gs[0][0], d_begin, d_end, load_v, true);
   }
   __syncthreads();
   const int cols = static_cast<int>(d_end - d_begin);
@@ -374,73 +387,137 @@ __global__ void __launch_bounds__(kThreads, 1) margin_ce_center_grad_kernel(
     if (col >= C) continue;
     const float r = rw[col];
     const float proj = r >= kZeroRowRw ? 0.f : sm.dot[j] * r * r;
-    dw[col * sdw + gk] = from_float<T>(sm.acc[j][k] * gscale * r - to_float(w[col * sw + gk]) * proj);
+    dw[col * sdw + gk * sdwc] = from_float<T>(sm.acc[j][k] * gscale * r - to_float(w[col * sw + gk * swc]) * proj);
   }
 }
 
-// 16-byte tile loads need D and both row strides to be multiples of 16 / sizeof(T) elements and 16-byte
-// aligned base pointers (torch's allocations are; a view at an odd offset falls back to scalar loads).
+// 16-byte tile loads need unit column strides, D and both row strides multiples of 16 / sizeof(T) elements
+// and 16-byte aligned base pointers (torch's allocations are; a view at an odd offset, or pytorch-metric-
+// learning's transposed (D, C) centers, take the scalar loads).
 template <typename T>
 bool vectorizable(const MarginArgs& a) {
   constexpr int64_t V = 16 / sizeof(T);
   const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  return a.D % V == 0 && a.sx % V == 0 && a.sw % V == 0 && aligned(a.x) && aligned(a.w);
+  return a.sxc == 1 && a.swc == 1 && a.D % V == 0 && a.sx % V == 0 && a.sw % V == 0 && aligned(a.x) && aligned(a.w);
 }
 
-// Both kernels need more than the default 48 KiB of dynamic shared memory; every layout fits an A100's
-// 163 KiB. The attribute is set once per kernel instantiation.
-constexpr size_t kMaxSmemA100 = 163 * 1024;
-static_assert(sizeof(FwdSmem<float>) <= kMaxSmemA100 && sizeof(FwdSmem<__half>) <= kMaxSmemA100, "forward smem");
-static_assert(sizeof(GradSmem<float>) <= kMaxSmemA100 && sizeof(GradSmem<__half>) <= kMaxSmemA100, "grad smem");
+// Shared memory of each layout. Every layout fits an H100 (227 KiB) and an A100 (163 KiB); the 128-column
+// ones also fit the 99 KiB of sm_86, sm_89 and sm_120 (dynamic plus the center gradient's 4 static bytes).
+constexpr size_t kSmemSm86 = 99 * 1024 - 64;
+static_assert(sizeof(FwdSmem<float, 256>) <= 163 * 1024 && sizeof(GradSmem<float, 256>) <= 163 * 1024, "A100");
+static_assert(sizeof(FwdSmem<__half, 256>) <= 163 * 1024 && sizeof(GradSmem<__half, 256>) <= 163 * 1024, "A100");
+static_assert(sizeof(FwdSmem<float, 128>) <= kSmemSm86 && sizeof(GradSmem<float, 128>) <= kSmemSm86, "sm_86");
+static_assert(sizeof(FwdSmem<__half, 128>) <= kSmemSm86 && sizeof(GradSmem<__half, 128>) <= kSmemSm86, "sm_86");
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t bytes) {
-  static bool done = false;  // per instantiation: one kernel, one size
-  if (!done) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
-        cudaSuccess) {
-      check_launch("cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-    }
-    done = true;
+template <typename T, int ACC>
+size_t smem_bytes(bool forward) {
+  return forward ? sizeof(FwdSmem<T, ACC>) : sizeof(GradSmem<T, ACC>);
+}
+
+// The current device's opt-in limit of dynamic shared memory per block (cudaFuncSetAttribute's ceiling).
+int smem_optin(int* device) {
+  if (cudaGetDevice(device) != cudaSuccess) check_launch("cudaGetDevice");
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, *device) != cudaSuccess) {
+    check_launch("cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
   }
+  return optin;
 }
 
-int64_t accumulator_columns() { return kAccCols; }
+// The accumulator width for this device: 256 columns where that layout fits its opt-in shared memory, else
+// 128; a device where neither fits is refused by name (the Python side refuses it first, from the same
+// numbers: mdkernels._cuda_ext.margin_fits).
+template <typename T>
+int accumulator_columns_for(bool forward, int* device) {
+  const size_t optin = static_cast<size_t>(smem_optin(device));
+  if (smem_bytes<T, 256>(forward) <= optin) return 256;
+  if (smem_bytes<T, 128>(forward) <= optin) return 128;
+  throw std::runtime_error("mdkernels: the CUDA margin kernels need " + std::to_string(smem_bytes<T, 128>(forward)) +
+                           " bytes of shared memory per block; this GPU allows " + std::to_string(optin) +
+                           " (use backend='triton')");
+}
+
+// cudaFuncSetAttribute applies to the current device: set once per (kernel, device), thread-safe (autograd
+// runs a thread per device). Setting it twice in a race is harmless; a missed device is not.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes, int device) {
+  static std::atomic<uint64_t> done{0};  // one bit per device (64 devices), per kernel instantiation
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (done.load(std::memory_order_acquire) & bit) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+      cudaSuccess) {
+    check_launch("cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+  done.fetch_or(bit, std::memory_order_acq_rel);
+}
+
+template <typename T, int ACC>
+void forward_launch(const MarginArgs& a, float* m_out, float* l_out, float* o_out, int64_t splits, int64_t per_split,
+                    int device, cudaStream_t stream) {
+  const size_t smem = sizeof(FwdSmem<T, ACC>);
+  auto kernel = margin_ce_forward_kernel<T, ACC>;
+  allow_smem(kernel, smem, device);
+  const int64_t d_splits = o_out != nullptr ? (a.D + ACC - 1) / ACC : 1;
+  const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits),
+                  static_cast<unsigned>(d_splits));
+  MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
+                                           a.labels, m_out, l_out, o_out, a.B, a.C, a.D, a.sx, a.sxc, a.sw, a.swc,
+                                           per_split, a.s, a.tau, a.has_filter, a.bound, vectorizable<T>(a));
+  check_launch("margin_ce_forward");
+}
 
 template <typename T>
 void forward_impl(const MarginArgs& a, float* m_out, float* l_out, float* o_out, int64_t splits, int64_t per_split,
                   cudaStream_t stream) {
   if (a.B == 0) return;
-  const size_t smem = sizeof(FwdSmem<T>);
-  auto kernel = margin_ce_forward_kernel<T>;
-  allow_smem(kernel, smem);
-  const int64_t d_splits = o_out != nullptr ? (a.D + kAccCols - 1) / kAccCols : 1;
-  const dim3 grid(static_cast<unsigned>((a.B + BM - 1) / BM), static_cast<unsigned>(splits),
-                  static_cast<unsigned>(d_splits));
+  int device = 0;
+  if (accumulator_columns_for<T>(true, &device) == 256) {
+    forward_launch<T, 256>(a, m_out, l_out, o_out, splits, per_split, device, stream);
+  } else {
+    forward_launch<T, 128>(a, m_out, l_out, o_out, splits, per_split, device, stream);
+  }
+}
+
+template <typename T, int ACC>
+void center_grad_launch(const MarginArgs& a, const float* lse, const float* gr, const float* coef,
+                        const float* gscale, void* dw, int64_t sdw, int64_t sdwc, int device, cudaStream_t stream) {
+  const size_t smem = sizeof(GradSmem<T, ACC>);
+  auto kernel = margin_ce_center_grad_kernel<T, ACC>;
+  allow_smem(kernel, smem, device);
+  const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.D + ACC - 1) / ACC));
   MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
-                                           a.labels, m_out, l_out, o_out, a.B, a.C, a.D, a.sx, a.sw, per_split, a.s,
-                                           a.tau, a.has_filter, a.bound, vectorizable<T>(a));
-  check_launch("margin_ce_forward");
+                                           a.labels, lse, gr, coef, gscale, static_cast<T*>(dw), a.B, a.C, a.D, a.sx,
+                                           a.sxc, a.sw, a.swc, sdw, sdwc, a.s, a.tau, a.has_filter, a.bound,
+                                           vectorizable<T>(a));
+  check_launch("margin_ce_center_grad");
 }
 
 template <typename T>
 void center_grad_impl(const MarginArgs& a, const float* lse, const float* gr, const float* coef, const float* gscale,
-                      void* dw, int64_t sdw, cudaStream_t stream) {
+                      void* dw, int64_t sdw, int64_t sdwc, cudaStream_t stream) {
   if (a.B == 0 || a.C == 0) return;
-  const size_t smem = sizeof(GradSmem<T>);
-  auto kernel = margin_ce_center_grad_kernel<T>;
-  allow_smem(kernel, smem);
-  const dim3 grid(static_cast<unsigned>((a.C + BN - 1) / BN), static_cast<unsigned>((a.D + kAccCols - 1) / kAccCols));
-  MDK_LAUNCH(kernel, grid, kThreads, smem, stream)(static_cast<const T*>(a.x), static_cast<const T*>(a.w), a.rx, a.rw,
-                                           a.labels, lse, gr, coef, gscale, static_cast<T*>(dw), a.B, a.C, a.D, a.sx,
-                                           a.sw, sdw, a.s, a.tau, a.has_filter, a.bound, vectorizable<T>(a));
-  check_launch("margin_ce_center_grad");
+  int device = 0;
+  if (accumulator_columns_for<T>(false, &device) == 256) {
+    center_grad_launch<T, 256>(a, lse, gr, coef, gscale, dw, sdw, sdwc, device, stream);
+  } else {
+    center_grad_launch<T, 128>(a, lse, gr, coef, gscale, dw, sdw, sdwc, device, stream);
+  }
 }
 
 }  // namespace
 
 int64_t margin_tile_classes() { return BN; }
-int64_t margin_accumulator_columns() { return accumulator_columns(); }
+
+int64_t margin_smem_bytes(DType dtype, bool forward, int accumulator_columns) {
+  const bool wide = accumulator_columns == 256;
+  switch (dtype) {
+    case DType::kFloat32: return wide ? smem_bytes<float, 256>(forward) : smem_bytes<float, 128>(forward);
+    case DType::kFloat16: return wide ? smem_bytes<__half, 256>(forward) : smem_bytes<__half, 128>(forward);
+    case DType::kBFloat16:
+      return wide ? smem_bytes<__nv_bfloat16, 256>(forward) : smem_bytes<__nv_bfloat16, 128>(forward);
+  }
+  throw std::invalid_argument("margin_smem_bytes: unsupported dtype code");
+}
 
 void margin_ce_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_out, float* o_out, int64_t splits,
                        int64_t per_split, cudaStream_t stream) {
@@ -453,12 +530,15 @@ void margin_ce_forward(DType dtype, const MarginArgs& a, float* m_out, float* l_
 }
 
 void margin_ce_center_grad(DType dtype, const MarginArgs& a, const float* lse, const float* gr, const float* coef,
-                           const float* gscale, void* dw, int64_t dw_row_stride, cudaStream_t stream) {
+                           const float* gscale, void* dw, int64_t dw_row_stride, int64_t dw_col_stride,
+                           cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return center_grad_impl<float>(a, lse, gr, coef, gscale, dw, dw_row_stride, stream);
-    case DType::kFloat16: return center_grad_impl<__half>(a, lse, gr, coef, gscale, dw, dw_row_stride, stream);
+    case DType::kFloat32:
+      return center_grad_impl<float>(a, lse, gr, coef, gscale, dw, dw_row_stride, dw_col_stride, stream);
+    case DType::kFloat16:
+      return center_grad_impl<__half>(a, lse, gr, coef, gscale, dw, dw_row_stride, dw_col_stride, stream);
     case DType::kBFloat16:
-      return center_grad_impl<__nv_bfloat16>(a, lse, gr, coef, gscale, dw, dw_row_stride, stream);
+      return center_grad_impl<__nv_bfloat16>(a, lse, gr, coef, gscale, dw, dw_row_stride, dw_col_stride, stream);
   }
   throw std::invalid_argument("margin_ce_center_grad: unsupported dtype code");
 }

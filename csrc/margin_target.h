@@ -8,12 +8,25 @@
 
 namespace mdk {
 
+struct MarginTargetArgs {
+  const void* x;          // (B, D), strides (sx, sxc)
+  const void* w;          // (C, D), strides (sw, swc)
+  const int64_t* labels;  // (B,) the target class, or < 0
+  const float* rx;        // (B,) inverse norms of the rows of x
+  const float* rw;        // (C,) inverse norms of the rows of w
+  const float* m2;        // (B,) additive angular margin per row
+  const float* m3;        // (B,) additive cosine margin per row (device memory: no host read of its values)
+  float* raw;             // (B,) out
+  float* z;               // (B,) out
+  float* slope;           // (B,) out
+  int64_t B, D, sx, sxc, sw, swc;
+  float s, m1;
+  bool fallback, straight_through;
+};
+
 // Per row i with labels[i] >= 0: raw[i] = <x_i, w_{y_i}> / (|x_i| |w_{y_i}|) (unclamped; rx, rw are the
-// inverse norms), z[i] = s * (cos(m1 * acos(c) + m2[i]) - m3) and slope[i] = dz/dc at c = clamp(raw[i]),
+// inverse norms), z[i] = s * (cos(m1 * acos(c) + m2[i]) - m3[i]) and slope[i] = dz/dc at c = clamp(raw[i]),
 // with the fallback and straight-through options of margin_target. Rows with labels[i] < 0: all 0.
-void margin_target_forward(DType dtype, const void* x, const void* w, const int64_t* labels, const float* rx,
-                           const float* rw, const float* m2, float* raw, float* z, float* slope, int64_t B,
-                           int64_t D, int64_t x_stride, int64_t w_stride, float s, float m1, float m3,
-                           bool fallback, bool straight_through, cudaStream_t stream);
+void margin_target_forward(DType dtype, const MarginTargetArgs& args, cudaStream_t stream);
 
 }  // namespace mdk

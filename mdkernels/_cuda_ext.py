@@ -30,28 +30,99 @@ def built() -> bool:
     return compiled is not None
 
 
+def built_archs(archs: str) -> tuple[set[int], set[int]]:
+    """``(cubins, ptx)`` of an ``archs`` string as CMake writes it: ``"80-real;90-real;90-virtual"`` or the plain
+    ``"80,90"`` (a plain arch is both a cubin and PTX)."""
+    real, virtual = set(), set()
+    for item in archs.replace(";", ",").split(","):
+        item = item.strip()
+        number, _, kind = item.partition("-")
+        if not number.isdigit():
+            continue
+        if kind in ("", "real"):
+            real.add(int(number))
+        if kind in ("", "virtual"):
+            virtual.add(int(number))
+    return real, virtual
+
+
+def arch_runs(archs: str, capability: int) -> bool:
+    """Whether a module built for ``archs`` runs on a GPU of ``capability`` (``10 * major + minor``): a cubin
+    of the same major version at or below it (sm_80 code runs on sm_86 and sm_89, not on sm_90), or PTX at or
+    below it, which the driver compiles (compute_90 PTX runs on sm_100 and sm_120)."""
+    real, virtual = built_archs(archs)
+    return any(a // 10 == capability // 10 and a <= capability for a in real) or any(a <= capability for a in virtual)
+
+
 _ARCH_OK: dict[int, bool] = {}
 
 
 def _arch_ok(device: torch.device) -> bool:
-    """The module was built for this GPU: a compute capability at or above the lowest built arch (the
-    build embeds PTX, which newer GPUs JIT-compile). Older GPUs fall back to torch."""
+    """The module has code for this GPU (see :func:`arch_runs`). Other GPUs use the Triton backend."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ARCH_OK:
         major, minor = torch.cuda.get_device_capability(index)
-        lowest = min(int(a) for a in ext.archs.split(",") if a.strip().isdigit())
-        _ARCH_OK[index] = major * 10 + minor >= lowest
+        _ARCH_OK[index] = arch_runs(ext.archs, major * 10 + minor)
     return _ARCH_OK[index]
 
 
+def driver_floor(runtime_version: int) -> str:
+    """The NVIDIA driver a module built with CUDA ``runtime_version`` (13000 = 13.0) needs: the runtime is
+    linked statically, and the driver must support its CUDA version (minor-version compatibility within a
+    major needs at least the major's first driver; the PTX of the build needs the build's own version)."""
+    major, minor = runtime_version // 1000, (runtime_version % 1000) // 10
+    known = {(12, 0): "525.60", (12, 4): "550.54", (12, 6): "560.28", (12, 8): "570.86", (12, 9): "575.51",
+             (13, 0): "580.65"}  # fmt: skip
+    floor = known.get((major, minor))
+    return f"CUDA {major}.{minor}" + (f" (Linux driver {floor} or newer)" if floor else "")
+
+
+@functools.cache
+def unusable_reason() -> str | None:
+    """Why the compiled CUDA module cannot run in this process, or None when it can: not built, no driver,
+    a driver older than the CUDA version the module was built with, or no visible GPU."""
+    if compiled is None:
+        return "not built (no nvcc at install time, or MDK_BUILD_CUDA=OFF)"
+    driver = compiled.driver_version()
+    if driver == 0:
+        return "no NVIDIA driver found"
+    if driver < compiled.cuda_runtime_version:
+        return (f"built with CUDA {compiled.cuda_runtime_version // 1000}.{compiled.cuda_runtime_version % 1000 // 10}"
+                f", which needs a driver for {driver_floor(compiled.cuda_runtime_version)}; this driver supports "
+                f"CUDA {driver // 1000}.{driver % 1000 // 10} (rebuild with an older nvcc, or update the driver)")
+    if compiled.device_count() == 0:
+        return "no visible CUDA device"
+    return None
+
+
 def usable(*tensors: torch.Tensor) -> bool:
-    """True when the CUDA module can run on these tensors (built for this GPU, CUDA tensors, a supported
-    dtype). Under :func:`emulated`: CPU tensors of a supported dtype."""
+    """True when the CUDA module can run on these tensors (built for this GPU, a driver that runs it, CUDA
+    tensors, a supported dtype). Under :func:`emulated`: CPU tensors of a supported dtype."""
     if _EMULATING:
         return all(t.device.type == "cpu" and t.dtype in _DTYPE_CODES for t in tensors)
     return (
-        ext is not None and all(t.is_cuda and t.dtype in _DTYPE_CODES for t in tensors) and _arch_ok(tensors[0].device)
+        ext is not None
+        and all(t.is_cuda and t.dtype in _DTYPE_CODES for t in tensors)
+        and unusable_reason() is None
+        and _arch_ok(tensors[0].device)
     )
+
+
+def margin_smem_need(dtype: torch.dtype) -> int:
+    """The least dynamic shared memory per block the CUDA margin kernels need for ``dtype`` (their narrow
+    layout, 128 accumulator columns: the forward or the center gradient, whichever is larger)."""
+    code = _DTYPE_CODES[dtype]
+    return max(ext.margin_smem_bytes(code, True, 128), ext.margin_smem_bytes(code, False, 128))
+
+
+def margin_fits(t: torch.Tensor) -> bool:
+    """Whether the CUDA margin kernels fit ``t``'s GPU: its opt-in shared memory per block
+    (``shared_memory_per_block_optin``, never the capability) holds their narrow layout. The launcher picks the
+    wide layout where it fits too. Under :func:`emulated` the emulator checks its own device's limit."""
+    if _EMULATING or not t.is_cuda:
+        return True
+    props = torch.cuda.get_device_properties(t.device)
+    return props.shared_memory_per_block_optin >= margin_smem_need(t.dtype)
 
 
 @contextlib.contextmanager
@@ -85,6 +156,15 @@ def dtype_code(t: torch.Tensor) -> int:
 
 def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def call(name: str, t: torch.Tensor, *args):
+    """The CUDA module's function ``name`` with ``t``'s GPU current and ``t``'s device's current stream appended
+    as the last argument: the one door into the module (kernels launch on the current device; a tensor on
+    cuda:1 while cuda:0 is current must not launch on cuda:0). python_tests/test_layout.py checks that no
+    other code calls the module's kernels."""
+    with on_device(t):
+        return getattr(ext, name)(*args, stream_of(t))
 
 
 def guard_device(fn):

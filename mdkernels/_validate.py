@@ -1,12 +1,15 @@
-"""Host-side argument checks shared by every backend.
+"""Argument checks shared by every backend.
 
 Each check raises ``ValueError`` naming the argument, what it must be and what it was, so a user sees
-the fix instead of a NaN or a CUDA illegal-memory-access much later.
+the fix instead of a NaN or a CUDA illegal-memory-access much later. Shapes, dtypes, devices and options
+are checked on the host from metadata. Checks of tensor values (label range, explicit triplets, Dmax) never
+make a training step wait on the GPU: see :func:`value_check`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -47,13 +50,92 @@ def check_labels(labels: torch.Tensor, batch: int, device: torch.device, name: s
 
 
 def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
-    """Value check (one device sync): every label is in [0, num_classes) or equals ignore_index."""
+    """Value check that waits for the values (the eager reference's; one device sync on a GPU): every label
+    is in [0, num_classes) or equals ignore_index. The fused paths use :func:`label_mask` instead."""
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(f"{name} must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first}")
+
+
+# ---- value checks that never make the host wait -------------------------------------------------------------
+# On the CPU a value is at hand: a bad one raises at once. On a GPU, reading it would stall every training step
+# (and break CUDA-graph capture), so the fused ops never read it: the bad entries are made harmless on the device
+# (a label out of range becomes an ignored row; the kernels never index with it), a one-element flag is copied
+# to pinned host memory without waiting, and the next call of any fused op raises the ValueError once the copy
+# has landed (a CUDA event says so, polled, never waited on). F.cross_entropy stops the process with a
+# device-side assert instead; this keeps the CUDA context alive and names the argument. Inside CUDA-graph
+# capture nothing is copied: there, bad values are only made harmless (validate labels before capturing).
+
+DEFER_ON_CPU = False  # tests: CPU tensors take the GPU's deferred path, so a CPU test sees what a GPU step does
+
+
+@dataclass
+class _Pending:
+    flag: torch.Tensor  # host memory (pinned on a GPU): nonzero when the step's values were bad
+    event: object  # a CUDA event recorded after the copy (None on the CPU: ready at once)
+    message: str
+
+
+_PENDING: list[_Pending] = []
+
+
+def _deferred(t: torch.Tensor) -> bool:
+    return t.is_cuda or (DEFER_ON_CPU and t.device.type == "cpu")
+
+
+def raise_pending(wait: bool = False) -> None:
+    """Raise the ValueError of an earlier step's bad values whose flag has reached the host (no waiting).
+    ``wait``: wait for every earlier flag (the sharded head, so that all ranks raise at the same call; the CPU
+    then runs at most one call ahead of the GPU, not a stall of the current step)."""
+    for p in list(_PENDING):
+        if p.event is not None and not (wait or p.event.query()):
+            continue  # the GPU has not got there yet: look again at the next call
+        if p.event is not None and wait:
+            p.event.synchronize()
+        _PENDING.remove(p)
+        if p.flag.numpy().any():  # host memory: no device sync
+            _PENDING.clear()
+            raise ValueError(p.message + " (found in an earlier step, whose bad rows counted as ignored: the check "
+                             "runs on the GPU without stalling a step)")  # fmt: skip
+
+
+def value_check(bad_any: torch.Tensor, message: str) -> None:
+    """``bad_any``: a one-element bool tensor, True when the values were bad. CPU tensors: raise now. GPU
+    tensors: flag it for :func:`raise_pending` (see above), never waiting."""
+    raise_pending()
+    if not _deferred(bad_any):
+        if bool(bad_any):
+            raise ValueError(message)
+        return
+    if bad_any.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a graph replays without this Python: bad values stay harmless, unreported
+    if bad_any.is_cuda:
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad_any.reshape(()), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        flag, event = bad_any.detach().reshape(()).clone(), None
+    _PENDING.append(_Pending(flag, event, message))
+
+
+def label_mask(labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> torch.Tensor:
+    """``(B,)`` bool: the rows whose label counts (in ``[0, num_classes)``, not ``ignore_index``). A label out of
+    range and not ``ignore_index`` is an error (:func:`value_check`: at once on the CPU, at the next call on a
+    GPU); meanwhile its row counts as ignored, so no kernel ever indexes with it."""
+    valid = labels != ignore_index
+    if not _deferred(labels):  # the values are at hand: name the first bad one
+        raise_pending()
+        check_label_values(labels, num_classes, ignore_index, name)
+        return valid
+    inside = (labels >= 0) & (labels < num_classes)
+    if labels.numel():
+        value_check((valid & ~inside).any(), f"{name} must be in [0, {num_classes}) or equal "
+                                             f"ignore_index={ignore_index}")  # fmt: skip
+    return valid & inside
 
 
 def check_m1(m1: float) -> None:
@@ -151,13 +233,19 @@ def check_proxyless_dims(embeddings: torch.Tensor, teacher_centers: torch.Tensor
         )
 
 
-def check_triplets(triplets: torch.Tensor, batch: int) -> None:
+def check_triplets(triplets: torch.Tensor, batch: int, deferred: bool = False) -> None:
+    """Shape and dtype, then the index range: waiting for the values (the reference), or ``deferred`` through
+    :func:`value_check` (the fused path, which clamps the indices meanwhile)."""
     if triplets.dim() != 2 or triplets.shape[1] != 3:
         raise ValueError(
             f"triplets must have shape (N, 3) of (anchor, positive, negative), got {tuple(triplets.shape)}"
         )
     if triplets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"triplets must be int64 indices, got {triplets.dtype}")
+    if deferred:
+        if triplets.numel():
+            value_check(((triplets < 0) | (triplets >= batch)).any(), f"triplets must index rows in [0, {batch})")
+        return
     if triplets.numel() and (int(triplets.min()) < 0 or int(triplets.max()) >= batch):
         raise ValueError(
             f"triplets must index rows in [0, {batch}), got values in [{int(triplets.min())}, {int(triplets.max())}]"

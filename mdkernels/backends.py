@@ -56,6 +56,8 @@ def gpu_backend(op: str, t: torch.Tensor, B: int, C: int, D: int, **options) -> 
     op = kernel_op(op)
     if not ROWS or "cuda" not in OPS[op].backends or not _cuda_ext.usable(t):
         return "triton"
+    if op == "margin_ce" and not _cuda_ext.margin_fits(t):
+        return "triton"
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return choose(op, _device_name(index), t.dtype, B, C, D, ROWS) or "triton"
 
@@ -97,9 +99,17 @@ def require(op: str, backend: str, t: torch.Tensor, **options) -> None:
             )
     elif backend == "cuda":
         if t.dtype == torch.float64 or not _cuda_ext.usable(t):
+            why = _cuda_ext.unusable_reason() if t.is_cuda and not _cuda_ext._EMULATING else None
             raise ValueError(
                 "backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU "
-                "(mdkernels.info()['cuda_extension'])"
+                f"(mdkernels.info()['cuda_extension']){': the module is ' + why if why else ''}; use backend='triton'"
+            )
+        if kernel_op(op) == "margin_ce" and not _cuda_ext.margin_fits(t):
+            props = torch.cuda.get_device_properties(t.device)
+            raise ValueError(
+                f"backend='cuda': the CUDA margin kernels need {_cuda_ext.margin_smem_need(t.dtype)} bytes of shared "
+                f"memory per block for {t.dtype}, and {props.name} allows {props.shared_memory_per_block_optin} "
+                "(shared_memory_per_block_optin); use backend='triton'"
             )
     elif backend != "torch":
         raise ValueError(f"unknown fused backend {backend!r}")

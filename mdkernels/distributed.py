@@ -20,9 +20,12 @@ global-batch loss, and the gradients are the exact gradients of it:
 the global batch that it owns, plus uniformly sampled negatives up to ``ceil(sample_rate * C_r)``.
 Labels are remapped, and it is reproducible with a ``generator``.
 
-Any rank whose arguments are bad raises a ``ValueError``, and so does every other rank (a small
-all-reduce of error flags precedes the heavy collectives). A crashed rank makes the others fail after
-the process group's timeout rather than hang.
+Any rank whose arguments are bad raises a ``ValueError``, and so does every other rank: before the heavy
+collectives the ranks exchange an error flag and their batch size in one all-reduce of a few integers on the
+host (a gloo group: no GPU work, no device sync; :func:`collective_check`). Label values are checked on the
+device from the gathered batch, so every rank sees the same bad label: the next call raises on every rank (it
+waits for the previous call's flag, so the ranks raise together). A step makes no host sync. A crashed rank
+makes the others fail after the process group's timeout rather than hang.
 """
 
 from __future__ import annotations
@@ -48,19 +51,38 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def collective_check(error: str | None, group=None, device: torch.device | str = "cpu") -> None:
-    """Raise on every rank when any rank found a problem (instead of leaving the others in a collective).
+_HOST_GROUPS: dict = {}
 
-    ``device``: where the flags live; NCCL only reduces CUDA tensors."""
+
+def host_group(group=None):
+    """A gloo group over the ranks of ``group``, for the small host-side exchanges: the group itself when it is
+    gloo, else one created (collectively, on first use) and kept. Its collectives run on CPU tensors over TCP:
+    they never touch a CUDA stream, so they are no device sync and survive CUDA-graph capture."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    key = id(group)
+    if key not in _HOST_GROUPS:
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        _HOST_GROUPS[key] = dist.new_group(ranks=ranks, backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+def collective_check(error: str | None, group=None, batch: int = 0) -> None:
+    """Raise on every rank when any rank found a problem (instead of leaving the others in a collective), and
+    when the ranks' local batch sizes differ. One all-reduce of ``world + 2`` integers on the host (gloo, see
+    :func:`host_group`): no GPU work and no device sync, cheap enough to run on every call."""
     rank, world = _world(group)
-    flags = torch.zeros(world, dtype=torch.int32, device=device)
-    flags[rank] = 0 if error is None else 1
-    dist.all_reduce(flags, group=group)
+    notes = torch.zeros(world + 2, dtype=torch.int64)  # an error flag per rank, the largest and smallest batch
+    notes[rank], notes[world], notes[world + 1] = int(error is not None), batch, -batch
+    dist.all_reduce(notes, op=dist.ReduceOp.MAX, group=host_group(group))  # a CPU tensor: reading it is free
     if error is not None:
         raise ValueError(f"rank {rank}: {error}")
-    if int(flags.sum()):
-        bad = flags.nonzero().flatten().tolist()
+    bad = [r for r in range(world) if notes[r]]
+    if bad:
         raise ValueError(f"rank(s) {bad} rejected their arguments (see their errors); this rank {rank} stops too")
+    if int(notes[world]) != -int(notes[world + 1]):
+        raise ValueError(f"every rank must pass the same local batch size; got sizes from {-int(notes[world + 1])} "
+                         f"to {int(notes[world])} (this rank {rank}: {batch})")
 
 
 def shard_range(num_classes: int, rank: int, world: int, sizes: list[int] | None = None) -> tuple[int, int]:
@@ -105,9 +127,8 @@ class _ShardedMarginCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local,
                 need_dx):  # fmt: skip
-        x, w = x.contiguous(), w.contiguous()
         cd = compute_dtype(x)
-        rx, rw = row_rnorm(x), row_rnorm(w)
+        rx, rw = row_rnorm(x, use_cuda=backend == "cuda"), row_rnorm(w, use_cuda=backend == "cuda")
         here = local_target >= 0
         safe = local_target.clamp_min(0)
         # target cosine from the owning rank (zeros elsewhere), summed over ranks
@@ -160,7 +181,7 @@ class _ShardedMarginCE(torch.autograd.Function):
         coef = margin_ce.target_coefficient(gr, z_t, lse, raw_t, slope)
         dx = dw = None
         if need_dx:  # the whole gathered batch's gradient, identical on every rank: no collective, no GEMM
-            dx = normalize_backward(x, o_bar * gr[:, None] + coef[:, None] * w_y)
+            dx = normalize_backward(x, o_bar * gr[:, None] + coef[:, None] * w_y, use_cuda=backend == "cuda")
         if need_dw:
             if w.shape[0]:  # the target term goes to the rows of this shard only (local_target >= 0)
                 dw = margin_ce.BACKENDS[backend].center_grad(x, w, local_target, rx, rw, lse, gr, coef, raw_t, s,
@@ -170,15 +191,20 @@ class _ShardedMarginCE(torch.autograd.Function):
         return dx, dw, *(None,) * 13
 
 
-def _sample_classes(local_labels_global: torch.Tensor, num_local: int, sample_rate: float, generator):
-    """Indices (sorted) of this rank's kept classes: every positive, then random negatives."""
-    positives = torch.unique(local_labels_global[local_labels_global >= 0])
-    keep = max(int(math.ceil(sample_rate * num_local)), positives.numel())
-    if keep >= num_local:
-        return torch.arange(num_local, device=local_labels_global.device)
-    score = torch.rand(num_local, generator=generator, device=generator.device if generator else "cpu")
-    score = score.to(local_labels_global.device)
-    score[positives] = 2.0  # positives always kept
+def sample_size(num_local: int, sample_rate: float, global_batch: int) -> int:
+    """Classes kept on a rank with negative sampling: ``ceil(sample_rate * C_r)``, and never fewer than the
+    global batch (the most positives a shard can have), so that every positive is kept without counting them
+    (a count would be a host sync)."""
+    return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
+
+
+def _sample_classes(local: torch.Tensor, num_local: int, keep: int, generator):
+    """Indices (sorted) of this rank's ``keep`` kept classes: every positive (``local >= 0``), then uniform
+    random negatives; all on the device, no host sync."""
+    positive = torch.zeros(num_local, dtype=torch.int32, device=local.device)
+    positive.index_add_(0, local.clamp_min(0), (local >= 0).to(torch.int32))
+    score = torch.rand(num_local, generator=generator, device=local.device)
+    score = torch.where(positive > 0, torch.full_like(score, 2.0), score)  # positives always kept
     return torch.topk(score, keep).indices.sort().values
 
 
@@ -212,6 +238,7 @@ def sharded_margin_cross_entropy(
     (identical on every rank). Other arguments as :func:`mdkernels.margin_cross_entropy`.
     """
     rank, world = _world(group)
+    V.raise_pending(wait=True)  # an earlier call's bad labels: every rank saw the same ones, every rank raises now
     error = None
     try:
         V.check_margin_ce_args(embeddings, local_centers, labels, s=s, m1=m1, m2=m2, grad=grad, reduction=reduction,
@@ -223,27 +250,26 @@ def sharded_margin_cross_entropy(
             )
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        V.check_label_values(labels, num_classes, ignore_index)
+        if generator is not None and generator.device != embeddings.device:
+            raise ValueError(f"generator is on {generator.device} but the embeddings are on {embeddings.device}: "
+                             "pass torch.Generator(device=embeddings.device) (no per-step host-to-device copy)")
         # the sharded path is always fused ('reference' means the unsharded oracle); 'cuda' with CPU tensors
         # is an error here, before any collective or launch
         backend = backends.resolve("margin_ce", "torch" if backend == "reference" else backend, embeddings)
     except (ValueError, TypeError, RuntimeError) as err:
         error = str(err)
-    collective_check(error, group, embeddings.device)
-    sizes = _gather_plain(torch.tensor([embeddings.shape[0]], device=embeddings.device), group)
-    if int(sizes.min()) != int(sizes.max()):
-        raise ValueError(f"every rank must pass the same local batch size; got {sizes.tolist()}")
+    collective_check(error, group, embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0)
     m2_rows = margin_rows(m2, embeddings)
     x = _GatherRows.apply(embeddings, group, float(embedding_grad_scale))
     y = _gather_plain(labels.long(), group)
     m2_all = _gather_plain(m2_rows, group)
-    valid = y != ignore_index
+    valid = V.label_mask(y, num_classes, ignore_index)  # on the gathered batch: every rank flags the same rows
     num_local = local_centers.shape[0]
     in_shard = valid & (y >= class_start) & (y < class_start + num_local)
     local = torch.where(in_shard, y - class_start, torch.full_like(y, -1))
     w = local_centers
     if sample_rate < 1.0 and num_local:
-        index = _sample_classes(local, num_local, sample_rate, generator)
+        index = _sample_classes(local, num_local, sample_size(num_local, sample_rate, y.shape[0]), generator)
         remap = torch.full((num_local,), -1, dtype=torch.long, device=y.device)
         remap[index] = torch.arange(index.numel(), device=y.device)
         local = torch.where(in_shard, remap[local.clamp_min(0)], local)
@@ -280,7 +306,7 @@ def sharded_margin_distillation_loss(
     if (teacher_embeddings is None) == (teacher_cos is None):
         raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
     ignore_index = kwargs.get("ignore_index", -1)
-    valid = labels != ignore_index
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)  # the head flags the others
     if teacher_cos is None:
         t_all = _gather_plain(teacher_embeddings.detach(), group)
         y_all = _gather_plain(labels.long(), group)
@@ -295,11 +321,12 @@ def sharded_margin_distillation_loss(
         rank, _ = _world(group)
         teacher_cos = c[rank * labels.shape[0] : (rank + 1) * labels.shape[0]]
     teacher_cos = teacher_cos.detach().to(compute_dtype(embeddings))
-    if isinstance(dmax, str):
-        d = torch.where(valid, teacher_cos, torch.full_like(teacher_cos, -math.inf)).max()
-        dist.all_reduce(d, op=dist.ReduceOp.MAX, group=group)
-        dmax = float(d) if math.isfinite(float(d)) else 1.0
-    m = distillation_margins(teacher_cos, valid, m_min=m_min, m_max=m_max, dmax=float(dmax))
+    if isinstance(dmax, str):  # the global max stays on the device: no host sync
+        if dmax not in ("batch", "global"):
+            raise ValueError(f"dmax must be 'batch', 'global' or a positive float, got {dmax!r}")
+        dmax = torch.where(valid, teacher_cos, torch.full_like(teacher_cos, -math.inf)).max()
+        dist.all_reduce(dmax, op=dist.ReduceOp.MAX, group=group)
+    m = distillation_margins(teacher_cos, valid, m_min=m_min, m_max=m_max, dmax=dmax)
     return sharded_margin_cross_entropy(
         embeddings, local_teacher_centers.detach(), labels, class_start=class_start, num_classes=num_classes,
         group=group, s=s, m1=1.0, m2=m, m3=0.0, fallback=fallback, **kwargs,

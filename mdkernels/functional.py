@@ -15,6 +15,7 @@ from mdkernels import _validate as V
 from mdkernels import backends, reference
 from mdkernels._spec import compute_dtype
 from mdkernels.ops import angular_distill, margin_ce, margin_kd, triplet_distill
+from mdkernels.ops._common.env import autocast_operands
 from mdkernels.ops._common.margin import distillation_margins, teacher_target_cosine, warn_if_non_monotone
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.triplet_distill import torch_backend as triplet_torch
@@ -108,8 +109,9 @@ def margin_cross_entropy(
     if not isinstance(m2, torch.Tensor) and not easy_margin and theta_clip is None:
         warn_if_non_monotone(m1, float(m2), fallback)
     shape = (embeddings.shape[0], centers.shape[0] // subcenters, centers.shape[1])
+    op_dtype = autocast_operands(embeddings)  # fp32 under torch.autocast: 16-bit operands, fp32 accumulation
     backend = backends.resolve("margin_ce", backend, embeddings, shape, subcenters=subcenters,
-                               curricular_t=curricular_t is not None)  # fmt: skip
+                               curricular_t=curricular_t is not None, autocast=bool(op_dtype))  # fmt: skip
     tau = None if interclass_filter is None else float(interclass_filter)
     theta_clip = None if theta_clip is None else float(theta_clip)
     options = dict(s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad, interclass_filter=tau,
@@ -130,7 +132,7 @@ def margin_cross_entropy(
     loss_rows, lse, cos_t, *_ = margin_ce.margin_ce_forward(
         embeddings, centers, labels, margin_rows(m2, embeddings), margin_rows(m3, embeddings).detach(), t, float(s),
         float(m1), bool(fallback), grad, bool(easy_margin), theta_clip, float(cos_clamp), tau, int(subcenters),
-        int(ignore_index), need_dx, backend,
+        int(ignore_index), need_dx, backend, op_dtype,
     )  # fmt: skip
     loss = _reduce(loss_rows, labels, ignore_index, reduction)
     if return_stats:
@@ -172,14 +174,14 @@ def margin_distillation_loss(
     V.check_matrix(embeddings, "embeddings")
     V.check_labels(labels, embeddings.shape[0], embeddings.device)
     V.check_matrix(teacher_centers, "teacher_centers", cols=embeddings.shape[1])
-    valid = labels != ignore_index
+    valid = V.label_mask(labels, teacher_centers.shape[0], ignore_index)  # bad labels: an error, never an index
     if teacher_cos is None:
         V.check_matrix(
             teacher_embeddings, "teacher_embeddings", rows=embeddings.shape[0], cols=teacher_centers.shape[1]
         )
         V.check_same(teacher_embeddings, teacher_centers, "teacher_embeddings", "teacher_centers")
-        V.check_label_values(labels, teacher_centers.shape[0], ignore_index)
-        teacher_cos = teacher_target_cosine(teacher_embeddings, teacher_centers, labels, ignore_index)
+        safe = torch.where(valid, labels, torch.full_like(labels, -1))
+        teacher_cos = teacher_target_cosine(teacher_embeddings, teacher_centers, safe, -1)
     elif not isinstance(teacher_cos, torch.Tensor) or teacher_cos.shape != (embeddings.shape[0],):
         raise ValueError(f"teacher_cos must be a tensor of shape ({embeddings.shape[0]},)")
     m = distillation_margins(teacher_cos.to(compute_dtype(embeddings)), valid, m_min=m_min, m_max=m_max, dmax=dmax)
@@ -388,6 +390,7 @@ def margin_kd_loss(
     loss_rows = margin_kd.margin_kd_forward(
         student_embeddings, teacher_embeddings.detach(), centers, labels, float(T), float(alpha), float(s),
         float(m1), float(m2), float(m3), bool(fallback), int(ignore_index), need_dx, backend,
+        autocast_operands(student_embeddings),
     )[0]  # fmt: skip
     return _reduce(loss_rows, labels, ignore_index, reduction)
 

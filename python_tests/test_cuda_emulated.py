@@ -204,7 +204,7 @@ def test_angular_kernels(dtype, shape, per, p):
 )
 @pytest.mark.parametrize("grad", ["exact", "straight_through"])
 def test_margin_target_row_kernel(dtype, margin, grad):
-    """Rows at cos = 1, -1, in the fallback region and random, per-row m2, an ignored row, D = 500. The raw
+    """Rows at cos = 1, -1, in the fallback region and random, per-row m2 and m3, an ignored row, D = 500. The raw
     cosine against fp64; z and the slope against the torch path (fp32, what the other backends run) on the
     kernel's own cosines: near c = +-1 acos amplifies a last-bit difference of the dot product by 1e3."""
     g = torch.Generator().manual_seed(2)
@@ -215,13 +215,15 @@ def test_margin_target_row_kernel(dtype, margin, grad):
     x[0], x[1], x[2] = w[y[0]] * 3, -w[y[1]], -w[y[2]] + 0.3 * torch.randn(D, generator=g).to(dtype)
     y[5] = -1
     m2 = torch.linspace(0.1, 0.6, B)
+    m3 = torch.linspace(0.1, 0.3, B) if margin["m3"] else torch.zeros(B)  # per row, read on the device
+    kw = {k: v for k, v in margin.items() if k != "m3"}
     rx, rw = x.float().norm(dim=1).reciprocal(), w.float().norm(dim=1).reciprocal()
     with _cuda_ext.emulated():
-        raw, z, slope = cuda_backend.target_terms(x, w, y, rx, rw, m2, 64.0, grad=grad, **margin)
+        raw, z, slope = cuda_backend.target_terms(x, w, y, rx, rw, m2, m3, 64.0, grad=grad, **kw)
     valid = y >= 0
     safe = y.clamp_min(0)
     raw_ref = (x.double() * w.double()[safe]).sum(1) * rx.double() * rw.double()[safe]
-    z_ref, slope_ref, _ = margin_target_and_slope(raw.clamp(-1, 1), m2, s=64.0, grad=grad, **margin)
+    z_ref, slope_ref, _ = margin_target_and_slope(raw.clamp(-1, 1), m2, m3=m3, s=64.0, grad=grad, **kw)
     for name, got, want in (("raw", raw, raw_ref), ("z", z, z_ref), ("slope", slope, slope_ref)):
         assert (got[~valid] == 0).all(), name
         torch.testing.assert_close(got[valid].double(), want[valid].double(), rtol=2e-5, atol=2e-5, msg=name)

@@ -80,6 +80,13 @@ def _worker(rank, world, init_file, out_dir, mode):
                 results["cuda_error"] = None
             except ValueError as err:
                 results["cuda_error"] = str(err)
+            try:  # an argument only rank 1 gets wrong: the others stop too, before any heavy collective
+                mdist.sharded_margin_cross_entropy(x[rank * B_LOCAL : (rank + 1) * B_LOCAL], w[start : start + n],
+                                                   y[rank * B_LOCAL : (rank + 1) * B_LOCAL], class_start=start,
+                                                   num_classes=C, sample_rate=2.0 if rank == 1 else 1.0)  # fmt: skip
+                results["meta_error"] = None
+            except ValueError as err:
+                results["meta_error"] = str(err)
         elif mode == "crash":
             if rank == 1:
                 os._exit(3)
@@ -133,7 +140,8 @@ def _run_cases(rank, world):
         )
         losses.append(loss.item())
     local = torch.where((y >= start) & (y < start + n), y - start, torch.full_like(y, -1))
-    kept = mdist._sample_classes(local, n, 0.3, torch.Generator().manual_seed(1234 + rank)) + start
+    keep = mdist.sample_size(n, 0.3, len(y))  # every positive kept without counting them
+    kept = mdist._sample_classes(local, n, keep, torch.Generator().manual_seed(1234 + rank)) + start
     out["sampling"] = (losses, kept)
     # MarginDistillation and ProxylessKD with frozen sharded teacher centers
     t = teacher_embeddings(x, w, y)
@@ -273,10 +281,11 @@ def test_ddp_step_equals_single_process_step(sharded_run):
 def test_bad_arguments_on_one_rank_fail_every_rank(tmp_path):
     results = _spawn(2, "bad_label", tmp_path)
     assert "crash" not in results[0] and "crash" not in results[1]
-    assert "rank 1: labels must be in [0, 1001)" in results[1]["error"]
-    assert "rank(s) [1] rejected their arguments" in results[0]["error"]
-    for r in results:
+    for r in results:  # labels are checked on the gathered batch: every rank names rank 1's bad label
+        assert "labels must be in [0, 1001) or equal ignore_index=-1; found 1006" in r["error"]
         assert "backend='cuda' needs CUDA" in r["cuda_error"]
+    assert "rank 1: sample_rate must be in (0, 1]" in results[1]["meta_error"]
+    assert "rank(s) [1] rejected their arguments" in results[0]["meta_error"]
     assert max(r["seconds"] for r in results) < 10
 
 

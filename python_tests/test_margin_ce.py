@@ -213,10 +213,11 @@ def test_non_contiguous_inputs(backend):
 def test_opcheck(backend):
     x, w, y = make(6, 40, 50, torch.float32, device_for(backend))
     m2 = torch.full((6,), 0.5, device=x.device)
-    for need_dx in (True, False):  # without need_dx, the embeddings must not need a gradient
-        xx = x if need_dx else x.detach()
+    for need_dx, op_dtype in ((True, ""), (False, ""), (True, "bfloat16")):  # op_dtype: autocast's operands
+        xx = x if need_dx else x.detach()  # without need_dx, the embeddings must not need a gradient
         m3 = torch.full((6,), 0.1, device=x.device)
-        args = (xx, w, y, m2, m3, None, 16.0, 1.0, True, "exact", False, None, 1.0, None, 1, -1, need_dx, backend)
+        args = (xx, w, y, m2, m3, None, 16.0, 1.0, True, "exact", False, None, 1.0, None, 1, -1, need_dx, backend,
+                op_dtype)  # fmt: skip
         torch.library.opcheck(mce.margin_ce_forward, args)
 
 

@@ -75,7 +75,7 @@ def test_margin_kd_bad_input_opcheck_and_compile():
     with pytest.raises(ValueError, match="teacher_embeddings must have 40 columns"):
         mdkernels.margin_kd_loss(x, t[:, :20], w, y)
     for need_dx in (True, False):  # without need_dx, the student must not need a gradient
-        args = (x if need_dx else x.detach(), t, w, y, 4.0, 0.95, 16.0, 1.0, 0.5, 0.0, True, -1, need_dx, "torch")
+        args = (x if need_dx else x.detach(), t, w, y, 4.0, 0.95, 16.0, 1.0, 0.5, 0.0, True, -1, need_dx, "torch", "")
         torch.library.opcheck(mkd.margin_kd_forward, args)
 
     def step(x, t, y):

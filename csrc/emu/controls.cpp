@@ -151,6 +151,9 @@ void bind_controls(pybind11::module_& m) {
       pybind11::arg("order"), pybind11::arg("seed") = 0,
       "Order in which the threads of a block run between barriers (shuffle: a new order per block)");
   m.def("selftest", &selftest, pybind11::arg("name"), "Run one of the emulator's self-test kernels");
+  m.def("set_device", &set_device, pybind11::arg("device"), pybind11::arg("smem_optin") = 0,
+        "Make `device` the emulated current device; smem_optin > 0 sets its opt-in shared memory per block");
+  m.def("reset_devices", &reset_devices, "Device 0, every opt-in limit back to an H100's, no attribute set");
 }
 
 }  // namespace mdk_emu

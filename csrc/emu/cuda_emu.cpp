@@ -58,7 +58,10 @@ thread_local Block* g_block = nullptr;
 const void* g_main_bottom = nullptr;  // the scheduler's stack, for ASan's fiber annotations
 size_t g_main_size = 0;
 std::vector<char> g_stacks;
-std::map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+// cudaFuncAttributeMaxDynamicSharedMemorySize per (kernel, device): the attribute is per device on a GPU
+std::map<std::pair<const void*, int>, int> g_max_smem;
+int g_device = 0;                   // the emulated current device (cudaGetDevice)
+std::map<int, int> g_optin;         // each emulated device's opt-in shared memory per block (default: an H100's)
 Schedule g_schedule = Schedule::kForward;
 uint64_t g_seed = 0;
 uint64_t g_launches = 0;
@@ -241,9 +244,30 @@ void fail(const std::string& what) {
   throw std::logic_error("unreachable");
 }
 
-void func_set_attribute(const void* kernel, int attr, int value) {
-  if (attr == static_cast<int>(cudaFuncAttributeMaxDynamicSharedMemorySize)) g_max_smem[kernel] = value;
+int smem_optin(int device) {
+  const auto it = g_optin.find(device);
+  return it == g_optin.end() ? kMaxSmem : it->second;
 }
+
+cudaError_t func_set_attribute(const void* kernel, int attr, int value) {
+  if (attr != static_cast<int>(cudaFuncAttributeMaxDynamicSharedMemorySize)) return cudaSuccess;
+  if (value > smem_optin(g_device)) return cudaErrorInvalidValue;  // as a GPU refuses more than its opt-in
+  g_max_smem[{kernel, g_device}] = value;
+  return cudaSuccess;
+}
+
+void set_device(int device, int smem_optin_bytes) {
+  g_device = device;
+  if (smem_optin_bytes > 0) g_optin[device] = smem_optin_bytes;
+}
+
+void reset_devices() {
+  g_device = 0;
+  g_optin.clear();
+  g_max_smem.clear();
+}
+
+int current_device() { return g_device; }
 
 void run(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
   if (g_block != nullptr) throw std::runtime_error("mdk_emu: a kernel launched another kernel");
@@ -251,12 +275,12 @@ void run(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::func
   if (threads == 0 || threads > 1024) throw std::runtime_error("mdk_emu: launch with " + std::to_string(threads) + " threads per block (1..1024)");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) throw std::runtime_error("mdk_emu: launch with an empty grid");
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("mdk_emu: grid.y and grid.z are limited to 65535");
-  const auto it = g_max_smem.find(kernel);
+  const auto it = g_max_smem.find({kernel, g_device});
   const int allowed = it == g_max_smem.end() ? kDefaultSmem : it->second;
-  if (allowed > kMaxSmem) throw std::runtime_error("mdk_emu: cudaFuncSetAttribute asks for more shared memory than an H100 has");
   if (smem > static_cast<size_t>(allowed)) {
     throw std::runtime_error("mdk_emu: " + std::to_string(smem) + " bytes of dynamic shared memory, above the " +
-                             std::to_string(allowed) + " allowed (call cudaFuncSetAttribute first)");
+                             std::to_string(allowed) + " allowed on device " + std::to_string(g_device) +
+                             " (call cudaFuncSetAttribute first, on this device)");
   }
   Block b;
   b.grid = grid;
@@ -299,10 +323,25 @@ void set_schedule(Schedule s, uint64_t seed) {
 
 }  // namespace mdk_emu
 
-// The few runtime API calls the host code makes (bindings.cpp, common.h): no device, no errors pending.
+// The few runtime API calls the host code makes (bindings.cpp, common.h, the launchers): no real device,
+// no driver, no errors pending; the current device and its opt-in shared memory are the emulator's
+// (set_device in Python).
 extern "C" {
 cudaError_t cudaGetDeviceCount(int* count) {
   *count = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* device) {
+  *device = mdk_emu::current_device();
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  *value = mdk_emu::smem_optin(device);
   return cudaSuccess;
 }
 cudaError_t cudaGetLastError() { return cudaSuccess; }

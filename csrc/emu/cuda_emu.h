@@ -12,8 +12,10 @@
 //     see set_schedule), so a read of shared memory that another thread writes without a barrier in
 //     between sees the wrong value under some order; dynamic shared memory starts as NaN bytes;
 //   - WMMA misuse: pointers not 32-byte aligned, a leading dimension that is not a multiple of 16 bytes;
-//   - launch errors: more dynamic shared memory than the default 48 KiB without cudaFuncSetAttribute
-//     (or more than an H100 has), grid.y / grid.z above 65535, more than 1024 threads per block.
+//   - launch errors: more dynamic shared memory than the default 48 KiB without cudaFuncSetAttribute on
+//     the current device (the attribute is per device), an attribute above the device's opt-in limit
+//     (an H100's 227 KiB unless set_device gives another, e.g. an RTX 4090's 99 KiB), grid.y / grid.z
+//     above 65535, more than 1024 threads per block.
 // What it cannot catch: out-of-bounds global accesses (the buffers are host memory), the GPU memory
 // model, warp-synchronous code without __syncwarp, static __shared__ variables (zero-initialised, kept
 // across blocks, not counted against the limit), performance. WMMA calls are warp barriers; fragments
@@ -69,7 +71,11 @@ int linear_thread();
 unsigned char* dynamic_smem();
 void* warp_exchange_slot(int linear_thread);  // 8 bytes per thread
 [[noreturn]] void fail(const std::string& what);  // inside a kernel: abort the launch with a Python error
-void func_set_attribute(const void* kernel, int attr, int value);
+cudaError_t func_set_attribute(const void* kernel, int attr, int value);  // per (kernel, current device)
+int current_device();
+int smem_optin(int device);
+void set_device(int device, int smem_optin_bytes);  // the emulated current device (and its opt-in limit)
+void reset_devices();
 void run(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
 template <typename... P>
@@ -97,7 +103,7 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem) {
 #define blockDim (::mdk_emu::block_dim())
 #define gridDim (::mdk_emu::grid_dim())
 #define cudaFuncSetAttribute(kernel, attr, value) \
-  (::mdk_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), (attr), (value)), cudaSuccess)
+  (::mdk_emu::func_set_attribute(reinterpret_cast<const void*>(kernel), (attr), (value)))
 
 inline void __syncthreads() { ::mdk_emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::mdk_emu::warp_barrier(); }

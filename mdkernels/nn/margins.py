@@ -44,7 +44,21 @@ class _MarginHead(nn.Module):
                                     backend=self.backend, **margins)  # fmt: skip
 
     def _valid(self, labels: torch.Tensor) -> torch.Tensor:
-        return labels != self.ignore_index
+        """The rows that count: labelled, and in range (a label out of range is the fused op's error to raise;
+        here it only must not index the centers)."""
+        return (labels != self.ignore_index) & (labels >= 0) & (labels < self.num_classes)
+
+    def _safe(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with every row that does not count at -1: safe to gather centers with."""
+        return torch.where(self._valid(labels), labels, torch.full_like(labels, -1))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean over the rows of mask, their count)``, both 0-d tensors: no host sync (a boolean index would be
+    one). The mean is 0 when the count is."""
+    m = mask.to(values.dtype)
+    count = m.sum()
+    return (values * m).sum() / count.clamp_min(1), count
 
 
 class AdaFace(_MarginHead):
@@ -75,13 +89,16 @@ class AdaFace(_MarginHead):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         norms = torch.linalg.vector_norm(embeddings.detach().to(compute_dtype(embeddings)), dim=1).clip(0.001, 100)
-        if self.training:
+        if self.training:  # on the device: a batch with no valid row keeps both, with one the std
             with torch.no_grad():
-                n = norms[self._valid(labels)]
-                if n.numel() >= 1:
-                    self.batch_mean.mul_(1 - self.t_alpha).add_(self.t_alpha * n.mean().to(self.batch_mean.dtype))
-                if n.numel() >= 2:
-                    self.batch_std.mul_(1 - self.t_alpha).add_(self.t_alpha * n.std().to(self.batch_std.dtype))
+                valid = self._valid(labels)
+                mean_b, n = _masked_mean(norms, valid)
+                var_b = ((norms - mean_b) ** 2 * valid.to(norms.dtype)).sum() / (n - 1).clamp_min(1)  # unbiased
+                a = self.t_alpha
+                self.batch_mean.copy_(torch.where(n >= 1, (1 - a) * self.batch_mean + a * mean_b.to(self.batch_mean),
+                                                  self.batch_mean))  # fmt: skip
+                self.batch_std.copy_(torch.where(n >= 2, (1 - a) * self.batch_std + a * var_b.sqrt().to(self.batch_std),
+                                                 self.batch_std))  # fmt: skip
         mean, std = self.batch_mean.to(norms.dtype), self.batch_std.to(norms.dtype)
         z = ((norms - mean) / (std + ADAFACE_EPS) * self.h).clip(-1, 1)
         return self._loss(embeddings, labels, m2=-self.m * z, m3=self.m * (1 + z), fallback=False, grad=self.grad,
@@ -106,10 +123,9 @@ class CurricularFace(_MarginHead):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                valid = self._valid(labels)
-                c = teacher_target_cosine(embeddings, self.weight, labels, self.ignore_index).clamp(-1, 1)[valid]
-                if c.numel():
-                    self.t.mul_(1 - self.momentum).add_(self.momentum * c.mean().to(self.t.dtype))
+                c = teacher_target_cosine(embeddings, self.weight, self._safe(labels), -1).clamp(-1, 1)
+                mean, n = _masked_mean(c, self._valid(labels))
+                self.t.copy_(torch.where(n > 0, (1 - self.momentum) * self.t + self.momentum * mean.to(self.t), self.t))
         return self._loss(embeddings, labels, m2=self.m, fallback=True, curricular_t=self.t)
 
 
@@ -139,8 +155,8 @@ class MagFace(_MarginHead):
         a = torch.linalg.vector_norm(embeddings.to(compute_dtype(embeddings)), dim=1).clamp(self.l_a, self.u_a)
         margin = (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
         ce = self._loss(embeddings, labels, m2=margin, fallback=not self.easy_margin, easy_margin=self.easy_margin)
-        g = (a / self.u_a**2 + 1 / a)[self._valid(labels)]
-        return ce + self.lambda_g * (g.mean() if g.numel() else g.sum())
+        g, _ = _masked_mean(a / self.u_a**2 + 1 / a, self._valid(labels))
+        return ce + self.lambda_g * g
 
 
 class _Elastic(_MarginHead):
@@ -156,7 +172,7 @@ class _Elastic(_MarginHead):
         """This call's per-row margins (drawn anew on every call, as the official code does)."""
         cos_t = torch.zeros(labels.shape[0], dtype=compute_dtype(embeddings), device=embeddings.device)
         if self.plus:
-            cos_t = teacher_target_cosine(embeddings, self.weight, labels, self.ignore_index)
+            cos_t = teacher_target_cosine(embeddings, self.weight, self._safe(labels), -1)
         return elastic_margins(cos_t, self._valid(labels), self.m, self.std, plus=self.plus, order=self.plus_order,
                                generator=self.generator)  # fmt: skip
 

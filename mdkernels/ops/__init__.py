@@ -33,7 +33,9 @@ class Op:
 
 
 _MARGIN_CE_BACKENDS = ("triton", "cuda", "torch")
-_MARGIN_CE_LACKS = (("cuda", ("subcenters", "curricular_t")),)  # sub-center max and CurricularFace: Triton, torch
+# the CUDA C++ kernels have neither the sub-center max nor CurricularFace's modulation, nor a mixed-precision
+# (autocast: fp32 inputs, 16-bit operands) instantiation: Triton (and torch) have all three
+_MARGIN_CE_LACKS = (("cuda", ("subcenters", "curricular_t", "autocast")),)
 
 OPS: dict[str, Op] = {
     "l2norm": Op(

@@ -1,8 +1,10 @@
 """Row-wise L2 normalisation ``y = x / max(||x||, eps)`` as a torch.library op.
 
-On CUDA tensors it runs the CUDA C++ kernels of ``csrc/l2norm.cu`` when the module is built (one read
-of each input, fp32 accumulation); elsewhere it runs the same math in torch, chunked over rows so
-that normalising a ``[C, D]`` center matrix never needs more than a few MB of temporaries.
+``l2_normalize`` runs the CUDA C++ kernels of ``csrc/l2norm.cu`` on CUDA tensors when the module can run
+here (one read of each input, fp32 accumulation); elsewhere the same math in torch, chunked over rows so
+that normalising a ``[C, D]`` center matrix never needs more than a few MB of temporaries. The margin ops'
+row norms (:func:`row_rnorm`, :func:`normalize_backward`) use the CUDA kernels only for ``backend="cuda"``
+(``use_cuda``): the Triton path never depends on the CUDA module or its driver.
 """
 
 from __future__ import annotations
@@ -16,23 +18,14 @@ from mdkernels._validate import FLOAT_DTYPES
 _ROW_CHUNK = 8192  # rows per torch chunk: bounds temporaries to ~8192*D fp32 elements
 
 
-def row_rnorm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """``1 / max(||x_r||, eps)`` per row of ``x: (R, D)`` in fp32 (fp64 for fp64 input): shape (R,)."""
+def row_rnorm(x: torch.Tensor, eps: float = EPS, use_cuda: bool = False) -> torch.Tensor:
+    """``1 / max(||x_r||, eps)`` per row of ``x: (R, D)`` (any strides) in fp32 (fp64 for fp64 input): shape
+    (R,). ``use_cuda``: the CUDA row kernel (``backend="cuda"``), where it can run and the columns are unit-stride."""
     cd = compute_dtype(x)
     out = torch.empty(x.shape[0], dtype=cd, device=x.device)
-    if _cuda_ext.usable(x) and x.stride(1) == 1:
-        _cuda_ext.ext.l2norm_forward(
-            _cuda_ext.dtype_code(x),
-            x.data_ptr(),
-            0,
-            out.data_ptr(),
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            0,
-            eps,
-            _cuda_ext.stream_of(x),
-        )
+    if use_cuda and _cuda_ext.usable(x) and x.stride(1) == 1:
+        _cuda_ext.call("l2norm_forward", x, _cuda_ext.dtype_code(x), x.data_ptr(), 0, out.data_ptr(), x.shape[0],
+                       x.shape[1], x.stride(0), 0, eps)  # fmt: skip
         return out
     for r0 in range(0, x.shape[0], _ROW_CHUNK):
         chunk = x[r0 : r0 + _ROW_CHUNK]
@@ -41,35 +34,26 @@ def row_rnorm(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def normalize_backward(
-    x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor | None = None, eps: float = EPS
+    x: torch.Tensor, dy: torch.Tensor, out: torch.Tensor | None = None, eps: float = EPS, use_cuda: bool = False
 ) -> torch.Tensor:
     """Gradient of ``n(x)`` rows: ``(dy - y<y, dy>)/max(||x||, eps)`` (``dy/eps`` where ``||x|| < eps``).
 
-    x: (R, D); dy: (R, D) in fp32/fp64 or x's dtype; the result has x's dtype. ``out`` may be ``dy``
-    itself (in place) when the dtypes agree.
+    x: (R, D); dy: (R, D) in fp32/fp64 or x's dtype; the result has x's dtype and layout (the gradient of a
+    strided view has its strides). ``out`` may be ``dy`` itself (in place) when the dtypes agree.
+    ``use_cuda``: the CUDA row kernel (``backend="cuda"``), where it can run.
     """
     if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x)
     if (
-        _cuda_ext.usable(x, out)
+        use_cuda
+        and _cuda_ext.usable(x, out)
         and dy.is_cuda
         and dy.dtype in (torch.float32, x.dtype)
         and (x.stride(1) == 1 and dy.stride(1) == 1 and out.stride(1) == 1)
     ):
-        _cuda_ext.ext.l2norm_backward(
-            _cuda_ext.dtype_code(x),
-            dy.dtype == torch.float32 and x.dtype != torch.float32,
-            x.data_ptr(),
-            dy.data_ptr(),
-            out.data_ptr(),
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            dy.stride(0),
-            out.stride(0),
-            eps,
-            _cuda_ext.stream_of(x),
-        )
+        _cuda_ext.call("l2norm_backward", x, _cuda_ext.dtype_code(x), dy.dtype == torch.float32 and
+                       x.dtype != torch.float32, x.data_ptr(), dy.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                       x.stride(0), dy.stride(0), out.stride(0), eps)  # fmt: skip
         return out
     cd = compute_dtype(x)
     for r0 in range(0, x.shape[0], _ROW_CHUNK):
@@ -93,18 +77,8 @@ def _l2_normalize_op(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     if _cuda_ext.usable(x):
         y = torch.empty_like(x)
         rn = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        _cuda_ext.ext.l2norm_forward(
-            _cuda_ext.dtype_code(x),
-            x.data_ptr(),
-            y.data_ptr(),
-            rn.data_ptr(),
-            x.shape[0],
-            x.shape[1],
-            x.stride(0),
-            y.stride(0),
-            eps,
-            _cuda_ext.stream_of(x),
-        )
+        _cuda_ext.call("l2norm_forward", x, _cuda_ext.dtype_code(x), x.data_ptr(), y.data_ptr(), rn.data_ptr(),
+                       x.shape[0], x.shape[1], x.stride(0), y.stride(0), eps)  # fmt: skip
         return y, rn
     rn = row_rnorm(x, eps)
     return (x.to(rn.dtype) * rn[:, None]).to(x.dtype), rn
@@ -117,7 +91,7 @@ def _(x, eps):
 
 @torch.library.custom_op("mdkernels::l2_normalize_backward", mutates_args=())
 def _l2_normalize_backward_op(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
-    return normalize_backward(x.contiguous(), dy.contiguous(), eps=eps)
+    return normalize_backward(x.contiguous(), dy.contiguous(), eps=eps, use_cuda=True)
 
 
 @_l2_normalize_backward_op.register_fake

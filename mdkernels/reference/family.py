@@ -141,12 +141,18 @@ def magface_loss(embeddings, centers, labels, *, s=64.0, l_a=10.0, u_a=110.0, l_
 
 # ---- ElasticFace (Boutros et al., CVPRW 2022) --------------------------------------------------------
 def elastic_margins(cos_t, valid, m, std, *, plus=False, order="paper", generator=None):
-    """One margin per valid row drawn from ``N(m, std)`` (0 on ignored rows). ``plus``: the draws sorted
-    against the target cosines. ``order="paper"``: the largest target cosine gets the smallest margin.
-    ``order="official"``: utils/losses.py's ``margin_sorted[argsort(cos, descending)]``, a permutation
-    that does not do that in general."""
-    n = int(valid.sum())
-    draws = torch.normal(m, std, size=(n,), generator=generator, device="cpu").to(cos_t.device, cos_t.dtype)
+    """One margin per row drawn from ``N(m, std)``, in batch order, kept on the valid rows (0 on ignored rows).
+    Deviation (named): the official code draws one per labelled row only; it has no ignored rows, and with none
+    the two agree draw for draw. ``plus``: the valid rows' draws sorted against their target cosines.
+    ``order="paper"``: the largest target cosine gets the smallest margin. ``order="official"``:
+    utils/losses.py's ``margin_sorted[argsort(cos, descending)]``, a permutation that does not do that in
+    general."""
+    if generator is None or generator.device.type == "cpu":
+        draws = torch.normal(m, std, size=(valid.shape[0],), generator=generator).to(cos_t.device, cos_t.dtype)
+    else:
+        draws = torch.normal(m, std, size=(valid.shape[0],), generator=generator, device=cos_t.device)
+    draws = draws.to(cos_t.dtype)[valid]
+    n = draws.shape[0]
     if plus and n:
         c = cos_t.detach()[valid]
         order_desc = torch.argsort(c, descending=True)

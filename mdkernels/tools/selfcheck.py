@@ -138,9 +138,9 @@ def run_torch_checks(device: str) -> list[tuple]:
             results.append((False, f"FAIL {name}: {type(exc).__name__}: {str(exc)[:400]}"))
 
     args = (x.requires_grad_(), w.requires_grad_(), y, m2, m3, None, 64.0, 1.0, True, "exact", False, None, 1.0, None,
-            1, -1, True, "torch")  # fmt: skip
+            1, -1, True, "torch", "")  # fmt: skip
     check("opcheck mdkernels::margin_ce_forward", lambda: torch.library.opcheck(mce.margin_ce_forward, args))
-    kd = (x, t, w, y, 4.0, 0.95, 64.0, 1.0, 0.5, 0.0, True, -1, True, "torch")
+    kd = (x, t, w, y, 4.0, 0.95, 64.0, 1.0, 0.5, 0.0, True, -1, True, "torch", "")
     check("opcheck mdkernels::margin_kd_forward", lambda: torch.library.opcheck(mkd.margin_kd_forward, kd))
     check("opcheck mdkernels::l2_normalize",
           lambda: torch.library.opcheck(torch.ops.mdkernels.l2_normalize, (x.detach(), 1e-12)))  # fmt: skip

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from mdkernels._spec import EPS
+from mdkernels.ops._common.env import values_at_hand
 from mdkernels.ops._common.margin import NonTarget
 
 try:  # built by setup.py with the host compiler (MDK_BUILD_CPU=AUTO|ON)
@@ -48,10 +49,12 @@ def chunks(B: int, C: int):
         yield c0, min(C, c0 + step)
 
 
-def target_mask(labels, c0, c1):
-    """Rows whose label falls in ``[c0, c1)`` and that label's column in the chunk."""
-    rows = ((labels >= c0) & (labels < c1)).nonzero().squeeze(1)
-    return rows, labels[rows] - c0
+def put_at_targets(m: torch.Tensor, tcol: torch.Tensor, values) -> torch.Tensor:
+    """``m[i, tcol[i]] = values[i]`` (or the scalar ``values``) for the rows with ``tcol[i] >= 0``, in place and
+    without a host sync (a gather, a select and a scatter: every row writes its own entry back unchanged)."""
+    idx = tcol.clamp_min(0)[:, None]
+    new = values[:, None].to(m.dtype) if isinstance(values, torch.Tensor) else torch.full_like(idx, values, dtype=m.dtype)
+    return m.scatter_(1, idx, torch.where((tcol >= 0)[:, None], new, m.gather(1, idx)))
 
 
 def target_cos(x, w, labels, rx, rw, ignore_index):
@@ -68,8 +71,7 @@ class Chunk(NamedTuple):
     z: torch.Tensor  # (B, n) non-target logits, the targets at -inf
     mx: torch.Tensor  # (B,) an upper bound of each row's z (the row max, or within s of it)
     keep: torch.Tensor | None  # (B, n) entries that pass a gradient; None: every non-target does
-    rows: torch.Tensor  # rows whose target is in the chunk ...
-    cols: torch.Tensor  # ... and its column
+    tcol: torch.Tensor  # (B,) each row's target column in the chunk, or -1
     slope: torch.Tensor | None  # (B, n) (dz/dc) / s where it is not 1 (CurricularFace), else None
     raw: torch.Tensor | None  # (B, n) s * c before CurricularFace's modulation (for the dW dot), else None
     kidx: torch.Tensor | None  # (B, n) the sub-center each class's cosine came from (K > 1), else None
@@ -87,13 +89,16 @@ def chunk_logits(xs, w, rw, labels, c0, c1, s, nt: NonTarget | None = None) -> C
     kidx = None
     if K > 1:
         z, kidx = z.view(z.shape[0], c1 - c0, K).max(2)
-    rows, cols = target_mask(labels, c0, c1)
-    z[rows, cols] = -lim  # in range, and no larger than any clamped non-target: neutral for the checks below
+    tcol = chunk_targets(labels, c0, c1)
+    put_at_targets(z, tcol, -lim)  # in range, and no larger than any clamped non-target: neutral for the checks below
     lo, mx = torch.aminmax(z, dim=1)
     keep = slope = raw = None
-    if float(lo.min()) < -lim or float(mx.max()) > lim:  # the clamp passes no gradient outside
+    # the clamp passes no gradient outside it. On the CPU its mask costs a pass only when some |c| is past it;
+    # on a GPU, looking would be a host sync per chunk, so the mask is always built
+    if not values_at_hand(z) or float(lo.min()) < -lim or float(mx.max()) > lim:
         keep = (z >= -lim) & (z <= lim)
         z.clamp_(-lim, lim)
+        mx = mx.clamp(-lim, lim)
     if nt.t is not None:  # CurricularFace: hard non-targets c > phi_i become c (t + c), slope t + 2c
         raw = z.clone()
         c = z / s
@@ -106,8 +111,8 @@ def chunk_logits(xs, w, rw, labels, c0, c1, s, nt: NonTarget | None = None) -> C
         keep = ~high if keep is None else keep & ~high
         z.masked_fill_(high, 0.0)
         mx = z.amax(1)
-    z[rows, cols] = -math.inf
-    return Chunk(z, mx, keep, rows, cols, slope, raw, kidx)
+    put_at_targets(z, tcol, -math.inf)
+    return Chunk(z, mx, keep, tcol, slope, raw, kidx)
 
 
 def spread(e: torch.Tensor, kidx: torch.Tensor | None, K: int) -> torch.Tensor:
@@ -171,12 +176,12 @@ def center_grad(
             if ch.slope is not None:
                 e.mul_(ch.slope)
             z = ch.raw if ch.raw is not None else ch.z  # sum_i G_ij c_ij = sum_i gr_i E_ij (s c_ij)
-            z[ch.rows, ch.cols] = 0.0
+            put_at_targets(z, ch.tcol, 0.0)
             e = spread(e, ch.kidx, K)
             z = spread(z, ch.kidx, K)
-            tcol = ch.cols * K + (nt.kt[ch.rows] if K > 1 else 0)  # the target's sub-center row in the chunk
-            e[ch.rows, tcol] = t_e[ch.rows]
-            z[ch.rows, tcol] = s * raw_t[ch.rows]
+            tcol = torch.where(ch.tcol >= 0, ch.tcol * K + (nt.kt if K > 1 else 0), ch.tcol)  # the target's sub-center
+            put_at_targets(e, tcol, t_e)
+            put_at_targets(z, tcol, s * raw_t)
             dot = torch.mv(z.mul_(e).T, gr)
             e.mul_(rw[None, r0:r1])
         out = dw[r0:r1] if dw.dtype == cd else torch.empty(r1 - r0, w.shape[1], dtype=cd, device=w.device)

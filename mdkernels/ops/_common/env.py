@@ -30,6 +30,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def values_at_hand(t: torch.Tensor) -> bool:
+    """True when reading ``t``'s values costs nothing: a CPU tensor (unless the tests make the CPU take the
+    GPU's path, :data:`mdkernels._validate.DEFER_ON_CPU`). On a GPU a read is a host sync: the fused paths
+    never make one in a training step."""
+    from mdkernels import _validate
+
+    return t.device.type == "cpu" and not _validate.DEFER_ON_CPU
+
+
 def triton_runs(t: torch.Tensor) -> bool:
     """True when a Triton kernel can run on ``t``: a CUDA tensor, or a CPU tensor under the interpreter."""
     return HAS_TRITON and (t.is_cuda or interpreting())
@@ -57,3 +66,28 @@ def capability(device: torch.device) -> int | None:
 def _props(index: int) -> tuple[int, int]:
     p = torch.cuda.get_device_properties(index)
     return p.multi_processor_count, 10 * p.major + p.minor
+
+
+_OPERANDS = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_operands(t: torch.Tensor) -> str:
+    """The dots' operand dtype for ``t`` under ``torch.autocast``, as the custom ops carry it: "bfloat16" or
+    "float16" for fp32 inputs inside an autocast region of their device, else "" (the inputs' own dtype).
+    Read by the public functions, outside the custom op, whose own body runs with autocast off."""
+    if t.dtype != torch.float32 or t.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(t.device.type):
+        return ""
+    dtype = torch.get_autocast_dtype(t.device.type)
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "")
+
+
+def operand_dtype(name: str) -> torch.dtype | None:
+    """The custom ops carry the dots' operand dtype as a string ("" = the inputs' own)."""
+    return _OPERANDS[name]
+
+
+def no_autocast(t: torch.Tensor):
+    """The fused ops choose their own precision (``op_dtype``): autocast must not re-cast the torch ops inside."""
+    import contextlib
+
+    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cuda", "cpu") else contextlib.nullcontext()

@@ -33,11 +33,12 @@ def grad_scale(gr: torch.Tensor, coef: torch.Tensor, s: float) -> torch.Tensor:
     return bound.clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
 
 
-def embedding_grad(x, w, o_bar, gr, coef, labels_k, rw):
+def embedding_grad(x, w, o_bar, gr, coef, labels_k, rw, use_cuda=False):
     """``dL/dx`` without a GEMM: ``dL/dn(x_i) = gr_i o_bar_i + coef_i n(w_{y_i})``, then the normalisation
-    backward. Rows with ``labels_k < 0`` (and centers without rows: an empty shard) add no target term."""
+    backward (the CUDA row kernel only for ``backend="cuda"``: ``use_cuda``). Rows with ``labels_k < 0`` (and
+    centers without rows: an empty shard) add no target term."""
     dxh = o_bar * gr[:, None]
     if w.shape[0]:
         safe = labels_k.clamp_min(0)
         dxh += coef[:, None] * (w[safe].to(dxh.dtype) * rw[safe, None])
-    return normalize_backward(x, dxh)
+    return normalize_backward(x, dxh, use_cuda=use_cuda)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from mdkernels._spec import THETA_CLAMP, compute_dtype
+from mdkernels._validate import value_check
 from mdkernels.ops.l2norm import row_rnorm
 
 
@@ -98,7 +99,9 @@ def distillation_margins(
 ) -> torch.Tensor:
     """MarginDistillation's per-row margins ``(m_max - m_min)/Dmax * cT + m_min`` (no gradient), ``(B,)``.
 
-    ``dmax``: ``"batch"`` (the largest valid ``cT``), ``"global"`` (the same over every rank) or a float.
+    ``dmax``: ``"batch"`` (the largest valid ``cT``), ``"global"`` (the same over every rank), a float, or a
+    0-d tensor (the sharded head's global max). A measured Dmax stays on the device: no host sync. Dmax <= 0 is
+    an error (at once on the CPU; on a GPU at the next call, :func:`mdkernels._validate.value_check`).
     """
     if isinstance(dmax, str):
         if dmax not in ("batch", "global"):
@@ -106,9 +109,15 @@ def distillation_margins(
         largest = teacher_cos.detach().masked_fill(~valid, -math.inf).amax()
         if dmax == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
-        dmax = float(largest)
-        if dmax == -math.inf:  # no valid row anywhere: the margins are never used
-            return torch.full_like(teacher_cos, m_min)
+        dmax = largest
+    if isinstance(dmax, torch.Tensor):
+        none = dmax == -math.inf  # no valid row anywhere: the margins are never used
+        value_check((dmax <= 0) & ~none, "MarginDistillation needs Dmax > 0 (the largest teacher cosine to its own "
+                    "center): the teacher does not separate this batch; check teacher_centers/teacher embeddings, or "
+                    "pass dmax=<float>")  # fmt: skip
+        d = torch.where(dmax > 0, dmax, torch.ones_like(dmax))
+        margins = teacher_cos.detach() * ((m_max - m_min) / d) + m_min
+        return torch.where(none, torch.full_like(margins, m_min), margins)
     if not dmax > 0:
         raise ValueError(
             f"MarginDistillation needs Dmax > 0 (the largest teacher cosine to its own center), got {dmax}: "
@@ -156,14 +165,28 @@ class NonTarget(NamedTuple):
 
 def elastic_margins(cos_t: torch.Tensor, valid: torch.Tensor, m: float, std: float, *, plus: bool, order: str,
                     generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
-    """ElasticFace's per-row margins ``N(m, std)`` for the valid rows (0 elsewhere), drawn on the CPU from
-    ``generator`` (reproducible on any device). ``plus`` sorts them against the target cosines: ``order=
-    "paper"`` gives the largest cosine the smallest margin, ``"official"`` reproduces utils/losses.py's
-    ``sorted_margins[argsort(cos, descending)]``."""
-    index = valid.nonzero().squeeze(1)
-    draws = torch.normal(m, std, size=(index.numel(),), generator=generator).to(cos_t.device, cos_t.dtype)
-    if plus and index.numel():
-        by_cosine = torch.argsort(cos_t.detach()[index], descending=True)
-        ascending = torch.sort(draws).values
-        draws = ascending[by_cosine] if order == "official" else ascending.scatter(0, by_cosine, ascending)
-    return torch.zeros_like(cos_t).index_copy_(0, index, draws)
+    """ElasticFace's per-row margins ``N(m, std)``: one draw per row of the batch, in batch order (0 on ignored
+    rows), without a host sync. A CPU ``generator`` draws on the CPU (reproducible on any device) and the draws
+    go to the device without waiting; no generator: the device's RNG. ``plus`` sorts the valid rows' draws
+    against their target cosines: ``order="paper"`` gives the largest cosine the smallest margin, ``"official"``
+    reproduces utils/losses.py's ``sorted_margins[argsort(cos, descending)]``. As
+    :func:`mdkernels.reference.elastic_margins` (the named deviation: the official code draws only for labelled
+    rows; with no ignored row the two agree draw for draw)."""
+    B = cos_t.shape[0]
+    if generator is not None and generator.device.type == "cpu":
+        draws = torch.normal(m, std, size=(B,), generator=generator)
+        if cos_t.is_cuda:
+            draws = draws.pin_memory()
+        draws = draws.to(cos_t.device, cos_t.dtype, non_blocking=True)
+    else:
+        draws = torch.normal(m, std, size=(B,), generator=generator, device=cos_t.device).to(cos_t.dtype)
+    if plus and B:
+        ascending = torch.sort(torch.where(valid, draws, torch.full_like(draws, math.inf))).values  # valid first
+        by_cosine = torch.argsort(torch.where(valid, cos_t.detach(), torch.full_like(draws, -math.inf)),
+                                  descending=True, stable=True)  # valid rows first, by descending cosine
+        if order == "official":  # the k-th valid row (batch order) takes ascending[subset index of its k-th]
+            rank = torch.cumsum(valid.long(), 0) - 1  # each valid row's index among the valid rows
+            draws = ascending[rank[by_cosine][rank.clamp_min(0)]]
+        else:  # the row of the k-th largest cosine takes the k-th smallest draw
+            draws = torch.empty_like(draws).scatter_(0, by_cosine, ascending)
+    return torch.where(valid, draws, torch.zeros_like(draws))

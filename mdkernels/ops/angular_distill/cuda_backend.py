@@ -5,30 +5,24 @@ from __future__ import annotations
 import torch
 
 from mdkernels import _cuda_ext
-from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import compute_dtype
 
 
-@guard_device
 def forward(s, t, p):
     """Row losses and the statistics ``(|s|, |t|, cos)``, all ``(R,)``."""
     R, D = s.shape
     cd = compute_dtype(s)
     loss, ns, nt, cos = (torch.empty(R, dtype=cd, device=s.device) for _ in range(4))
-    ext = _cuda_ext.ext
-    ext.angular_forward(_cuda_ext.dtype_code(s), s.data_ptr(), t.data_ptr(), loss.data_ptr(), ns.data_ptr(),
-                        nt.data_ptr(), cos.data_ptr(), R, D, s.stride(0), t.stride(0), float(p),
-                        _cuda_ext.stream_of(s))  # fmt: skip
+    _cuda_ext.call("angular_forward", s, _cuda_ext.dtype_code(s), s.data_ptr(), t.data_ptr(), loss.data_ptr(),
+                   ns.data_ptr(), nt.data_ptr(), cos.data_ptr(), R, D, s.stride(0), t.stride(0), float(p))  # fmt: skip
     return loss, ns, nt, cos
 
 
-@guard_device
 def backward(g, s, t, ns, nt, cos, p):
     """``d loss / d s`` (R, D) in the student's dtype."""
     R, D = s.shape
     ds = torch.empty_like(s)
-    ext = _cuda_ext.ext
-    ext.angular_backward(_cuda_ext.dtype_code(s), s.data_ptr(), t.data_ptr(), g.data_ptr(), ns.data_ptr(),
-                         nt.data_ptr(), cos.data_ptr(), ds.data_ptr(), R, D, s.stride(0), t.stride(0), float(p),
-                         _cuda_ext.stream_of(s))  # fmt: skip
+    _cuda_ext.call("angular_backward", s, _cuda_ext.dtype_code(s), s.data_ptr(), t.data_ptr(), g.data_ptr(),
+                   ns.data_ptr(), nt.data_ptr(), cos.data_ptr(), ds.data_ptr(), R, D, s.stride(0), t.stride(0),
+                   float(p))  # fmt: skip
     return ds

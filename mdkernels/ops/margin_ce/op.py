@@ -34,7 +34,8 @@ import torch
 
 from mdkernels import backends
 from mdkernels._spec import compute_dtype
-from mdkernels._validate import check_label_values
+from mdkernels._validate import label_mask
+from mdkernels.ops._common.env import no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import NonTarget, curricular_threshold, margin_target_and_slope
 from mdkernels.ops.l2norm import row_rnorm
@@ -58,13 +59,12 @@ def target_cosine(x, w, labels_k, rx, rw, K):
 def _target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, grad, easy, theta_clip, cos_clamp, K, backend,
                   need_dm2=False):  # fmt: skip
     """``(raw_t, kt, z_t, slope, dz_t/dm2)`` of every row (``labels_k < 0``: ignored). ``backend="cuda"`` runs
-    the CUDA row kernel (gather, dot and margin in one launch) for the options it has (one scalar ``m3``,
-    no clip, no easy margin, a clamp at 1, K = 1, no gradient to m2); every other case computes these O(B*D)
+    the CUDA row kernel (gather, dot and margin in one launch) for the options it has (per-row m2 and m3, no
+    clip, no easy margin, a clamp at 1, K = 1, no gradient to m2); every other case computes these O(B*D)
     terms in torch, as the Triton and torch backends always do."""
     cuda_row = backend == "cuda" and K == 1 and not (easy or need_dm2) and theta_clip is None and cos_clamp == 1.0
-    if cuda_row and m3.numel() and bool((m3 == m3[0]).all()):
-        raw_t, z_t, slope = cuda_backend.target_terms(x, w, labels_k, rx, rw, m2, s, m1,
-                                                      float(m3[0]) if m3.numel() else 0.0, fallback, grad)  # fmt: skip
+    if cuda_row and m3.numel():
+        raw_t, z_t, slope = cuda_backend.target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, grad)
         return raw_t, torch.zeros_like(labels_k), z_t, slope, None
     raw_t, kt = target_cosine(x, w, labels_k, rx, rw, K)
     z_t, slope, dm2 = margin_target_and_slope(raw_t.clamp(-cos_clamp, cos_clamp), m2.to(rx.dtype), s=s, m1=m1,
@@ -107,25 +107,35 @@ def forward_impl(
     ignore_index: int,
     need_dx: bool,
     backend: str,
+    op_dtype: str = "",
 ) -> tuple[torch.Tensor, ...]:
     """Returns ``(loss_rows, lse, cos_target, rx, rw, o_bar, kt)``: per-row loss (0 for ignored rows), full
     logsumexp, clamped target cosine, the inverse norms of the rows of x and w, (``need_dx``)
     ``o_bar_i = sum_{j != y_i} p_ij (dz/dc)_ij n(w_j)`` ``(B, D)`` (else ``(0, D)``), and the target's
-    sub-center ``(B,)``. ``m2``, ``m3``: ``(B,)``. ``grad`` only selects the backward's target derivative."""
+    sub-center ``(B,)``. ``m2``, ``m3``: ``(B,)``. ``grad`` only selects the backward's target derivative.
+    ``op_dtype``: the dots' operand dtype under autocast ("bfloat16", "float16"), "" for the inputs' own. x and
+    w are read with their strides (no copy of the centers)."""
     K = int(subcenters)
-    backends.require("margin_ce", backend, x, subcenters=K, curricular_t=curricular_t is not None)
+    backends.require("margin_ce", backend, x, subcenters=K, curricular_t=curricular_t is not None,
+                     autocast=bool(op_dtype))  # fmt: skip
     if K < 1 or w.shape[0] % K:
         raise ValueError(f"subcenters={K} must be >= 1 and divide the centers' rows ({w.shape[0]})")
-    check_label_values(labels, w.shape[0] // K, ignore_index)
-    x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
-    rx, rw = row_rnorm(x), row_rnorm(w)
-    valid = labels != ignore_index
+    with no_autocast(x):
+        return _forward(x, w, labels, m2, m3, curricular_t, s, m1, fallback, easy_margin, theta_clip, cos_clamp,
+                        interclass_filter, K, ignore_index, need_dx, backend, operand_dtype(op_dtype))  # fmt: skip
+
+
+def _forward(x, w, labels, m2, m3, curricular_t, s, m1, fallback, easy_margin, theta_clip, cos_clamp,
+             interclass_filter, K, ignore_index, need_dx, backend, op_dtype):  # fmt: skip
+    labels = labels.long()
+    valid = label_mask(labels, w.shape[0] // K, ignore_index)  # out-of-range labels: an error, the row ignored
+    rx, rw = row_rnorm(x, use_cuda=backend == "cuda"), row_rnorm(w, use_cuda=backend == "cuda")
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
     raw_t, kt, z_t, _, _ = _target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, "straight_through",
                                          easy_margin, theta_clip, cos_clamp, K, backend)  # fmt: skip
     cos_t = raw_t.clamp(-cos_clamp, cos_clamp)
     nt = _nontarget(interclass_filter, cos_clamp, curricular_t, raw_t, m2, m3, m1, K, kt)
-    lse_nt, o = BACKENDS[backend].forward(x, w, labels_k, rx, rw, s, nt, need_dx)
+    lse_nt, o = BACKENDS[backend].forward(x, w, labels_k, rx, rw, s, nt, need_dx, op_dtype=op_dtype)
     lse = torch.where(valid, torch.logaddexp(lse_nt, z_t), lse_nt)  # ignored rows: lse over all classes
     loss_rows = torch.where(valid, lse - z_t, torch.zeros_like(lse))
     if need_dx:  # the non-target share of the softmax mass turns o (normalised over non-targets) into o_bar
@@ -140,16 +150,16 @@ def margin_ce_forward(
     x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, m2: torch.Tensor, m3: torch.Tensor,
     curricular_t: torch.Tensor | None, s: float, m1: float, fallback: bool, grad: str, easy_margin: bool,
     theta_clip: float | None, cos_clamp: float, interclass_filter: float | None, subcenters: int, ignore_index: int,
-    need_dx: bool, backend: str,
+    need_dx: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused forward as a torch.library op (see :func:`forward_impl`)."""
     return forward_impl(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip, cos_clamp,
-                        interclass_filter, subcenters, ignore_index, need_dx, backend)  # fmt: skip
+                        interclass_filter, subcenters, ignore_index, need_dx, backend, op_dtype)  # fmt: skip
 
 
 @margin_ce_forward.register_fake
 def _(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip, cos_clamp,
-      interclass_filter, subcenters, ignore_index, need_dx, backend):  # fmt: skip
+      interclass_filter, subcenters, ignore_index, need_dx, backend, op_dtype):  # fmt: skip
     cd = compute_dtype(x)
     row = x.new_empty(x.shape[0], dtype=cd)
     o_bar = x.new_empty(x.shape[0] if need_dx else 0, x.shape[1], dtype=cd)
@@ -184,16 +194,25 @@ def backward_impl(
     need_dw: bool,
     need_dm2: bool,
     backend: str,
+    op_dtype: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dw, dm2)``, each empty (0 elements) when not needed. ``dx`` needs no GEMM (``o_bar``);
     ``dw`` is the only pass over the classes, and there is none for frozen centers; ``dm2 = dL/dm2`` ``(B,)``
-    comes from the per-row statistics alone."""
+    comes from the per-row statistics alone. Gradients come back in the dtype and layout of x and w."""
     if need_dx and o_bar.shape[0] != x.shape[0]:
         raise ValueError("margin_ce_backward: dx needs the forward's o_bar; call the forward with need_dx=True")
-    K = int(subcenters)
-    x, w, labels = x.contiguous(), w.contiguous(), labels.long().contiguous()
+    with no_autocast(x):
+        return _backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback,
+                              grad, easy_margin, theta_clip, cos_clamp, interclass_filter, int(subcenters),
+                              ignore_index, need_dx, need_dw, need_dm2, backend, operand_dtype(op_dtype))  # fmt: skip
+
+
+def _backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad,
+                   easy_margin, theta_clip, cos_clamp, interclass_filter, K, ignore_index, need_dx, need_dw, need_dm2,
+                   backend, op_dtype):  # fmt: skip
+    labels = labels.long()
     cd = rx.dtype
-    valid = labels != ignore_index
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < w.shape[0] // K)  # as the forward counted them
     gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse))
     labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
     raw_t, _, z_t, slope, dz_dm2 = _target_terms(x, w, labels_k, rx, rw, m2, m3, s, m1, fallback, grad, easy_margin,
@@ -202,10 +221,11 @@ def backward_impl(
     dx = dw = dm2 = None
     if need_dx:
         rows = labels_k.clamp_min(0) * K + kt  # the target's sub-center row
-        dx = embedding_grad(x, w, o_bar, gr, coef, torch.where(valid, rows, torch.full_like(rows, -1)), rw)
+        dx = embedding_grad(x, w, o_bar, gr, coef, torch.where(valid, rows, torch.full_like(rows, -1)), rw,
+                            use_cuda=backend == "cuda")  # fmt: skip
     if need_dw:
         nt = _nontarget(interclass_filter, cos_clamp, curricular_t, raw_t, m2, m3, m1, K, kt)
-        dw = BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, nt)
+        dw = BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, nt, op_dtype=op_dtype)
     if need_dm2:  # dL/dm2 = gr (p_t - 1) dz_t/dm2, per row: no pass over the classes
         if dz_dm2 is None:
             raise ValueError("margin_ce_backward: dm2 needs the torch target terms")
@@ -220,17 +240,18 @@ def margin_ce_backward(
     m3: torch.Tensor, curricular_t: torch.Tensor | None, lse: torch.Tensor, rx: torch.Tensor, rw: torch.Tensor,
     o_bar: torch.Tensor, kt: torch.Tensor, s: float, m1: float, fallback: bool, grad: str, easy_margin: bool,
     theta_clip: float | None, cos_clamp: float, interclass_filter: float | None, subcenters: int, ignore_index: int,
-    need_dx: bool, need_dw: bool, need_dm2: bool, backend: str,
+    need_dx: bool, need_dw: bool, need_dm2: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused backward as a torch.library op (see :func:`backward_impl`)."""
     return backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad,
                          easy_margin, theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index, need_dx,
-                         need_dw, need_dm2, backend)  # fmt: skip
+                         need_dw, need_dm2, backend, op_dtype)  # fmt: skip
 
 
 @margin_ce_backward.register_fake
 def _(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad, easy_margin,
-      theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index, need_dx, need_dw, need_dm2, backend):  # fmt: skip
+      theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index, need_dx, need_dw, need_dm2, backend,
+      op_dtype):  # fmt: skip
     return ((torch.empty_like(x) if need_dx else x.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0)),
             (torch.empty_like(m2) if need_dm2 else x.new_empty(0)))  # fmt: skip
 
@@ -239,8 +260,8 @@ def _setup_context(ctx, inputs, output):
     x, w, labels, m2, m3, curricular_t, *args = inputs
     _, lse, _, rx, rw, o_bar, kt = output
     ctx.save_for_backward(x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt)
-    ctx.args = tuple(args[:-2])  # s .. ignore_index
-    ctx.backend = args[-1]
+    ctx.args = tuple(args[:-3])  # s .. ignore_index
+    ctx.backend, ctx.op_dtype = args[-2], args[-1]
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -248,10 +269,10 @@ def _backward(ctx, grad_rows, *_unused):
     x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt = ctx.saved_tensors
     need_dx, need_dw, need_dm2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     if not (need_dx or need_dw or need_dm2):
-        return (None,) * 18
+        return (None,) * 19
     dx, dw, dm2 = margin_ce_backward(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, *ctx.args,
-                                     need_dx, need_dw, need_dm2, ctx.backend)  # fmt: skip
-    return (dx if need_dx else None), (dw if need_dw else None), None, (dm2 if need_dm2 else None), *(None,) * 14
+                                     need_dx, need_dw, need_dm2, ctx.backend, ctx.op_dtype)  # fmt: skip
+    return (dx if need_dx else None), (dw if need_dw else None), None, (dm2 if need_dm2 else None), *(None,) * 15
 
 
 torch.library.register_autograd("mdkernels::margin_ce_forward", _backward, setup_context=_setup_context)

@@ -20,10 +20,11 @@ from mdkernels.ops._common.env import NEG_BIG
 from mdkernels.ops._common.margin import NonTarget
 
 
-def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
+def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o, op_dtype=None):
     """``(lse_nt, o)``: the logsumexp of the non-target logits ``(B,)`` and, when ``need_o``,
     ``o_i = sum_j softmax_nt(z_i)_j (dz/dc)_ij n(w_j)`` over the entries that pass a gradient ``(B, D)``
-    (``n(w_j)`` of the sub-center each class's cosine came from)."""
+    (``n(w_j)`` of the sub-center each class's cosine came from). Any strides. ``op_dtype`` (autocast) is
+    not used: this backend computes in fp32, the GPU path's result less its 16-bit operand rounding."""
     B, C = x.shape[0], w.shape[0] // nt.K
     cd = rx.dtype
     xs = x.to(cd) * (rx * s)[:, None]  # s * n(x): a chunk's product scaled by 1/|w_j| is s*c
@@ -62,7 +63,7 @@ def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o):
     return lse_nt, o
 
 
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget):
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype=None):
     """``dL/dW`` (C K, D) in the centers' dtype, written once per chunk (:func:`chunked.center_grad`), with
     the non-target ``dL/dc = gr s exp(z - lse) (dz/dc)/s``."""
     xs = x.to(rx.dtype) * (rx * s)[:, None]

@@ -27,8 +27,9 @@ import torch
 
 from mdkernels import backends
 from mdkernels._spec import compute_dtype
-from mdkernels._validate import check_label_values
+from mdkernels._validate import label_mask
 from mdkernels.ops._common.chunked import target_cos
+from mdkernels.ops._common.env import no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import margin_target_and_slope
 from mdkernels.ops.l2norm import row_rnorm
@@ -47,17 +48,24 @@ def _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_in
     return valid, safe, raw_s, z_ts, z_tt, slope
 
 
-def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend):
+def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend, op_dtype=""):
     """Returns ``(loss_rows, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar)``: ``(B,)`` vectors but ``rw: (C,)``
     and ``o_bar``, the non-target ``dL/dn(x_s)`` per unit of upstream gradient, ``(B, D)`` (``(0, D)``
-    without ``need_dx``)."""
+    without ``need_dx``). ``op_dtype``: the dots' operand dtype under autocast, "" for the inputs' own. Any
+    strides."""
     backends.require("margin_kd", backend, xs)
-    check_label_values(labels, w.shape[0], ignore_index)
-    xs, xt, w, labels = xs.contiguous(), xt.contiguous(), w.contiguous(), labels.long().contiguous()
+    with no_autocast(xs):
+        labels = labels.long()
+        labels_k = torch.where(label_mask(labels, w.shape[0], ignore_index), labels, torch.full_like(labels, -1))
+        return _forward(xs, xt, w, labels_k, T, alpha, s, m1, m2, m3, fallback, need_dx, backend,
+                        operand_dtype(op_dtype))  # fmt: skip
+
+
+def _forward(xs, xt, w, labels_k, T, alpha, s, m1, m2, m3, fallback, need_dx, backend, op_dtype):
     rxs, rxt, rw = row_rnorm(xs), row_rnorm(xt), row_rnorm(w)
-    valid, _, _, z_ts, z_tt, _ = _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, ignore_index)
-    labels_k = torch.where(valid, labels, torch.full_like(labels, -1))
-    (m_s, l_s, l_sT, m_t, l_tT, A), o3 = BACKENDS[backend].forward(xs, xt, w, labels_k, rxs, rxt, rw, s, T, need_dx)
+    valid, _, _, z_ts, z_tt, _ = _targets(xs, xt, w, labels_k, rxs, rxt, rw, s, m1, m2, m3, fallback, -1)
+    (m_s, l_s, l_sT, m_t, l_tT, A), o3 = BACKENDS[backend].forward(xs, xt, w, labels_k, rxs, rxt, rw, s, T, need_dx,
+                                                                  op_dtype=op_dtype)  # fmt: skip
     # add the target class (valid rows only) to each statistic
     zs_t = torch.where(valid, z_ts, torch.full_like(z_ts, -math.inf))
     zt_t = torch.where(valid, z_tt, torch.full_like(z_tt, -math.inf))
@@ -80,15 +88,23 @@ def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_in
 
 
 def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1, m2, m3,
-                  fallback, ignore_index, need_dx, need_dw, backend):  # fmt: skip
+                  fallback, ignore_index, need_dx, need_dw, backend, op_dtype=""):  # fmt: skip
     """Returns ``(dx_s, dw)``, each empty when not needed: ``dx_s`` from ``o_bar`` (no GEMM), ``dw`` the only
     pass over the classes."""
     if need_dx and o_bar.shape[0] != xs.shape[0]:
         raise ValueError("margin_kd_backward: dx needs the forward's o_bar; call the forward with need_dx=True")
-    xs, xt, w, labels = xs.contiguous(), xt.contiguous(), w.contiguous(), labels.long().contiguous()
+    with no_autocast(xs):
+        labels = labels.long()
+        inside = (labels != ignore_index) & (labels >= 0) & (labels < w.shape[0])  # as the forward counted them
+        labels_k = torch.where(inside, labels, torch.full_like(labels, -1))
+        return _backward(grad_rows, xs, xt, w, labels_k, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1,
+                         m2, m3, fallback, need_dx, need_dw, backend, operand_dtype(op_dtype))  # fmt: skip
+
+
+def _backward(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1, m2, m3,
+              fallback, need_dx, need_dw, backend, op_dtype):  # fmt: skip
     cd = rxs.dtype
-    valid, _, raw_s, z_ts, z_tt, slope = _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback,
-                                                   ignore_index)  # fmt: skip
+    valid, _, raw_s, z_ts, z_tt, slope = _targets(xs, xt, w, labels, rxs, rxt, rw, s, m1, m2, m3, fallback, -1)
     gr = torch.where(valid, grad_rows.to(cd), torch.zeros_like(lse_s))
     dz_t = (1 - alpha) * (torch.exp(z_ts - lse_s) - 1) + alpha * T * (
         torch.exp(z_ts / T - lse_sT) - torch.exp(z_tt / T - lse_tT)
@@ -98,7 +114,7 @@ def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt,
     dx = embedding_grad(xs, w, o_bar, gr, coef, labels_k, rw) if need_dx else xs.new_empty(0)
     if need_dw:
         dw = BACKENDS[backend].center_grad(xs, xt, w, labels_k, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_s,
-                                           s, T, alpha)  # fmt: skip
+                                           s, T, alpha, op_dtype=op_dtype)  # fmt: skip
     else:
         dw = w.new_empty(0)
     return dx, dw
@@ -107,15 +123,15 @@ def backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt,
 @torch.library.custom_op("mdkernels::margin_kd_forward", mutates_args=())
 def margin_kd_forward(
     xs: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, T: float, alpha: float, s: float,
-    m1: float, m2: float, m3: float, fallback: bool, ignore_index: int, need_dx: bool, backend: str,
+    m1: float, m2: float, m3: float, fallback: bool, ignore_index: int, need_dx: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:  # fmt: skip
     """The fused KD forward as a torch.library op (see :func:`forward_impl`)."""
-    return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend)
+    return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend, op_dtype)
 
 
 @margin_kd_forward.register_fake
-def _(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend):
+def _(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend, op_dtype):
     row = xs.new_empty(xs.shape[0], dtype=compute_dtype(xs))
     o_bar = xs.new_empty(xs.shape[0] if need_dx else 0, xs.shape[1], dtype=row.dtype)
     return (row, *(torch.empty_like(row) for _ in range(5)), xs.new_empty(w.shape[0], dtype=row.dtype), o_bar)
@@ -126,16 +142,16 @@ def margin_kd_backward(
     grad_rows: torch.Tensor, xs: torch.Tensor, xt: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
     lse_s: torch.Tensor, lse_sT: torch.Tensor, lse_tT: torch.Tensor, rxs: torch.Tensor, rxt: torch.Tensor,
     rw: torch.Tensor, o_bar: torch.Tensor, T: float, alpha: float, s: float, m1: float, m2: float, m3: float,
-    fallback: bool, ignore_index: int, need_dx: bool, need_dw: bool, backend: str,
+    fallback: bool, ignore_index: int, need_dx: bool, need_dw: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused KD backward as a torch.library op (see :func:`backward_impl`)."""
     return backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1,
-                         m2, m3, fallback, ignore_index, need_dx, need_dw, backend)  # fmt: skip
+                         m2, m3, fallback, ignore_index, need_dx, need_dw, backend, op_dtype)  # fmt: skip
 
 
 @margin_kd_backward.register_fake
 def _(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1, m2, m3, fallback,
-      ignore_index, need_dx, need_dw, backend):  # fmt: skip
+      ignore_index, need_dx, need_dw, backend, op_dtype):  # fmt: skip
     return (torch.empty_like(xs) if need_dx else xs.new_empty(0)), (torch.empty_like(w) if need_dw else w.new_empty(0))
 
 
@@ -143,18 +159,18 @@ def _setup_context(ctx, inputs, output):
     xs, xt, w, labels, *args = inputs
     _, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar = output
     ctx.save_for_backward(xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar)
-    ctx.args = args[:-2]  # T .. ignore_index
-    ctx.backend = args[-1]
+    ctx.args = args[:-3]  # T .. ignore_index
+    ctx.backend, ctx.op_dtype = args[-2], args[-1]
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_rows, *_unused):
+def _autograd_backward(ctx, grad_rows, *_unused):
     saved = ctx.saved_tensors
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if not (need_dx or need_dw):
-        return (None,) * 14
-    dx, dw = margin_kd_backward(grad_rows, *saved, *ctx.args, need_dx, need_dw, ctx.backend)
-    return (dx if need_dx else None), None, (dw if need_dw else None), *(None,) * 11
+        return (None,) * 15
+    dx, dw = margin_kd_backward(grad_rows, *saved, *ctx.args, need_dx, need_dw, ctx.backend, ctx.op_dtype)
+    return (dx if need_dx else None), None, (dw if need_dw else None), *(None,) * 12
 
 
-torch.library.register_autograd("mdkernels::margin_kd_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mdkernels::margin_kd_forward", _autograd_backward, setup_context=_setup_context)

@@ -15,7 +15,7 @@ from mdkernels.ops._common import chunked
 from mdkernels.ops._common.env import NEG_BIG
 
 
-def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
+def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o, op_dtype=None):
     """``(stats, o3)``: ``stats = (m_s, l_s, l_sT, m_t, l_tT, A)`` over the non-target classes, each
     ``(B,)``; ``o3: (3, B, D)`` the accumulators relative to ``m_s``, ``m_s / T`` and ``m_t / T`` (None
     without ``need_o``)."""
@@ -49,7 +49,7 @@ def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o):
     return (m_s, l_s, l_sT, m_t, l_tT, A), (o3.view(3, B, -1) if need_o else None)
 
 
-def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_t, s, T, alpha):
+def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef, raw_t, s, T, alpha, op_dtype=None):
     """``dL/dW`` (C, D) in the centers' dtype: the non-target ``dL/dc_s / (gr s) = (1-a) p_s + a T (q_s -
     q_t)``, the teacher's chunk recomputed alongside (:func:`chunked.center_grad`)."""
     cd = rxs.dtype
