@@ -9,7 +9,8 @@ Environment flags (read at build time, printed so a build log says what happened
     MDK_BUILD_CPU    AUTO (default): build mdkernels._cpu (csrc/cpu/, the CPU path's chunk epilogues) with
                      the host compiler; a failed build falls back to pure torch with a warning
                      ON: fail loudly when it cannot be built; OFF: pure torch on the CPU
-    MDK_CUDA_ARCHS   CMake CUDA architectures, default "80;90" (A100 and H100/H200)
+    MDK_CUDA_ARCHS   CMake CUDA architectures, default "80-real;90-real;90-virtual": sm_80 cubins (also run on
+                     sm_86/sm_89), sm_90 cubins, and compute_90 PTX for Blackwell and later
     MAX_JOBS         parallel compile jobs; default derived from cores and free memory
     MDK_BUILD_EMULATOR_ASAN  1: also build mdkernels._cuda_emu_asan, the CPU emulator of the CUDA kernels
                      under AddressSanitizer (CI sets it; python_tests/test_cuda_emulated.py uses it)
@@ -122,7 +123,7 @@ class CMakeBuild(build_ext):
 
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("MDK_CUDA_ARCHS", "80;90")
+        archs = os.environ.get("MDK_CUDA_ARCHS", "80-real;90-real;90-virtual")
         jobs = _max_jobs()
         build_temp = Path(self.build_temp).resolve() / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)

@@ -93,11 +93,16 @@ def child(spec: dict) -> None:
     print(harness.maxrss_bytes() - base)
 
 
-def run(ops, device, reps):
+TINY = dict(B=16, D=32, C=300)  # --tiny: the dry run of bench/gpu_check.sh
+
+
+def run(ops, device, reps, tiny=False):
     rows = []
     for op, variant, shape in CASES:
         if op not in ops:
             continue
+        if tiny:
+            shape = {k: (TINY[k] if v else 0) for k, v in shape.items()}
         inputs, extra = make(op, variant, shape, device)
         for name, (impl, kw) in providers(device, op).items():
             fn = lambda impl=impl, kw=kw, op=op, inputs=inputs, extra=extra: step(op, impl, inputs, kw, extra)
@@ -124,8 +129,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (a dry run of the plumbing)")
     args = p.parse_args(argv)
-    rows = run(args.ops, args.device, args.reps)
+    rows = run(args.ops, args.device, args.reps, args.tiny)
     for r in rows:
         mib = r["peak_mem_bytes"] / 2**20
         case = f"{r['op']:>20} {r['variant']:>5} B={r['B']:<4}"

@@ -8,9 +8,14 @@ Providers: every mdkernels backend (``mdk_triton`` and ``mdk_cuda`` on GPU, ``md
 ``compile_reference`` (torch.compile of it); ``insightface_eager`` (normalised F.linear, margin on the
 target, F.cross_entropy: what users run today); ``pml_arcface`` (pytorch-metric-learning, where
 installed); ``torch_linear_ce`` (F.linear_cross_entropy, no margin and no normalisation: the fused CE
-floor); ``liger_flce`` (Liger-Kernel's fused linear CE, GPU, where installed); and ``gemm_bound``, the
+floor); ``liger_flce`` (Liger-Kernel's fused linear CE, GPU, where installed); ``cce`` (cut-cross-entropy's
+``linear_cross_entropy``, GPU, where installed); and ``gemm_bound``, the
 bare matmuls of the same shapes and dtype (forward ``x@W^T``, backward ``G@W`` and ``G^T@x``): the
 floor the fused op is measured against.
+
+``--amp``: fp32 inputs, every provider under ``torch.autocast`` (bf16), the variant ``amp``. On a CPU under
+``TRITON_INTERPRET=1`` the Triton provider runs interpreted, and with ``MDK_FAKE_DEVICE`` set the CUDA provider
+runs on the emulator: bench/gpu_check.sh's dry run, tiny shapes only.
 
 Rows go to bench/results/<device>.csv; ``--plot`` writes bench/results/<device>_margin_ce_*.png.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import torch
@@ -62,14 +68,29 @@ def providers(device: str) -> dict:
         "torch_linear_ce": lambda x, w, y: F.linear_cross_entropy(x, w, y),
         "gemm_bound": None,
     }
-    if device == "cuda":
+    info = mdkernels.info()
+    if device == "cuda" or (info["triton_available"] and info["triton_interpret"]):
         out = {"mdk_triton": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="triton"), **out}
-        if mdkernels.info()["cuda_extension"]:
-            out = {"mdk_cuda": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="cuda"), **out}
+    if device == "cuda" and info["cuda_extension"]:
+        out = {"mdk_cuda": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="cuda"), **out}
+    elif device == "cpu" and os.environ.get("MDK_FAKE_DEVICE") and info["cuda_emulator"]:
+
+        def emulated(x, w, y):
+            with mdkernels._cuda_ext.emulated():
+                return mdkernels.margin_cross_entropy(x, w, y, backend="cuda")
+
+        out = {"mdk_cuda": emulated, **out}
+    if device == "cuda":
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
             out["liger_flce"] = lambda x, w, y: liger_fused_linear_cross_entropy(x, w, y)
+        except ImportError:
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy
+
+            out["cce"] = lambda x, w, y: linear_cross_entropy(x, w, y)
         except ImportError:
             pass
     try:
@@ -154,12 +175,24 @@ def child(spec: dict) -> None:
     print(harness.maxrss_bytes() - base)
 
 
-def run(B, D, C, dtype, device, frozen, reps, only, modes):
+def under_autocast(fn, device):
+    """``fn`` with every call inside ``torch.autocast(device, bfloat16)`` (``--amp``)."""
+
+    def amp(x, w, y):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return fn(x, w, y)
+
+    return amp
+
+
+def run(B, D, C, dtype, device, frozen, reps, only, modes, amp=False):
     rows = []
     x, w, y = make_inputs(B, D, C, DTYPES[dtype], device, frozen)
     calls = {}
     for name, fn in providers(device).items():
         if not only or name in only:
+            if amp and fn is not None:
+                fn = under_autocast(fn, device)
             for mode in modes:
                 calls[(name, mode)] = callables(fn, mode, x, w, y)
     measured = {}
@@ -183,7 +216,7 @@ def run(B, D, C, dtype, device, frozen, reps, only, modes):
             peak = ""
             if device == "cuda":
                 torch.cuda.empty_cache()
-        row = harness.base_row("margin_ce", device, "frozen" if frozen else "")
+        row = harness.base_row("margin_ce", device, "_".join(v for v, on in (("frozen", frozen), ("amp", amp)) if on))
         flops = gemm_count(mode, frozen) * 2 * B * C * D
         tflops = round(flops / (med * 1e-3) / 1e12, 3) if med == med else ""
         row.update(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, ms_median=med, ms_p20=p20, ms_p80=p80,
@@ -207,6 +240,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--modes", nargs="*", default=["fwd+bwd"], choices=["fwd", "bwd", "fwd+bwd"])
     p.add_argument("--frozen", action="store_true", help="centers without gradient (MarginDistillation)")
+    p.add_argument("--amp", action="store_true", help="fp32 inputs under torch.autocast(bfloat16): variant 'amp'")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--only", nargs="*", help="providers to run")
     p.add_argument("--no-save", action="store_true")
@@ -220,7 +254,7 @@ def main(argv=None) -> None:
         grid = [(b, c, dt) for dt in suite["dtypes"] for b in suite["B"] for c in suite["C"]]
     rows = []
     for B, C, dtype in grid:
-        part = run(B, args.D, C, dtype, device, args.frozen, args.reps, args.only, args.modes)
+        part = run(B, args.D, C, dtype, device, args.frozen, args.reps, args.only, args.modes, args.amp)
         harness.print_table(part)
         rows += part
         if not args.no_save:

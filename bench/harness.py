@@ -48,6 +48,10 @@ COLUMNS = [
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's model and cores; ``MDK_FAKE_DEVICE`` overrides both (bench/gpu_check.sh's
+    dry run on a CPU writes its rows under a fake GPU name)."""
+    if os.environ.get("MDK_FAKE_DEVICE"):
+        return os.environ["MDK_FAKE_DEVICE"]
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
     model = platform.processor() or "cpu"

@@ -98,8 +98,9 @@ def raise_pending(wait: bool = False) -> None:
         _PENDING.remove(p)
         if p.flag.numpy().any():  # host memory: no device sync
             _PENDING.clear()
-            raise ValueError(p.message + " (found in an earlier step, whose bad rows counted as ignored: the check "
-                             "runs on the GPU without stalling a step)")  # fmt: skip
+            raise ValueError(p.message + " (a check on the device, reported at the first check after its flag "
+                             "reached the host: it never stalls a step; the call it came from ran with the bad "
+                             "rows ignored)")  # fmt: skip
 
 
 def value_check(bad_any: torch.Tensor, message: str) -> None:

@@ -74,15 +74,16 @@ def collective_check(error: str | None, group=None, batch: int = 0) -> None:
     rank, world = _world(group)
     notes = torch.zeros(world + 2, dtype=torch.int64)  # an error flag per rank, the largest and smallest batch
     notes[rank], notes[world], notes[world + 1] = int(error is not None), batch, -batch
-    dist.all_reduce(notes, op=dist.ReduceOp.MAX, group=host_group(group))  # a CPU tensor: reading it is free
+    dist.all_reduce(notes, op=dist.ReduceOp.MAX, group=host_group(group))
+    seen = notes.numpy().tolist()  # a CPU tensor, always: reading it waits for no GPU
     if error is not None:
         raise ValueError(f"rank {rank}: {error}")
-    bad = [r for r in range(world) if notes[r]]
+    bad = [r for r in range(world) if seen[r]]
     if bad:
         raise ValueError(f"rank(s) {bad} rejected their arguments (see their errors); this rank {rank} stops too")
-    if int(notes[world]) != -int(notes[world + 1]):
-        raise ValueError(f"every rank must pass the same local batch size; got sizes from {-int(notes[world + 1])} "
-                         f"to {int(notes[world])} (this rank {rank}: {batch})")
+    if seen[world] != -seen[world + 1]:
+        raise ValueError(f"every rank must pass the same local batch size; got sizes from {-seen[world + 1]} to "
+                         f"{seen[world]} (this rank {rank}: {batch})")
 
 
 def shard_range(num_classes: int, rank: int, world: int, sizes: list[int] | None = None) -> tuple[int, int]:

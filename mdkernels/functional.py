@@ -311,7 +311,7 @@ def triplet_distillation_loss(
     if triplets is None:
         V.check_labels(labels, student.shape[0], student.device)
     else:
-        V.check_triplets(triplets, student.shape[0])
+        V.check_triplets(triplets, student.shape[0], deferred=backend != "reference")
     if backend == "reference":
         return reference.triplet_distillation_loss(
             student,
@@ -329,8 +329,10 @@ def triplet_distillation_loss(
     if triplets is None and mining == "all":
         return triplet_distill.TripletAll.apply(ds, dt, labels.long(), float(m_min), float(m_max), int(ignore_index),
                                                 backend)  # fmt: skip
-    if triplets is None:
+    if triplets is None:  # mining: one host sync, the number of triplets (data-dependent shapes)
         triplets = triplet_torch.mine(ds, labels.long(), mining, ignore_index)
+    else:  # out-of-range indices are an error (at the next call on a GPU); meanwhile they must not index
+        triplets = triplets.long().clamp(0, max(student.shape[0] - 1, 0))
     return triplet_torch.loss_from_triplets(ds, dt, triplets, m_min, m_max)
 
 

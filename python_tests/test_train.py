@@ -390,3 +390,43 @@ def test_margin_family_bad_flags_are_errors(rec_data, tmp_path):
         train(small_cfg(rec_data, tmp_path / "a", method="adaface", h=-1.0, max_steps=1))
     with pytest.raises(ValueError, match="--sharded covers"):
         train(small_cfg(rec_data, tmp_path / "s", method="subcenter", sharded=True, max_steps=1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_node_bit_for_bit(rec_data, tmp_path):
+    """A sharded MarginDistillation student trained by two torchrun launches (--nnodes 2, one process each, on
+    loopback) ends with the very weights of one launch of two processes: the ranks, the shards and the
+    sharded loss (its host handshake, its device-side checks, no host sync) do not depend on how the processes
+    were started."""
+    teacher = train(small_cfg(rec_data, tmp_path / "t", val=None, max_steps=2))["checkpoint"]
+    train_args = ["-m", "mdkernels.cli", "train", "--data", rec_data["train"], "--method", "margindistill", "--teacher",
+                  teacher, "--sharded", "--backbone", "mobilefacenet", "--width", "0.25", "--embedding-size", "64",
+                  "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--max-steps", "3", "--workers", "0",
+                  "--no-progress", "--no-tensorboard", "--seed", "3"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    one = subprocess.run([*run, "--standalone", "--nproc_per_node=2", *train_args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-4000:]
+    port = _free_port()
+    nodes = [subprocess.Popen([*run, "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                               f"--master_port={port}", *train_args, "--out", str(tmp_path / "two")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in range(2)]  # fmt: skip
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-4000:]
+    a, b = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "two" / "last.pt")
+    assert a["step"] == b["step"] == 3
+    for part in ("backbone", "loss"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    assert torch.equal(a["head"]["head.weight"], b["head"]["head.weight"])

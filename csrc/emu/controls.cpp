@@ -153,7 +153,7 @@ void bind_controls(pybind11::module_& m) {
   m.def("selftest", &selftest, pybind11::arg("name"), "Run one of the emulator's self-test kernels");
   m.def("set_device", &set_device, pybind11::arg("device"), pybind11::arg("smem_optin") = 0,
         "Make `device` the emulated current device; smem_optin > 0 sets its opt-in shared memory per block");
-  m.def("reset_devices", &reset_devices, "Device 0, every opt-in limit back to an H100's, no attribute set");
+  m.def("reset_devices", &reset_devices, "Device 0 current, every opt-in limit back to an H100's (attributes already set stay)");
 }
 
 }  // namespace mdk_emu

@@ -261,10 +261,9 @@ void set_device(int device, int smem_optin_bytes) {
   if (smem_optin_bytes > 0) g_optin[device] = smem_optin_bytes;
 }
 
-void reset_devices() {
+void reset_devices() {  // the attributes set so far stay: a process never loses them
   g_device = 0;
   g_optin.clear();
-  g_max_smem.clear();
 }
 
 int current_device() { return g_device; }

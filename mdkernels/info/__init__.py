@@ -28,6 +28,9 @@ def info() -> dict:
         "triton_available": triton_version is not None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "cuda_extension": ext is not None,
+        "cuda_extension_usable": _cuda_ext.unusable_reason() is None,
+        "cuda_extension_note": _cuda_ext.unusable_reason(),  # why it cannot run here (None: it can)
+        "cuda_driver_floor": _cuda_ext.driver_floor(ext.cuda_runtime_version) if ext is not None else None,
         "cuda_archs": ext.archs.split(",") if ext is not None else [],
         "cuda_runtime_built": ext.cuda_runtime_version if ext is not None else None,
         "cuda_kernels": list(ext.kernels) if ext is not None else [],

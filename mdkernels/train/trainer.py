@@ -185,6 +185,8 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
         teacher = teacher_data(str(teacher_path), cfg.data, teacher_path.parent / "teacher_cache", device)
     if teacher is not None:
         teacher["centers"] = teacher["centers"].to(device)
+    # the model's initial weights from the seed alone: a teacher pass (or its cache) above must not move them
+    torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.backbone, width=cfg.width, embedding_size=cfg.embedding_size,
                               input_size=cfg.input_size).to(device)  # fmt: skip
     loss_fn = MethodLoss(cfg, num_classes, teacher).to(device)
@@ -276,9 +278,11 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
                 done = True
                 break
             imgs, labels, index = imgs.to(device), labels.to(device), index.to(device)
+            # the head inside autocast too: the fused ops then run 16-bit GEMM operands on the fp32 centers
+            # (cast in registers, fp32 accumulation, fp32 gradients), as insightface's PartialFC_V2 under amp
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 emb = model(imgs)
-            loss = loss_fn(emb, labels, index)
+                loss = loss_fn(emb, labels, index)
             bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=device)
             if world > 1:
                 dist.all_reduce(bad)  # every rank stops together

@@ -34,20 +34,20 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
     """
     B = ds.shape[0]
     pos, neg = masks(labels, ignore_index)
-    a_all, p_all = pos.nonzero().unbind(1)
+    a_all, p_all = pos.nonzero().unbind(1)  # the one host sync of mining: the number of pairs sets the work
     step = max(1, CHUNK_TERMS // max(B, 1))
     chunks = [(a_all[i : i + step], p_all[i : i + step]) for i in range(0, a_all.numel(), step)]
     d_max = torch.zeros((), dtype=ds.dtype, device=ds.device)
-    count = 0
+    count = torch.zeros((), dtype=ds.dtype, device=ds.device)  # on the device: no sync per chunk
     for a, p in chunks:
         ok = neg[a]
         gap = (dt[a] - dt[a, p][:, None]).clamp_min_(0)
         d_max = torch.maximum(d_max, torch.where(ok, gap, torch.zeros_like(gap)).amax())
-        count += int(ok.sum())
+        count += ok.sum()
     grad = torch.zeros_like(ds)
     total = torch.zeros((), dtype=ds.dtype, device=ds.device)
-    if count == 0:
-        return total, grad, 0
+    if not chunks:
+        return total, grad, count
     slope = (m_max - m_min) / d_max.clamp_min(EPS)
     for a, p in chunks:
         h = (dt[a] - dt[a, p][:, None]).clamp_min_(0).mul_(slope).add_(m_min)
@@ -57,7 +57,8 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
         total += (h * act).sum()
         grad[a, p] += act.sum(1)  # d/dD_ap: (a, p) pairs are unique
         grad.index_add_(0, a, -act)  # d/dD_an
-    return total / count, grad / count, count
+    n = count.clamp_min(1)  # no valid triplet: 0 and a zero gradient
+    return total / n, grad / n, count
 
 
 
@@ -70,16 +71,17 @@ def mine(dist: torch.Tensor, labels: torch.Tensor, mining: str, ignore_index: in
         raise ValueError(f"mining must be 'all', 'hard' or 'semihard', got {mining!r}")
     pos, neg = masks(labels, ignore_index)
     dist = dist.detach()
+    has_neg = neg.any(1)
+    if mining == "hard":  # one triplet per anchor with a positive and a negative
+        a = (pos.any(1) & has_neg).nonzero().squeeze(1)  # the one host sync of mining: how many triplets
+        p = dist[a].masked_fill(~pos[a], -math.inf).argmax(1)
+        n = dist[a].masked_fill(~neg[a], math.inf).argmin(1)
+        return torch.stack([a, p, n], 1)
+    a_all, p_all = (pos & has_neg[:, None]).nonzero().unbind(1)  # the one host sync of mining
     out = []
-    for a0, a1 in anchor_chunks(dist.shape[0]):
-        if mining == "hard":  # one triplet per anchor with a positive and a negative
-            a = (pos[a0:a1].any(1) & neg[a0:a1].any(1)).nonzero().squeeze(1) + a0
-            p = dist[a].masked_fill(~pos[a], -math.inf).argmax(1)
-            n = dist[a].masked_fill(~neg[a], math.inf).argmin(1)
-            out.append(torch.stack([a, p, n], 1))
-            continue
-        ap = (pos[a0:a1] & neg[a0:a1].any(1, keepdim=True)).nonzero()
-        a, p = ap[:, 0] + a0, ap[:, 1]
+    step = max(1, CHUNK_TERMS // max(dist.shape[0], 1))
+    for i in range(0, a_all.numel(), step):  # (pairs, B) per chunk: nothing of B^3
+        a, p = a_all[i : i + step], p_all[i : i + step]
         d_an, d_ap = dist[a], dist[a, p][:, None]
         outside = neg[a] & (d_an > d_ap)
         n_out = torch.where(outside, d_an, torch.full_like(d_an, math.inf)).argmin(1)

@@ -88,18 +88,18 @@ if HAS_TRITON:
 
 
 def sorted_positive_ranges(labels: torch.Tensor, ignore_index: int):
-    """Rows sorted by label (ignored rows last): the permutation, the sorted labels, and per sorted row
-    the range [start, end) of rows with its label (empty for ignored rows)."""
+    """Rows sorted by label (ignored rows last): the permutation, the sorted labels, per sorted row the range
+    [start, end) of rows with its label (empty for ignored rows), and the size of the largest class. That
+    size sets the grid: it is the one host sync of mining (the ranges themselves come from ``searchsorted``)."""
     y = labels.long()
     key = torch.where(y == ignore_index, torch.full_like(y, torch.iinfo(torch.int64).max), y)
     key, perm = torch.sort(key, stable=True)
-    _, counts = torch.unique_consecutive(key, return_counts=True)
-    ends = counts.cumsum(0)
-    end = torch.repeat_interleave(ends, counts)
-    start = end - torch.repeat_interleave(counts, counts)
+    start = torch.searchsorted(key, key, right=False)
+    end = torch.searchsorted(key, key, right=True)
     valid = y[perm] != ignore_index
     start, end = torch.where(valid, start, 0), torch.where(valid, end, 0)
-    return perm, y[perm].contiguous(), start.contiguous(), end.contiguous(), int(counts.max()) if len(y) else 0
+    largest = int((end - start).max()) if len(y) else 0
+    return perm, y[perm].contiguous(), start.contiguous(), end.contiguous(), largest
 
 
 @guard_device
@@ -117,9 +117,7 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
     grid_p = (B, max(1, triton.cdiv(largest, bp)))  # tiles of the largest class's positives
     args = (ds32, dt32, y, start, end)
     _triplet_all_kernel[grid_p](*args, gmax, gcnt, params, B, ignore_index, MODE=0, **flags, **LAUNCH_OPTIONS)  # fmt: skip
-    count = int(gcnt.sum().item())
-    if count == 0:
-        return ds.new_zeros(()), torch.zeros_like(ds), 0
+    count = gcnt.sum()  # on the device; no valid triplet: 0 and a zero gradient
     params[0] = gmax.max()
     act_p, hinge = torch.zeros_like(gmax), torch.zeros_like(gmax)
     _triplet_all_kernel[grid_p](*args, act_p, hinge, params, B, ignore_index, MODE=1, **flags, **LAUNCH_OPTIONS)  # fmt: skip
@@ -128,8 +126,9 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
                                                  **flags, **LAUNCH_OPTIONS)  # fmt: skip
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(B, device=perm.device)
-    grad = ((act_p - act_n) / count)[inv][:, inv].to(ds.dtype)  # back to the caller's row order
-    return (hinge.sum() / count).to(ds.dtype), grad, count
+    n = count.clamp_min(1)
+    grad = ((act_p - act_n) / n)[inv][:, inv].to(ds.dtype)  # back to the caller's row order
+    return (hinge.sum() / n).to(ds.dtype), grad, count
 
 
 

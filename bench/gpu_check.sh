@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Everything a lent GPU must show, in one call of the device tool (at most 8 minutes), each step with its own
+# time limit, its output teed into $OUT (which the device tool returns):
+#
+#   bash bench/gpu_check.sh              # on the GPU (the device tool's run; peers' wheels in .whl/, carried)
+#   bash bench/gpu_check.sh --dry-run    # on a CPU: the same steps and files, tiny shapes, a fake device name
+#
+# Steps: 1 build (nvcc, sm_80/sm_90 + PTX), 2 mdk info, 3 the -m gpu tests, 4 no host sync / CUDA graph / cuda:1,
+# 5 autocast, 6 the bf16 margin-CE rows at B=1024, D=512, C in {85,742, 2M} against gemm_bound, eager,
+# torch.compile and the peers (Liger-Kernel FLCE, cut-cross-entropy), trainable and frozen, 7 the distillation
+# losses, 8 the auto table (tune_dispatch) and the plots. A step that fails or runs out of time is recorded in
+# $OUT/summary.txt and the next one runs. The dry run is tested in CI (python_tests/test_bench_quick.py), so that
+# on a GPU only the GPU itself is new.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/mdk-gpu-check}
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY=1
+  export MDK_FAKE_DEVICE="${MDK_FAKE_DEVICE:-Fake H200 (dry run)}" TRITON_INTERPRET=1
+fi
+PY=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (the device tool's README)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" > >(tee "$OUT/$name.txt") 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+}
+
+if [ $DRY = 1 ]; then  # the build is the one every install runs (CI: pip install with nvcc present)
+  step 1_build 10 echo "dry run: the CUDA module of this install is used"
+  GRID=(--B 16 --D 32 --C 300 --reps 1)
+  GRID_BIG=(--B 16 --D 32 --C 600 --reps 1)
+  DEV=(--device cpu)
+  TABLE=(--out "$OUT/dispatch_table.py")  # never the repository's table
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  step 1_build 240 env MDK_BUILD_CUDA=ON $PY -m pip install -q --no-build-isolation --no-deps .
+  GRID=(--B 1024 --D 512 --C 85742 --reps 5)
+  GRID_BIG=(--B 1024 --D 512 --C 2000000 --reps 3)
+  DEV=(--device cuda)
+  TABLE=()
+fi
+(cd /tmp && step 2_info 60 $PY -m mdkernels.info)
+step 3_gpu_tests 150 $PY -m pytest python_tests -q -m gpu -rs -x -p no:cacheprovider --durations=10
+step 4_sync_graph_devices 60 $PY -m pytest -q -p no:cacheprovider python_tests/test_sync_free.py \
+  python_tests/test_gpu_readiness.py -k "sync or graph or second_gpu or gpu_fp32"
+step 5_autocast 60 $PY -m pytest -q -p no:cacheprovider python_tests/test_gpu_readiness.py -k autocast
+PEERS=(mdk_triton mdk_cuda mdk_torch gemm_bound reference compile_reference insightface_eager torch_linear_ce
+       liger_flce cce pml_arcface)
+step 6a_margin_ce_85k 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
+  --modes fwd bwd fwd+bwd --only "${PEERS[@]}"
+step 6b_margin_ce_85k_frozen 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
+  --modes fwd+bwd --frozen --only mdk_triton mdk_cuda gemm_bound reference liger_flce cce
+step 6c_margin_ce_2M 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID_BIG[@]}" --dtype bfloat16 \
+  --modes fwd+bwd --only mdk_triton mdk_cuda gemm_bound liger_flce cce
+step 6d_margin_ce_amp 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype float32 --amp \
+  --modes fwd+bwd --only mdk_triton gemm_bound reference
+step 7_distill 60 $PY -m bench.bench_distill "${DEV[@]}" --reps 2 $([ $DRY = 1 ] && echo --tiny)
+CSV=$(ls -t bench/results/*.csv 2>/dev/null | head -1)
+step 8_tune_and_plots 60 bash -c "$PY -m bench.tune_dispatch --csv '$CSV' ${TABLE[*]} && \
+  $PY -m bench.plot '$CSV' margin_ce && $PY -m bench.plot '$CSV' margin_ce_frozen"
+cp -f "$CSV" bench/results/*.png "$OUT/" 2>/dev/null
+[ $DRY = 1 ] || cp -f mdkernels/dispatch_table.py "$OUT/"
+echo "== done: $OUT" && cat "$OUT/summary.txt"

@@ -1,0 +1,451 @@
+"""The hazards a first GPU user would hit, each caught here without a GPU (see also test_sync_free.py and
+test_gpu_compile.py). The ``gpu`` tests at the end show the rest on the hardware.
+
+* launches on the right device: every call into the CUDA module goes through ``_cuda_ext.call``;
+* the CUDA margin kernels on 99 KiB GPUs (sm_86/89/120), and their shared-memory attribute per device;
+* what a build runs on (its archs) and on which driver;
+* the Triton path never needs the CUDA module;
+* autocast: 16-bit operands on the fp32 centers, no 16-bit copy of them, fp32 gradients;
+* fp32 dots in tf32x3, whatever ``allow_tf32`` says;
+* the centers and embeddings read with their strides (pytorch-metric-learning's ``(D, C)`` parameter);
+* 16-bit Triton kernels on the CPU (the interpreter rounds every 16-bit operand as a GPU does), split-C;
+* the true GEMM count, as the README states it.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import FUSED_BACKENDS, HAS_CUDA, TRITON_RUNS, assert_close, assert_close_to_truth, device_for, make
+from test_margin_ce import CONFIGS, eager_same_dtype, run
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mdkernels
+from mdkernels import _cuda_ext
+from mdkernels import reference as R
+from mdkernels.ops._common import tiles
+
+REPO = Path(__file__).resolve().parents[1]
+needs_emulator = pytest.mark.skipif(_cuda_ext.emu is None, reason="CUDA module (and its emulator) not built")
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs Triton (GPU or interpreter)")
+
+
+# ---- every call into the CUDA module: on the tensors' GPU ---------------------------------------------------
+def test_every_cuda_module_call_goes_through_the_device_guard():
+    """Kernels launch on the current device: a tensor on cuda:1 while cuda:0 is current would launch on the
+    wrong GPU. The one door is ``_cuda_ext.call``, which makes the tensor's GPU current; no other code may call
+    the module's kernels (AST: no ``<...>.ext.<name>(...)`` call outside mdkernels/_cuda_ext.py)."""
+    kernels = set(_cuda_ext.compiled.kernels) if _cuda_ext.compiled is not None else {
+        "l2norm_forward", "l2norm_backward", "angular_forward", "angular_backward", "margin_ce_forward",
+        "margin_ce_center_grad", "margin_target_forward"}  # fmt: skip
+    offenders = []
+    for path in (REPO / "mdkernels").rglob("*.py"):
+        if path.name == "_cuda_ext.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in kernels:
+                receiver = ast.unparse(node.func.value).split(".")[-1]  # ext.margin_ce_forward, not the custom op
+                if receiver in ("ext", "compiled", "emu", "_cuda", "_cuda_emu"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"calls into the CUDA module that bypass _cuda_ext.call: {offenders}"
+
+
+def test_call_makes_the_tensors_gpu_current(monkeypatch):
+    seen = []
+
+    class FakeModule:
+        def l2norm_forward(self, *args):
+            seen.append(("launch", args[-1]))
+
+    @contextlib.contextmanager
+    def device(d):
+        seen.append(("enter", str(d)))
+        yield
+        seen.append(("exit", str(d)))
+
+    t = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    monkeypatch.setattr(_cuda_ext, "ext", FakeModule())
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(_cuda_ext, "stream_of", lambda t: f"stream of {t.device}")
+    _cuda_ext.call("l2norm_forward", t, 1, 2)
+    assert seen == [("enter", "cuda:1"), ("launch", "stream of cuda:1"), ("exit", "cuda:1")]
+
+
+# ---- shared memory: per device, and the 99 KiB GPUs ---------------------------------------------------------
+@needs_emulator
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_margin_kernels_on_a_99_kib_gpu_and_on_two_devices(dtype):
+    """The launcher reads the device's opt-in shared memory (never its capability): 227 KiB (an H100) gives
+    the wide layout, 99 KiB (RTX 30xx/40xx, A10, L4, L40S) the 128-column one; both equal the reference. The
+    attribute is set per (kernel, device): device 1 after device 0 launches (the emulator refuses a launch
+    over 48 KiB without the attribute on that device, as a GPU does)."""
+    emu = _cuda_ext.emu
+    x, w, y = make(67, 300, 257, dtype)
+    ref = run(R.margin_cross_entropy, x.detach().float().requires_grad_(), w.detach().float().requires_grad_(), y)
+    try:
+        for device, optin in ((0, 0), (1, 0), (2, 99 * 1024)):
+            emu.set_device(device, optin)
+            with _cuda_ext.emulated():
+                out = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda")
+            for a, b in zip(out, ref, strict=True):
+                assert_close(a.float(), b, torch.float32) if dtype == torch.float32 else None
+                assert torch.isfinite(a).all()
+            if dtype != torch.float32:
+                rel = ((out[1].double() - ref[1].double()).norm() / ref[1].double().norm()).item()
+                assert rel < 2e-2, (device, rel)
+        emu.set_device(3, 48 * 1024)  # below even the narrow layout: refused by name, never launched
+        with _cuda_ext.emulated(), pytest.raises(RuntimeError, match="bytes of shared memory per block; this GPU"):
+            mdkernels.margin_cross_entropy(x, w, y, backend="cuda")
+    finally:
+        emu.reset_devices()
+
+
+@pytest.mark.skipif(_cuda_ext.compiled is None, reason="CUDA module not built")
+def test_backend_cuda_is_refused_before_launch_on_a_small_gpu(monkeypatch):
+    """``require`` decides from ``shared_memory_per_block_optin`` (mocked here), before any launch."""
+    need = _cuda_ext.margin_smem_need(torch.bfloat16)
+    assert need <= 99 * 1024 - 64 < _cuda_ext.compiled.margin_smem_bytes(2, True, 256)
+    props = SimpleNamespace(name="a GPU with 64 KiB", shared_memory_per_block_optin=64 * 1024)
+    t = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: props)
+    assert not _cuda_ext.margin_fits(t)
+    props.shared_memory_per_block_optin = 99 * 1024  # sm_86/89: fits the narrow layout
+    assert _cuda_ext.margin_fits(t)
+    props.shared_memory_per_block_optin = 64 * 1024
+    from mdkernels import backends
+
+    monkeypatch.setattr(_cuda_ext, "usable", lambda *a: True)
+    with pytest.raises(ValueError, match=r"need \d+ bytes of shared memory .* a GPU with 64 KiB allows 65536"):
+        backends.require("margin_ce", "cuda", t)
+    assert backends.gpu_backend("margin_ce", t, 1024, 85742, 512) == "triton"
+
+
+# ---- what a build runs on ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "archs, runs, not_runs",
+    [("80-real;90-real;90-virtual", [80, 86, 87, 89, 90, 100, 103, 120], [70, 75]),
+     ("80;90", [80, 86, 89, 90, 100, 120], [75]),
+     ("80-real", [80, 86, 89], [75, 90, 100, 120]),
+     ("90-real", [90], [80, 86, 100, 120])],
+)  # fmt: skip
+def test_arch_runs(archs, runs, not_runs):
+    """A cubin runs on its major's later minors (sm_80 code on sm_86/89), never on another major; PTX runs on
+    every later GPU (compute_90 on Blackwell's sm_100/sm_120)."""
+    assert all(_cuda_ext.arch_runs(archs, c) for c in runs)
+    assert not any(_cuda_ext.arch_runs(archs, c) for c in not_runs)
+
+
+def test_default_archs_cover_what_users_have():
+    cmake = (REPO / "CMakeLists.txt").read_text() if (REPO / "CMakeLists.txt").exists() else None
+    if cmake is None:
+        pytest.skip("needs the source tree")
+    default = re.search(r'set\(MDK_CUDA_ARCHS "([^"]+)"', cmake).group(1)
+    setup = (REPO / "setup.py").read_text()
+    assert f'"MDK_CUDA_ARCHS", "{default}"' in setup, "setup.py and CMakeLists.txt must default to the same archs"
+    from mdkernels.tools import cuda_compile
+
+    assert cuda_compile.DEFAULT_ARCHS == default  # the compile check compiles what the build builds
+    # A100; RTX 30xx, A10, A40; RTX 40xx, L4, L40S; H100/H200; B200; RTX 50xx
+    for capability in (80, 86, 89, 90, 100, 120):
+        assert _cuda_ext.arch_runs(default, capability), capability
+    if _cuda_ext.compiled is not None:
+        assert _cuda_ext.compiled.archs.replace(",", ";") == default
+
+
+def test_an_old_driver_is_named_not_crashed(monkeypatch):
+    """A module linked with CUDA 13's runtime on a driver for CUDA 12.4: not usable, and info() says why."""
+    fake = SimpleNamespace(driver_version=lambda: 12040, cuda_runtime_version=13000, device_count=lambda: 1,
+                           archs="80-real;90-real;90-virtual", kernels=[])  # fmt: skip
+    monkeypatch.setattr(_cuda_ext, "compiled", fake)
+    _cuda_ext.unusable_reason.cache_clear()
+    try:
+        why = _cuda_ext.unusable_reason()
+        assert "built with CUDA 13.0" in why and "580.65" in why and "supports CUDA 12.4" in why
+        info = mdkernels.info()
+        assert info["cuda_extension"] and not info["cuda_extension_usable"] and info["cuda_extension_note"] == why
+        fake.driver_version = lambda: 0
+        _cuda_ext.unusable_reason.cache_clear()
+        assert _cuda_ext.unusable_reason() == "no NVIDIA driver found"
+    finally:
+        _cuda_ext.unusable_reason.cache_clear()
+
+
+@needs_triton
+def test_the_triton_path_never_calls_the_cuda_module(monkeypatch):
+    """Row norms, the target terms and the normalisation backward of backend='triton' (and 'torch') run in
+    torch or Triton: a module that cannot run on this driver must not break them."""
+
+    class Poisoned:
+        def __getattr__(self, name):
+            raise AssertionError(f"the CUDA module was called: {name}")
+
+    monkeypatch.setattr(_cuda_ext, "ext", Poisoned())
+    monkeypatch.setattr(_cuda_ext, "usable", lambda *a: True)  # even where it claims it could run
+    for backend in FUSED_BACKENDS:
+        x, w, y = make(9, 40, 70, torch.float32, device_for(backend))
+        run(mdkernels.margin_cross_entropy, x, w, y, backend=backend)
+        t = x.detach() + 0.1
+        loss = mdkernels.margin_kd_loss(x, t, w, y, backend=backend) + mdkernels.margin_distillation_loss(
+            x, w, y, teacher_embeddings=t, backend=backend)
+        loss.backward()
+
+
+# ---- autocast ---------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("op", ["margin_ce", "margin_kd"])
+def test_autocast_runs_16_bit_operands_on_fp32_centers(op):
+    """Under torch.autocast the fused ops take fp32 embeddings and centers, read fp32 tiles, normalise in fp32
+    and cast the dots' operands to bf16 in registers (the interpreter rounds them exactly), accumulate in fp32
+    and return fp32 gradients: within 2x the error of eager autocast (its matmuls in bf16) against the fp64
+    truth, measurably not the plain fp32 result, and without a 16-bit (or any) copy of the C x D centers."""
+    dev = "cuda" if HAS_CUDA else "cpu"
+    x, w, y = make(67, 128, 1017, torch.float32, dev)
+    t = (x.detach() + 0.3 * torch.randn_like(x)).requires_grad_(False)
+
+    def loss_of(module, xx, ww, **kw):
+        if op == "margin_ce":
+            return module.margin_cross_entropy(xx, ww, y, **kw)
+        return module.margin_kd_loss(xx, t.to(xx.dtype), ww, y, **kw)
+
+    truth = run(lambda a, b, c: loss_of(R, a, b), x.detach().double().requires_grad_(),
+                w.detach().double().requires_grad_(), y)  # fmt: skip
+    plain32 = run(lambda a, b, c: loss_of(mdkernels, a, b, backend="triton"), x, w, y)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        eager = run(lambda a, b, c: loss_of(R, a, b), x, w, y)
+        fused = run(lambda a, b, c: loss_of(mdkernels, a, b, backend="triton"), x, w, y)
+        forward = NewStorage(w.numel() // 2)
+        with forward:
+            loss = loss_of(mdkernels, x, w, backend="triton")
+    backward = NewStorage(w.numel() // 2)
+    with backward:
+        loss.backward()
+    assert forward.seen == [], f"the forward copied the centers: {forward.seen}"
+    assert backward.seen == [(w.numel(), torch.float32)], f"only the fp32 gradient of W: {backward.seen}"
+    for name, f, e, tr, p32 in zip(("loss", "dx", "dw"), fused, eager, truth, plain32, strict=True):
+        assert f.dtype == torch.float32, name  # fp32 master weights get fp32 gradients
+        assert_close_to_truth(f, e, tr, f"autocast {op} {name}")
+        assert not torch.allclose(f, p32, rtol=1e-6, atol=0), f"{name}: the bf16 operands were not used"
+
+
+def test_autocast_choices():
+    """The custom ops carry autocast's operand dtype; backend='cuda' has no mixed-precision kernels and says
+    so; the torch backend computes autocast calls in fp32."""
+    x, w, y = make(9, 40, 70, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch_amp = run(mdkernels.margin_cross_entropy, x, w, y, backend="torch")
+        with pytest.raises(ValueError, match="no kernel for autocast .* use backend='triton'"):
+            mdkernels.margin_cross_entropy(x, w, y, backend="cuda")
+    for a, b in zip(torch_amp, run(mdkernels.margin_cross_entropy, x, w, y, backend="torch"), strict=True):
+        assert torch.equal(a, b)
+
+
+# ---- fp32 precision -------------------------------------------------------------------------------------------
+def test_fp32_dots_are_tf32x3_whatever_allow_tf32_says(monkeypatch):
+    if not mdkernels.info()["triton_available"]:
+        pytest.skip("needs triton")
+    for allow in (False, True):
+        if torch.backends.cuda.is_built():  # a CPU build of torch has no such switch to set
+            monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow)
+        assert tiles.triton_flags(torch.float32, on_cuda=True)["PRECISION"] == "tf32x3"
+    assert tiles.triton_flags(torch.float64, on_cuda=True)["PRECISION"] == "ieee"
+
+
+# ---- strides: no copy of the centers ---------------------------------------------------------------------------
+class NewStorage(TorchDispatchMode):
+    """Floating tensors of at least ``floor`` elements that aten ops return in new storage (views and in-place
+    results are not allocations)."""
+
+    def __init__(self, floor):
+        super().__init__()
+        self.floor, self.seen = floor, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.set_:  # the interpreter re-viewing argument storage
+            return out
+        given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}  # fmt: skip
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= self.floor:
+                if t.untyped_storage().data_ptr() not in given:
+                    self.seen.append((t.numel(), t.dtype))
+        return out
+
+
+def _allocations_of(fn, floor):
+    probe = NewStorage(floor)
+    with probe:
+        fn()
+    return probe.seen
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + (["cuda"] if _cuda_ext.emu is not None else []))
+def test_pml_layout_is_read_in_place(backend):
+    """pytorch-metric-learning's ArcFaceLoss keeps ``W: (D, C)``; the drop-in passes ``W.t()``. The forward
+    allocates nothing of C x D (it used to copy W every call), the backward one C x D tensor: W's gradient,
+    in W's own layout. Values and gradients equal the reference."""
+    ctx = _cuda_ext.emulated() if backend == "cuda" else contextlib.nullcontext()
+    B, D, C = 33, 40, 3001
+    head = mdkernels.nn.ArcFaceLoss(C, D, backend=backend).to(device_for(backend))
+    x = torch.randn(B, D, device=device_for(backend), requires_grad=True)
+    y = torch.randint(0, C, (B,), device=x.device)
+    with ctx:
+        forward = _allocations_of(lambda: head(x, y), C * D)
+        loss = head(x, y)
+        backward = _allocations_of(lambda: loss.backward(), C * D)
+    assert forward == [] and backward == [(C * D, torch.float32)], (forward, backward)
+    assert head.W.grad.stride() == head.W.stride()
+    xr, wr = x.detach().requires_grad_(), head.W.detach().t().requires_grad_()
+    ref = R.margin_cross_entropy(xr, wr, y, m2=math.radians(28.6), fallback=True)
+    ref.backward()
+    assert_close(loss.detach(), ref.detach(), torch.float32, "loss")
+    assert_close(x.grad, xr.grad, torch.float32, "dx")
+    assert_close(head.W.grad, wr.grad.t(), torch.float32, "dW")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_strided_embeddings_and_centers(backend):
+    """Embeddings as a column slice of a wider tensor and as a transposed view, centers as a transposed view."""
+    x, w, y = make(29, 70, 303, torch.float64, device_for(backend))
+    wide = torch.cat([x.detach(), torch.zeros_like(x.detach())], 1)[:, :70].requires_grad_()  # row stride 140
+    wt = w.detach().t().contiguous().t().requires_grad_()  # (C, D) with strides (1, C)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # (B, D) with strides (1, B)
+    ref = run(R.margin_cross_entropy, x.detach().requires_grad_(), w.detach().requires_grad_(), y)
+    for xx in (wide, xt):
+        out = run(mdkernels.margin_cross_entropy, xx, wt, y, backend=backend)
+        for name, a, b in zip(("loss", "dx", "dw"), out, ref, strict=True):
+            assert_close(a, b, torch.float64, name)
+
+
+# ---- 16-bit Triton kernels and split-C, on the CPU --------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", ["arcface", "cosface", "filter"])
+def test_half_precision_triton_kernels(dtype, config):
+    """bf16/fp16 inputs on the Triton kernels, with every 16-bit operand rounded as on a GPU (n(x), n(W), P,
+    G / gscale): within 2x the error of eager PyTorch in the same dtype against the fp64 truth."""
+    kw = CONFIGS[config]
+    x, w, y = make(67, 500, 1017, dtype, device_for("triton"))
+    truth = run(R.margin_cross_entropy, x.detach().double().requires_grad_(), w.detach().double().requires_grad_(),
+                y, **kw)  # fmt: skip
+    plain = run(eager_same_dtype, x, w, y, **kw)
+    fast = run(mdkernels.margin_cross_entropy, x, w, y, backend="triton", **kw)
+    for name, f, p, t in zip(("loss", "dx", "dw"), fast, plain, truth, strict=True):
+        assert f.dtype == (torch.float32 if name == "loss" else dtype)
+        assert_close_to_truth(f, p, t, f"{config} {dtype} {name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_c_forward(monkeypatch, splits):
+    """Split-C (the class range over programs, partials merged as flash-decoding does) runs on the CPU too when
+    forced; the split sizes need not divide C."""
+    from mdkernels.ops.margin_ce import triton_backend
+
+    monkeypatch.setattr(triton_backend, "FORCE_SPLITS", splits)
+    x, w, y = make(37, 96, 1017, torch.float64, device_for("triton"))
+    for kw in (CONFIGS["arcface"], CONFIGS["filter"], dict(curricular_t=0.3)):
+        ref = run(R.margin_cross_entropy, x, w, y, **kw)
+        out = run(mdkernels.margin_cross_entropy, x, w, y, backend="triton", **kw)
+        for name, a, b in zip(("loss", "dx", "dw"), out, ref, strict=True):
+            assert_close(a, b, torch.float64, f"splits={splits} {name}")
+
+
+# ---- the GEMM count, as the README states it ---------------------------------------------------------------------
+def test_readme_states_the_true_gemm_count():
+    """The D split makes every column-block program rebuild the cosines over all of D: the README's table is
+    the one :func:`tiles.gemm_units` computes from the default tiles."""
+    docs = [p for p in (REPO / "README.md", REPO / "docs" / "design.md") if p.exists()]
+    if not docs or not mdkernels.info()["triton_available"]:
+        pytest.skip("needs the source tree and triton")
+    text = "\n".join(p.read_text() for p in docs)
+    rows = re.findall(r"^\| (bf16|fp32) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|", text, re.M)
+    assert len(rows) >= 6, "the GEMM count table is missing"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    code = f"""
+import torch
+from mdkernels.ops._common.tiles import gemm_units
+for dtype, D, a80, f80, a90, f90 in {rows!r}:
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    got = (gemm_units(dt, int(D), 80), gemm_units(dt, int(D), 80, False), gemm_units(dt, int(D), 90),
+           gemm_units(dt, int(D), 90, False))
+    assert got == tuple(map(int, (a80, f80, a90, f90))), (dtype, D, got)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} if interpreted else dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+# ---- on a GPU --------------------------------------------------------------------------------------------------
+def _gpu_step(backend):
+    torch.manual_seed(0)
+    head = mdkernels.nn.ArcFace(512, 10_007, backend=backend).cuda()
+    net = torch.nn.Linear(256, 512).cuda()
+    x = torch.randn(256, 256, device="cuda")
+    y = torch.randint(0, 10_007, (256,), device="cuda")
+    return head, net, x, y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_step_without_sync_and_in_a_cuda_graph(backend):
+    if backend == "cuda" and not _cuda_ext.usable(torch.empty(1, device="cuda")):
+        pytest.skip(f"CUDA module: {_cuda_ext.unusable_reason()}")
+    head, net, x, y = _gpu_step(backend)
+    head(net(x), y).backward()  # compile and warm up outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            head(net(x), y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            head(net(x), y).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = head(net(x), y)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_tensors_on_the_second_gpu(backend):
+    torch.cuda.set_device(0)
+    x, w, y = make(67, 128, 1017, torch.float32, "cuda:1")
+    out = run(mdkernels.margin_cross_entropy, x, w, y, backend=backend)
+    ref = run(R.margin_cross_entropy, x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_(), y.cpu())
+    for a, b in zip(out, ref, strict=True):
+        assert a.device == torch.device("cuda:1")
+        assert_close(a.cpu(), b, torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_is_near_fp32_with_tf32_allowed(monkeypatch):
+    """tf32x3: the fp32 path keeps about 1e-6 on a cosine even with allow_tf32 set (TF32: 1e-3, 0.06 at s=64)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    x, w, y = make(256, 512, 20_011, torch.float32, "cuda")
+    truth = run(R.margin_cross_entropy, x.detach().double().requires_grad_(), w.detach().double().requires_grad_(), y)
+    fast = run(mdkernels.margin_cross_entropy, x, w, y, backend="triton")
+    for name, f, t in zip(("loss", "dx", "dw"), fast, truth, strict=True):
+        rel = ((f.double() - t).norm() / t.norm()).item()
+        assert rel < 2e-5, f"{name}: {rel:.2e}"

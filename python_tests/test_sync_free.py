@@ -1,0 +1,225 @@
+"""A training step makes no host sync: every loss, head and the sharded head, forward and backward, on the
+path a GPU runs (issue: nothing makes the host wait in a training step).
+
+On a GPU, reading a tensor's value (``.item()``, ``bool()``, ``float()``, ``int()``, ``.tolist()``) or an op whose
+output shape depends on values (``nonzero``, ``unique``, boolean indexing) waits for the GPU: a stall per step,
+and an error under CUDA-graph capture. The Python of the launchers is the same on a CPU, so this file counts
+those calls on CPU tensors with the interpreter (Triton) and the torch backend, with
+``mdkernels._validate.DEFER_ON_CPU`` on: value checks take the GPU's deferred path. Two counters: the five
+Python-level reads patched on ``torch.Tensor``, and a dispatch mode that sees every aten op that syncs
+(``_local_scalar_dense`` under any read, ``nonzero``, ``unique``, ``masked_select``). Triplet mining keeps one
+sync: the number of triplets sets the work (the ``gpu`` tests run the same steps under
+``torch.cuda.set_sync_debug_mode("error")`` and in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import TRITON_RUNS
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mdkernels
+from mdkernels import _validate
+from mdkernels import nn as mnn
+
+_SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
+_READS = ("item", "__bool__", "__float__", "__int__", "tolist")
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the calls that would wait for a GPU: Python reads of a tensor's value and syncing aten ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+        self._saved = {}
+        self._reading = False
+
+    def __enter__(self):
+        for name in _READS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counted(t, *a, _name=name, _original=original, **k):
+                self.calls.append(f"Tensor.{_name}")
+                self._reading = True  # the aten read under it is the same sync: count it once
+                try:
+                    return _original(t, *a, **k)
+                finally:
+                    self._reading = False
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(word in func.__name__ for word in _SYNCING) and not self._reading:
+            self.calls.append(f"aten.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    monkeypatch.setattr(_validate, "DEFER_ON_CPU", True)
+    _validate._PENDING.clear()
+    yield
+    _validate._PENDING.clear()
+
+
+BACKENDS = ["torch"] + (["triton"] if TRITON_RUNS else [])
+B, D, C = 37, 48, 203
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    w = torch.randn(C, D, generator=g, requires_grad=True)
+    y = torch.randint(0, C, (B,), generator=g)
+    y[3] = -1
+    t = torch.randn(B, D, generator=g)
+    return x, w, y, t
+
+
+def _step(fn) -> list[str]:
+    """The host syncs of one forward and backward of ``fn() -> loss``."""
+    with HostSyncs() as counter:
+        loss = fn()
+        loss.backward()
+    return counter.calls
+
+
+def test_the_counter_sees_a_sync():
+    """Positive control: without the deferred path, the label check reads the labels (a sync on a GPU)."""
+    x, w, y, _ = _inputs()
+    assert _step(lambda: mdkernels.margin_cross_entropy(x, w, y, backend="torch"))
+
+
+LOSSES = {
+    "arcface": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, backend=b),
+    "cosface+filter": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, m2=0.0, m3=0.35,
+                                                                          interclass_filter=0.3, backend=b),
+    "per-row m2 with grad, m3": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(
+        x, w, y, m2=torch.linspace(0.2, 0.5, B, requires_grad=True), m3=torch.linspace(0, 0.1, B), backend=b),
+    "adaface options": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, fallback=False, theta_clip=1e-3,
+                                                                           cos_clamp=1 - 1e-3, backend=b),
+    "curricular": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, curricular_t=torch.tensor(0.2),
+                                                                      backend=b),
+    "subcenters": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w[:201], y.clamp(max=66), subcenters=3,
+                                                                      backend=b),
+    "margin_distillation": lambda x, w, y, t, b: mdkernels.margin_distillation_loss(x, w, y, teacher_embeddings=t,
+                                                                                   backend=b),
+    "margin_distillation teacher_cos": lambda x, w, y, t, b: mdkernels.margin_distillation_loss(
+        x, w, y, teacher_cos=torch.rand(B), backend=b),
+    "proxyless_kd": lambda x, w, y, t, b: mdkernels.proxyless_kd_loss(x, w, y, backend=b),
+    "margin_kd": lambda x, w, y, t, b: mdkernels.margin_kd_loss(x, t, w, y, backend=b),
+    "angular": lambda x, w, y, t, b: mdkernels.angular_distillation_loss(x, t, backend=b),
+    "angular feature maps": lambda x, w, y, t, b: mdkernels.angular_distillation_loss(
+        x.reshape(B, 3, 4, 4), t.reshape(B, 3, 4, 4), per="position", backend=b),
+    "triplet explicit": lambda x, w, y, t, b: mdkernels.triplet_distillation_loss(
+        x, t, torch.tensor([[0, 1, 2], [4, 5, 6]]), backend=b),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_make_no_host_sync(gpu_path, backend, name):
+    x, w, y, t = _inputs()
+    assert _step(lambda: LOSSES[name](x, w, y, t, backend)) == []
+
+
+HEADS = {
+    "ArcFace": lambda: mnn.ArcFace(D, C),
+    "CosFace": lambda: mnn.CosFace(D, C),
+    "SphereFace": lambda: mnn.SphereFace(D, C),
+    "ArcFaceLoss (D, C) layout": lambda: mnn.ArcFaceLoss(C, D),
+    "PartialFCHead": lambda: mnn.PartialFCHead(D, C, interclass_filtering_threshold=0.2),
+    "AdaFace": lambda: mnn.AdaFace(D, C),
+    "CurricularFace": lambda: mnn.CurricularFace(D, C),
+    "MagFace": lambda: mnn.MagFace(D, C),
+    "ElasticArcFace plus": lambda: mnn.ElasticArcFace(D, C, plus=True, generator=torch.Generator().manual_seed(1)),
+    "ElasticCosFace": lambda: mnn.ElasticCosFace(D, C),
+    "SubCenterArcFace": lambda: mnn.SubCenterArcFace(D, C, K=3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(HEADS))
+def test_heads_train_without_host_sync(gpu_path, backend, name):
+    head = HEADS[name]()
+    head.backend = backend
+    x, _, y, _ = _inputs()
+    head.train()
+    assert _step(lambda: head(x, y)) == []
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_distillation_modules_make_no_host_sync(gpu_path):
+    x, w, y, t = _inputs()
+    md = mnn.MarginDistillation(w.detach(), backend="torch")
+    assert _step(lambda: md(x, y, teacher_embeddings=t)) == []
+    kd = mnn.MarginKD(w.detach(), backend="torch")
+    assert _step(lambda: kd(x, t, y)) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_triplet_mining_keeps_one_sync(gpu_path, backend, mining):
+    """The number of mined triplets (or the largest class, which sizes the Triton grid) is data: one read."""
+    x, _, y, t = _inputs()
+    calls = _step(lambda: mdkernels.triplet_distillation_loss(x, t, labels=y % 5, mining=mining, backend=backend))
+    assert len(calls) == 1, calls
+
+
+def test_bad_labels_are_an_error_at_the_next_call(gpu_path):
+    """On the GPU's path a bad label never stalls the step it is in: its row counts as ignored, and the next
+    call raises, naming the argument."""
+    x, w, y, _ = _inputs()
+    bad = y.clone()
+    bad[0] = C + 7
+    loss = mdkernels.margin_cross_entropy(x, w, bad, backend="torch")
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 203\) or equal ignore_index=-1 .*never stalls"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="torch")
+    mdkernels.margin_cross_entropy(x, w, y, backend="torch")  # reported once: the next call runs
+    with pytest.raises(ValueError, match=r"triplets must index rows in \[0, 37\)"):
+        mdkernels.triplet_distillation_loss(x, x.detach(), torch.tensor([[0, 1, 40]]), backend="torch")
+        mdkernels.triplet_distillation_loss(x, x.detach(), torch.tensor([[0, 1, 2]]), backend="torch")
+
+
+def test_dmax_is_checked_on_the_device(gpu_path):
+    x, w, y, _ = _inputs()
+    far = -mdkernels.reference.normalize(w.detach())[y.clamp_min(0)]  # every teacher cosine is -1
+    with pytest.raises(ValueError, match="MarginDistillation needs Dmax > 0"):  # at the margin CE's label check
+        mdkernels.margin_distillation_loss(x, w, y, teacher_embeddings=far, backend="torch")
+
+
+@contextlib.contextmanager
+def _one_rank(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_head_makes_no_host_sync(gpu_path, tmp_path):
+    """The sharded head: its rank handshake is a host-side (gloo) exchange, its label check on the device."""
+    from mdkernels import distributed as mdist
+
+    with _one_rank(tmp_path):
+        head = mdist.ShardedMarginHead(D, C, sample_rate=0.5, backend="torch")
+        x, w, y, t = _inputs()
+        head(x, y).backward()  # the first call creates the host group
+        assert _step(lambda: head(x, y)) == []
+        md = lambda: mdist.sharded_margin_distillation_loss(x, w.detach(), y, class_start=0, num_classes=C,
+                                                            teacher_embeddings=t, backend="torch")  # fmt: skip
+        assert _step(md) == []
