@@ -23,6 +23,7 @@ Rows go to bench/results/<device>.csv; ``--plot`` writes bench/results/<device>_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -65,6 +66,7 @@ def providers(device: str) -> dict:
         "reference": ref,
         "compile_reference": torch.compile(ref, dynamic=False),
         "insightface_eager": insightface_head,
+        "compile_insightface": torch.compile(insightface_head, dynamic=False),  # no label check: one graph
         "torch_linear_ce": lambda x, w, y: F.linear_cross_entropy(x, w, y),
         "gemm_bound": None,
     }
@@ -73,13 +75,8 @@ def providers(device: str) -> dict:
         out = {"mdk_triton": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="triton"), **out}
     if device == "cuda" and info["cuda_extension"]:
         out = {"mdk_cuda": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="cuda"), **out}
-    elif device == "cpu" and os.environ.get("MDK_FAKE_DEVICE") and info["cuda_emulator"]:
-
-        def emulated(x, w, y):
-            with mdkernels._cuda_ext.emulated():
-                return mdkernels.margin_cross_entropy(x, w, y, backend="cuda")
-
-        out = {"mdk_cuda": emulated, **out}
+    elif device == "cpu" and os.environ.get("MDK_FAKE_DEVICE") and info["cuda_emulator"]:  # run() emulates
+        out = {"mdk_cuda": lambda x, w, y: mdkernels.margin_cross_entropy(x, w, y, backend="cuda"), **out}
     if device == "cuda":
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -162,6 +159,14 @@ def gemm_count(mode: str, frozen: bool) -> int:
 
 def child(spec: dict) -> None:
     """Subprocess body: peak RSS rise of one call (the gradient buffers it returns included)."""
+    import mdkernels
+
+    emulate = spec["provider"] == "mdk_cuda" and os.environ.get("MDK_FAKE_DEVICE")
+    with mdkernels._cuda_ext.emulated() if emulate else contextlib.nullcontext():
+        _child(spec)
+
+
+def _child(spec: dict) -> None:
     dtype = DTYPES[spec["dtype"]]
     fn = providers("cpu")[spec["provider"]]
     x, w, y = make_inputs(spec["B"], spec["D"], spec["C"], dtype, "cpu", spec.get("frozen", False))
@@ -186,6 +191,16 @@ def under_autocast(fn, device):
 
 
 def run(B, D, C, dtype, device, frozen, reps, only, modes, amp=False):
+    """Every provider (and mode) at one shape. With ``MDK_FAKE_DEVICE`` on a CPU, the whole run is inside the
+    CUDA emulator (mdk_cuda's backward runs after its forward has returned)."""
+    emulate = device == "cpu" and os.environ.get("MDK_FAKE_DEVICE") and (not only or "mdk_cuda" in only)
+    import mdkernels
+
+    with mdkernels._cuda_ext.emulated() if emulate and mdkernels.info()["cuda_emulator"] else contextlib.nullcontext():
+        return _run(B, D, C, dtype, device, frozen, reps, only, modes, amp)
+
+
+def _run(B, D, C, dtype, device, frozen, reps, only, modes, amp):
     rows = []
     x, w, y = make_inputs(B, D, C, DTYPES[dtype], device, frozen)
     calls = {}

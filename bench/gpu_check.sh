@@ -9,8 +9,8 @@
 # 5 autocast, 6 the bf16 margin-CE rows at B=1024, D=512, C in {85,742, 2M} against gemm_bound, eager,
 # torch.compile and the peers (Liger-Kernel FLCE, cut-cross-entropy), trainable and frozen, 7 the distillation
 # losses, 8 the auto table (tune_dispatch) and the plots. A step that fails or runs out of time is recorded in
-# $OUT/summary.txt and the next one runs. The dry run is tested in CI (python_tests/test_bench_quick.py), so that
-# on a GPU only the GPU itself is new.
+# $OUT/summary.txt and the next one runs. The whole dry run took 4 minutes on 2 CPU cores; CI runs three of its
+# steps (python_tests/test_gpu_readiness.py::test_gpu_check_dry_run), so that on a GPU only the GPU itself is new.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mdk-gpu-check}
@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 DRY=0
 if [ "${1:-}" = "--dry-run" ]; then
   DRY=1
-  export MDK_FAKE_DEVICE="${MDK_FAKE_DEVICE:-Fake H200 (dry run)}" TRITON_INTERPRET=1
+  export MDK_FAKE_DEVICE="${MDK_FAKE_DEVICE:-Fake H200 (dry run)}" TRITON_INTERPRET=1 MDK_BENCH_RESULTS="$OUT"
 fi
 PY=${PYTHON:-python3}
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (the device tool's README)
@@ -27,9 +27,14 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-step() {  # step NAME LIMIT_SECONDS COMMAND...
+step() {  # step NAME LIMIT_SECONDS COMMAND...  (MDK_GPU_CHECK_ONLY="2_info 8": only steps starting so)
   local name=$1 limit=$2
   shift 2
+  if [ -n "${MDK_GPU_CHECK_ONLY:-}" ]; then
+    local keep=0 want
+    for want in $MDK_GPU_CHECK_ONLY; do [[ $name == "$want"* ]] && keep=1; done
+    [ $keep = 1 ] || return 0
+  fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" > >(tee "$OUT/$name.txt") 2>&1
@@ -56,10 +61,13 @@ step 3_gpu_tests 150 $PY -m pytest python_tests -q -m gpu -rs -x -p no:cacheprov
 step 4_sync_graph_devices 60 $PY -m pytest -q -p no:cacheprovider python_tests/test_sync_free.py \
   python_tests/test_gpu_readiness.py -k "sync or graph or second_gpu or gpu_fp32"
 step 5_autocast 60 $PY -m pytest -q -p no:cacheprovider python_tests/test_gpu_readiness.py -k autocast
-PEERS=(mdk_triton mdk_cuda mdk_torch gemm_bound reference compile_reference insightface_eager torch_linear_ce
-       liger_flce cce pml_arcface)
+PEERS=(mdk_triton mdk_cuda mdk_torch gemm_bound reference compile_reference insightface_eager compile_insightface
+       torch_linear_ce liger_flce cce pml_arcface)
+[ $DRY = 1 ] && PEERS=(mdk_triton mdk_cuda gemm_bound reference)  # no CPU compiles: the plumbing, quickly
+MODES=(fwd bwd fwd+bwd)
+[ $DRY = 1 ] && MODES=(fwd+bwd)
 step 6a_margin_ce_85k 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
-  --modes fwd bwd fwd+bwd --only "${PEERS[@]}"
+  --modes "${MODES[@]}" --only "${PEERS[@]}"
 step 6b_margin_ce_85k_frozen 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
   --modes fwd+bwd --frozen --only mdk_triton mdk_cuda gemm_bound reference liger_flce cce
 step 6c_margin_ce_2M 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID_BIG[@]}" --dtype bfloat16 \
@@ -67,9 +75,9 @@ step 6c_margin_ce_2M 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID_BIG[@]
 step 6d_margin_ce_amp 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype float32 --amp \
   --modes fwd+bwd --only mdk_triton gemm_bound reference
 step 7_distill 60 $PY -m bench.bench_distill "${DEV[@]}" --reps 2 $([ $DRY = 1 ] && echo --tiny)
-CSV=$(ls -t bench/results/*.csv 2>/dev/null | head -1)
+CSV=$(ls -t "${MDK_BENCH_RESULTS:-bench/results}"/*.csv 2>/dev/null | head -1)
 step 8_tune_and_plots 60 bash -c "$PY -m bench.tune_dispatch --csv '$CSV' ${TABLE[*]} && \
-  $PY -m bench.plot '$CSV' margin_ce && $PY -m bench.plot '$CSV' margin_ce_frozen"
-cp -f "$CSV" bench/results/*.png "$OUT/" 2>/dev/null
+  $PY -m bench.plot '$CSV' margin_ce"
+cp -f "$CSV" "$(dirname "$CSV")"/*.png "$OUT/" 2>/dev/null
 [ $DRY = 1 ] || cp -f mdkernels/dispatch_table.py "$OUT/"
 echo "== done: $OUT" && cat "$OUT/summary.txt"

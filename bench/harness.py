@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where rows go: bench/results/, or MDK_BENCH_RESULTS (bench/gpu_check.sh's dry run writes nothing into the repo)
+RESULTS = Path(os.environ.get("MDK_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 COLUMNS = [
     "op",
     "variant",  # a case of the op: "frozen" centers, feature "maps", triplet mining "all"; "" otherwise

@@ -387,6 +387,26 @@ print("ok")
     assert res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+# ---- bench/gpu_check.sh, dry ------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (REPO / "bench" / "gpu_check.sh").exists(), reason="needs the source tree")
+@needs_emulator
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU session's one script, on the CPU under a fake device name: info, the margin-CE rows (Triton
+    interpreted, CUDA emulated, the eager peers), the auto table and a plot, all into $OUT, none into the repo.
+    (The full dry run, every step, is ``bash bench/gpu_check.sh --dry-run``: 4 minutes on 2 cores.)"""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "MDK_GPU_CHECK_ONLY": "2_info 6a 6c 8"}
+    before = sorted(p.name for p in (REPO / "bench" / "results").iterdir())
+    res = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=600)  # fmt: skip
+    summary = (tmp_path / "summary.txt").read_text()
+    assert res.returncode == 0 and summary.count("rc=0") == 4, summary + res.stdout[-3000:] + res.stderr[-3000:]
+    rows = (tmp_path / "fake-h200-dry-run.csv").read_text()
+    assert "Fake H200 (dry run)" in rows and ",mdk_cuda," in rows and ",mdk_triton," in rows
+    assert "Fake H200 (dry run)" in (tmp_path / "dispatch_table.py").read_text()
+    assert list(tmp_path.glob("*.png"))
+    assert sorted(p.name for p in (REPO / "bench" / "results").iterdir()) == before  # nothing into the repo
+
+
 # ---- on a GPU --------------------------------------------------------------------------------------------------
 def _gpu_step(backend):
     torch.manual_seed(0)
