@@ -3,8 +3,8 @@
     python -m bench.bench_distill                      # CPU set
     python -m bench.bench_distill --ops margin_kd --device cuda
 
-Ops (the registry's names, :data:`mdkernels.ops.OPS`): margin_distillation, proxyless_kd, margin_kd
-(B=256, D=512, C=100k), angular_distill (embeddings B=256, D=512, and variant "maps": feature maps
+Ops (the registry's names, :data:`mdkernels.ops.OPS`): margin_distillation, proxyless_kd, margin_kd,
+adadistill (B=256, D=512, C=100k), angular_distill (embeddings B=256, D=512, and variant "maps": feature maps
 64x64x28x28), triplet_distill (variant "all": B=256 and 512, D=512). Rows go to
 bench/results/<device>.csv.
 """
@@ -24,6 +24,7 @@ CASES = [
     ("margin_distillation", "", dict(B=256, D=512, C=100_000)),
     ("proxyless_kd", "", dict(B=256, D=512, C=100_000)),
     ("margin_kd", "", dict(B=256, D=512, C=100_000)),
+    ("adadistill", "", dict(B=256, D=512, C=100_000)),
     ("angular_distill", "", dict(B=256, D=512, C=0)),
     ("angular_distill", "maps", dict(B=64, D=64 * 28 * 28, C=0)),
     ("triplet_distill", "all", dict(B=256, D=512, C=0)),
@@ -59,6 +60,10 @@ def call(op: str, impl, inputs, kw):
     if op == "margin_kd":
         x, w, y, t = inputs
         return impl.margin_kd_loss(x, t, w, y, **kw)
+    if op == "adadistill":  # the fused op moves w in place; the reference returns (loss, new centers)
+        x, w, y, t = inputs
+        out = impl.adadistill_loss(x, t, w, y, **kw)
+        return out[0] if isinstance(out, tuple) else out
     if op == "angular_distill":
         return impl.angular_distillation_loss(*inputs, **kw)
     return impl.triplet_distillation_loss(*inputs, **kw)

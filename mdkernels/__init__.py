@@ -1,8 +1,15 @@
 """mdkernels: fused margin-softmax and face-recognition distillation kernels for PyTorch."""
 
-from mdkernels import nn, reference
-from mdkernels.functional import (
+import torch as _torch
+
+from mdkernels import _floor
+
+_floor.check(_torch.__version__, _floor.installed_triton())  # older torch or Triton: an ImportError naming the floor
+
+from mdkernels import nn, reference  # noqa: E402
+from mdkernels.functional import (  # noqa: E402
     MarginCEStats,
+    adadistill_loss,
     angular_distillation_loss,
     l2_normalize,
     margin_cross_entropy,
@@ -11,13 +18,14 @@ from mdkernels.functional import (
     proxyless_kd_loss,
     triplet_distillation_loss,
 )
-from mdkernels.info import info
+from mdkernels.info import info  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MarginCEStats",
     "__version__",
+    "adadistill_loss",
     "angular_distillation_loss",
     "info",
     "l2_normalize",

@@ -115,11 +115,15 @@ class _GatherRows(torch.autograd.Function):
         return (out * ctx.scale if ctx.scale != 1.0 else out), None, None
 
 
-def _gather_plain(t: torch.Tensor, group) -> torch.Tensor:
+def gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``t`` (equal shapes), concatenated in rank order; no gradient."""
     _, world = _world(group)
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts)
+
+
+_gather_plain = gather_rows
 
 
 class _ShardedMarginCE(torch.autograd.Function):
@@ -345,37 +349,8 @@ def sharded_proxyless_kd_loss(embeddings, local_teacher_centers, labels, *, clas
     )  # fmt: skip
 
 
-class ShardedMarginHead(nn.Module):
-    """A margin-softmax head whose ``(C, D)`` centers are split over the ranks of ``group``.
-
-    ``weight`` holds this rank's rows ``[class_start, class_start + num_local)`` (even split, or
-    ``sizes``). ``load_full_weight(W)`` takes a full ``(C, D)`` matrix (e.g. from an unsharded
-    :class:`mdkernels.nn.ArcFace` checkpoint) and ``full_weight()`` gathers it back on every rank, so
-    checkpoints move between world sizes.
-    """
-
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
-                 m3: float = 0.0, *, sizes: list[int] | None = None, group=None, sample_rate: float = 1.0,
-                 embedding_grad_scale: float | None = None, **margin_kwargs) -> None:  # fmt: skip
-        super().__init__()
-        rank, world = _world(group)
-        self.group, self.num_classes, self.embedding_size = group, num_classes, embedding_size
-        self.class_start, self.num_local = shard_range(num_classes, rank, world, sizes)
-        self.sizes = [shard_range(num_classes, r, world, sizes)[1] for r in range(world)]
-        self.s, self.m1, self.m2, self.m3, self.sample_rate = s, m1, m2, m3, sample_rate
-        self.embedding_grad_scale = float(world if embedding_grad_scale is None else embedding_grad_scale)
-        self.margin_kwargs = margin_kwargs
-        # a generator per rank: shards seeded alike would start with identical centers
-        g = torch.Generator().manual_seed(torch.initial_seed() + 1_000_003 * (rank + 1))
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=g))
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
-        return sharded_margin_cross_entropy(
-            embeddings, self.weight, labels, class_start=self.class_start, num_classes=self.num_classes,
-            group=self.group, sample_rate=self.sample_rate, generator=generator,
-            embedding_grad_scale=self.embedding_grad_scale, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
-            **self.margin_kwargs,
-        )  # fmt: skip
+class _ShardedCenters:
+    """The full ``(C, D)`` matrix to and from this rank's rows (checkpoints move between world sizes)."""
 
     @torch.no_grad()
     def load_full_weight(self, full: torch.Tensor) -> None:
@@ -391,5 +366,122 @@ class ShardedMarginHead(nn.Module):
         biggest = max(self.sizes)
         padded = self.weight.new_zeros(biggest, self.embedding_size)
         padded[: self.num_local] = self.weight
-        parts = _gather_plain(padded, self.group).split(biggest)
+        parts = gather_rows(padded, self.group).split(biggest)
         return torch.cat([p[:n] for p, n in zip(parts, self.sizes, strict=True)])
+
+    def _shard(self, embedding_size: int, num_classes: int, sizes, group) -> torch.Generator:
+        rank, world = _world(group)
+        self.group, self.num_classes, self.embedding_size = group, num_classes, embedding_size
+        self.class_start, self.num_local = shard_range(num_classes, rank, world, sizes)
+        self.sizes = [shard_range(num_classes, r, world, sizes)[1] for r in range(world)]
+        # a generator per rank: shards seeded alike would start with identical centers
+        return torch.Generator().manual_seed(torch.initial_seed() + 1_000_003 * (rank + 1))
+
+
+class ShardedMarginHead(_ShardedCenters, nn.Module):
+    """A margin-softmax head whose ``(C, D)`` centers are split over the ranks of ``group``.
+
+    ``weight`` holds this rank's rows ``[class_start, class_start + num_local)`` (even split, or
+    ``sizes``). ``load_full_weight(W)`` takes a full ``(C, D)`` matrix (e.g. from an unsharded
+    :class:`mdkernels.nn.ArcFace` checkpoint) and ``full_weight()`` gathers it back on every rank, so
+    checkpoints move between world sizes.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
+                 m3: float = 0.0, *, sizes: list[int] | None = None, group=None, sample_rate: float = 1.0,
+                 embedding_grad_scale: float | None = None, **margin_kwargs) -> None:  # fmt: skip
+        super().__init__()
+        g = self._shard(embedding_size, num_classes, sizes, group)
+        self.s, self.m1, self.m2, self.m3, self.sample_rate = s, m1, m2, m3, sample_rate
+        self.embedding_grad_scale = float(_world(group)[1] if embedding_grad_scale is None else embedding_grad_scale)
+        self.margin_kwargs = margin_kwargs
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=g))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        return sharded_margin_cross_entropy(
+            embeddings, self.weight, labels, class_start=self.class_start, num_classes=self.num_classes,
+            group=self.group, sample_rate=self.sample_rate, generator=generator,
+            embedding_grad_scale=self.embedding_grad_scale, s=self.s, m1=self.m1, m2=self.m2, m3=self.m3,
+            **self.margin_kwargs,
+        )  # fmt: skip
+
+
+class ShardedAdaDistill(_ShardedCenters, nn.Module):
+    """AdaDistill (:class:`mdkernels.nn.AdaDistill`) with its ``(C, D)`` centers split over the ranks of ``group``.
+
+    ``weight`` (a buffer) holds this rank's rows ``[class_start, class_start + num_local)``. Every rank gathers
+    the global batch (student and teacher rows, labels) and applies the updates that fall in its shard, in
+    global batch order, so the shards together equal the unsharded centers after the same batches; the loss
+    is :func:`sharded_margin_cross_entropy` on the updated, frozen shards (the global batch's loss on every rank).
+    ``load_full_weight`` / ``full_weight`` move the centers between world sizes."""
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: str = "arcface", s: float = 64.0,
+                 m: float | None = None, *, sizes: list[int] | None = None, group=None, update: bool = True,
+                 embedding_grad_scale: float | None = None, ignore_index: int = -1,
+                 backend: str = "auto") -> None:  # fmt: skip
+        super().__init__()
+        from mdkernels.functional import adadistill_options
+        from mdkernels.ops._common.centers import normal_rows
+
+        self.options = adadistill_options(margin, m)
+        self._shard(embedding_size, num_classes, sizes, group)
+        self.margin, self.s, self.update = margin, float(s), update
+        self.ignore_index, self.backend = ignore_index, backend
+        self.embedding_grad_scale = float(_world(group)[1] if embedding_grad_scale is None else embedding_grad_scale)
+        # the unsharded module's rows: the same start whatever the number of ranks
+        self.register_buffer("weight", normal_rows(self.class_start, self.num_local, embedding_size))
+        self.last_alpha: torch.Tensor | None = None
+
+    def forward(self, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        from mdkernels.ops._common.centers import adadistill_update_
+        from mdkernels.ops._common.env import no_autocast
+
+        w = self.weight
+        x = student_embeddings.to(w.dtype) if student_embeddings.dtype != w.dtype else student_embeddings
+        if self.update:
+            V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=x.shape[0], cols=x.shape[1])
+            s_all, t_all = gather_rows(x.detach(), self.group), gather_rows(teacher_embeddings.detach().to(w.dtype),
+                                                                             self.group)  # fmt: skip
+            y = gather_rows(labels.long(), self.group)
+            here = ((y != self.ignore_index) & (y >= self.class_start) & (y < self.class_start + self.num_local)
+                    & (y < self.num_classes))  # fmt: skip
+            with no_autocast(w):
+                alpha = adadistill_update_(w, s_all, t_all, y - self.class_start, here)
+            rank, _ = _world(self.group)
+            self.last_alpha = alpha[rank * x.shape[0] : (rank + 1) * x.shape[0]]  # 0 where another shard owns y
+        opts = dict(self.options)
+        if self.margin == "arcface":
+            opts["m2"] = margin_rows(opts["m2"], x)
+        return sharded_margin_cross_entropy(x, w.detach(), labels, class_start=self.class_start,
+                                            num_classes=self.num_classes, group=self.group,
+                                            embedding_grad_scale=self.embedding_grad_scale, s=self.s,
+                                            ignore_index=self.ignore_index, backend=self.backend, **opts)  # fmt: skip
+
+
+class ShardedMarginDistillation(_ShardedCenters, nn.Module):
+    """MarginDistillation (:class:`mdkernels.nn.MarginDistillation`) with the teacher's frozen centers split
+    over the ranks of ``group``: ``weight`` (a buffer) holds this rank's rows of ``teacher_centers``;
+    ``forward(embeddings, labels, teacher_embeddings=None, teacher_cos=None)`` is
+    :func:`sharded_margin_distillation_loss` (Dmax over the global batch)."""
+
+    def __init__(self, teacher_centers: torch.Tensor, s: float = 64.0, m_min: float = 0.2, m_max: float = 0.5,
+                 *, sizes: list[int] | None = None, group=None, embedding_grad_scale: float | None = None,
+                 backend: str = "auto") -> None:  # fmt: skip
+        super().__init__()
+        if not isinstance(teacher_centers, torch.Tensor) or teacher_centers.dim() != 2:
+            raise ValueError("teacher_centers must be a (C, D) tensor (the teacher head's weight)")
+        self._shard(teacher_centers.shape[1], teacher_centers.shape[0], sizes, group)
+        local = teacher_centers.detach()[self.class_start : self.class_start + self.num_local].clone()
+        self.register_buffer("weight", local)
+        self.s, self.m_min, self.m_max, self.backend = float(s), m_min, m_max, backend
+        self.embedding_grad_scale = float(_world(group)[1] if embedding_grad_scale is None else embedding_grad_scale)
+
+    def forward(self, embeddings, labels, teacher_embeddings=None, teacher_cos=None):
+        w = self.weight
+        return sharded_margin_distillation_loss(
+            embeddings.to(w.dtype), w, labels, class_start=self.class_start, num_classes=self.num_classes,
+            teacher_embeddings=None if teacher_embeddings is None else teacher_embeddings.to(w.dtype),
+            teacher_cos=teacher_cos, s=self.s, m_min=self.m_min, m_max=self.m_max, group=self.group,
+            embedding_grad_scale=self.embedding_grad_scale, backend=self.backend,
+        )  # fmt: skip

@@ -7,6 +7,7 @@ and calls its op in :mod:`mdkernels.ops` (or the eager oracle of :mod:`mdkernels
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -15,7 +16,8 @@ from mdkernels import _validate as V
 from mdkernels import backends, reference
 from mdkernels._spec import compute_dtype
 from mdkernels.ops import angular_distill, margin_ce, margin_kd, triplet_distill
-from mdkernels.ops._common.env import autocast_operands
+from mdkernels.ops._common.centers import adadistill_update_
+from mdkernels.ops._common.env import autocast_operands, no_autocast
 from mdkernels.ops._common.margin import distillation_margins, teacher_target_cosine, warn_if_non_monotone
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.triplet_distill import torch_backend as triplet_torch
@@ -234,6 +236,70 @@ def proxyless_kd_loss(
     )
 
 
+ADADISTILL_MARGINS = {"arcface": 0.45, "cosface": 0.35}  # the official config's ArcFace m, CosFace's class default
+
+
+def adadistill_options(margin: str, m: float | None) -> dict:
+    """The margin-CE options of AdaDistill's ``margin``: ArcFace ``cos(theta + m)`` with no fallback (the official
+    ``acos``/``cos``), or CosFace ``c - m``; ``m`` defaults to 0.45 / 0.35."""
+    if margin not in ADADISTILL_MARGINS:
+        raise ValueError(f"margin must be 'arcface' or 'cosface' (AdaDistill's two heads), got {margin!r}")
+    m = ADADISTILL_MARGINS[margin] if m is None else float(m)
+    if not 0 <= m <= math.pi / 2:
+        raise ValueError(f"m (the margin) must be in [0, pi/2], got {m}")
+    return dict(m2=m, fallback=False) if margin == "arcface" else dict(m2=0.0, m3=m)
+
+
+def adadistill_loss(
+    student_embeddings: torch.Tensor,
+    teacher_embeddings: torch.Tensor,
+    centers: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: str = "arcface",
+    s: float = 64.0,
+    m: float | None = None,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    update: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """AdaDistill (Boutros, Struc, Damer, ECCV 2024, arXiv 2407.01332), fused.
+
+    The student trains with ArcFace (``m = 0.45``, no fallback) or CosFace (``m = 0.35``) against class centers
+    that no optimizer touches: before the loss, without gradient, each row moves its class's center toward the
+    teacher, ``W_y <- alpha W_y + (1 - alpha) n(t)``, with ``alpha = clamp(cos(s, t) clamp(cos(W_y, t), 1e-6, 1),
+    1e-6, 1)`` from the centers as they were before the batch (a class's rows compose in batch order). This
+    function updates ``centers`` **in place** (``update=False`` skips it), then runs the fused margin CE on them
+    as frozen centers: the two-GEMM path, no ``B x C`` tensor, no host sync.
+
+    student_embeddings, teacher_embeddings: (B, D); centers: (C, D) (the official ``kernel.T``); labels: (B,),
+    ``ignore_index`` rows neither update nor count. See :mod:`mdkernels.reference.adadistill` for every named
+    deviation from the official head.
+    """
+    opts = adadistill_options(margin, m)
+    V.check_matrix(student_embeddings, "student_embeddings")
+    V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0],
+                   cols=student_embeddings.shape[1])  # fmt: skip
+    V.check_matrix(centers, "centers", cols=student_embeddings.shape[1])
+    V.check_same(student_embeddings, centers, "student_embeddings", "centers")
+    if teacher_embeddings.device != student_embeddings.device:
+        raise ValueError(f"teacher_embeddings is on {teacher_embeddings.device} but student_embeddings is on "
+                         f"{student_embeddings.device}: move both to one device")  # fmt: skip
+    V.check_labels(labels, student_embeddings.shape[0], student_embeddings.device)
+    if update:
+        if centers.requires_grad and torch.is_grad_enabled():
+            raise ValueError("centers must not require grad: AdaDistill's centers move by their update alone "
+                             "(pass a buffer, or centers.detach())")  # fmt: skip
+        valid = V.label_mask(labels, centers.shape[0], ignore_index)
+        with no_autocast(centers):
+            adadistill_update_(centers, student_embeddings.detach(), teacher_embeddings.detach(), labels.long(), valid)
+    if margin == "arcface":  # the official cos(theta + m) past pi, on purpose: per-row margins say so without a warning
+        opts["m2"] = margin_rows(opts["m2"], student_embeddings)
+    return margin_cross_entropy(student_embeddings, centers.detach(), labels, s=s, ignore_index=ignore_index,
+                                reduction=reduction, backend=backend, **opts)  # fmt: skip
+
+
 def angular_distillation_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -398,6 +464,7 @@ def margin_kd_loss(
 
 
 __all__ = [
+    "adadistill_loss",
     "margin_kd_loss",
     "triplet_distillation_loss",
     "angular_distillation_loss",

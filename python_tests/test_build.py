@@ -62,7 +62,7 @@ def test_cli_info_and_demo(capsys, tmp_path):
     printed = capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in rows}
-    assert methods == {"teacher", "arcface", "margindistill", "proxyless", "angular", "triplet", "hinton"}
+    assert methods == {"teacher", "arcface", "margindistill", "proxyless", "angular", "triplet", "hinton", "adadistill"}
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["tar@far=1e-3"] <= 1.0
     assert "margindistill" in printed and "TAR@FAR=1e-3" in printed
@@ -95,13 +95,35 @@ def test_off_build_removes_stale_modules(tmp_path):
     assert bad.returncode != 0 and "MDK_BUILD_CUDA must be AUTO, ON or OFF" in bad.stderr
 
 
-def test_readme_test_command_is_what_ci_runs():
+def test_readme_commands_are_what_ci_runs():
+    """CI installs what the README installs, the same way, and runs the README's test command: a new user and CI
+    get the versions pip resolves that day within pyproject.toml's ranges (CI pins nothing of its own)."""
     readme, ci = REPO / "README.md", REPO / ".ci" / "run"
     if not (readme.exists() and ci.exists()):
         pytest.skip("needs the source tree")
+    text, script = readme.read_text(), ci.read_text()
     command = "TRITON_INTERPRET=1 pytest python_tests -q"
-    assert command in readme.read_text()
-    assert any(line.startswith(command) for line in ci.read_text().splitlines())
+    assert command in text
+    assert any(line.startswith(command) for line in script.splitlines())
+    install = 'pip install torch==2.13.0 && pip install ".[test]"'
+    assert install in text and any(line.strip() == install for line in script.splitlines())
+    pins = [line for line in script.splitlines() if "pip install" in line and line.strip() != install
+            and "--upgrade pip" not in line]  # fmt: skip
+    assert not pins, f".ci/run installs something the README does not: {pins}"
+
+
+def test_versions_below_the_floor_are_refused_at_import():
+    from mdkernels import _floor
+
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.7 .* this is torch 2\.6\.0\+cu124"):
+        _floor.check("2.6.0+cu124", "3.2.0")
+    with pytest.raises(ImportError, match=r"needs Triton >= 3\.3 .* this is triton 3\.2\.0"):
+        _floor.check("2.13.0+cpu", "3.2.0")
+    _floor.check("2.7.1", "3.3.1")
+    _floor.check("2.15.0", None)  # no Triton: the torch backend
+    pyproject = (REPO / "pyproject.toml").read_text() if (REPO / "pyproject.toml").exists() else None
+    if pyproject is not None:  # one floor, stated twice: the import check and the package metadata
+        assert '"torch>=2.7"' in pyproject and '"triton>=3.3,<3.10"' in pyproject
 
 
 @pytest.mark.skipif(os.environ.get("MDK_TEST_INSTALLED") != "1", reason="set by CI")
@@ -115,8 +137,8 @@ def test_demo_methods_adds_margin_family_students(capsys, tmp_path):
     assert main(argv) == 0
     rows = json.loads((out / "results.json").read_text())
     summary = [r["method"] for r in rows if r.get("summary")]
-    assert summary == ["teacher", "arcface", "margindistill", "proxyless", "angular", "triplet", "hinton", "adaface",
-                       "subcenter"]  # fmt: skip
+    assert summary == ["teacher", "arcface", "margindistill", "proxyless", "angular", "triplet", "hinton", "adadistill",
+                       "adaface", "subcenter"]  # fmt: skip
     assert "adaface" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--methods takes margin-family methods"):
         main(["demo", "--preset", "tiny", "--out", str(out), "--methods", "hinton2"])

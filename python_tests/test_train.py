@@ -430,3 +430,32 @@ def test_two_nodes_equal_one_node_bit_for_bit(rec_data, tmp_path):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key}"
     assert torch.equal(a["head"]["head.weight"], b["head"]["head.weight"])
+
+
+def test_adadistill_trains_alone_and_sharded(rec_data, tmp_path):
+    """--method adadistill: the student's centers move toward the cached teacher embeddings (they are a buffer,
+    saved with the run); with --sharded under torchrun every rank's shard comes from the global batch, and the
+    gathered centers equal one process's run."""
+    teacher = train(small_cfg(rec_data, tmp_path / "t", val=None, max_steps=2))["checkpoint"]
+    one = train(small_cfg(rec_data, tmp_path / "one", method="adadistill", teacher=teacher, val=None, max_steps=3,
+                          batch_size=16))  # fmt: skip
+    ckpt = load_checkpoint(one["checkpoint"])
+    assert ckpt["head"]["head.weight"].shape == (12, 64) and "head.weight" in ckpt["loss"]
+    assert ckpt["head"]["head.weight"].std() > 0.011  # moved from N(0, 0.01) toward unit-norm teacher rows
+    with pytest.raises(ValueError, match="--sharded covers .* not --method hinton"):
+        train(small_cfg(rec_data, tmp_path / "h", method="hinton", teacher=teacher, sharded=True, max_steps=1))
+    args = ["-m", "mdkernels.cli", "train", "--data", rec_data["train"], "--method", "adadistill", "--teacher", teacher,
+            "--backbone", "mobilefacenet", "--width", "0.25", "--embedding-size", "64", "--input-size", "32",
+            "--epochs", "1", "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--no-progress",
+            "--no-tensorboard", "--scale", "32"]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("replicated", []), ("sharded", ["--sharded"])):
+        res = subprocess.run([*run, *args, *extra, "--out", str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=600, env=env)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-4000:]
+    a, b = (load_checkpoint(tmp_path / n / "last.pt") for n in ("replicated", "sharded"))
+    assert (tmp_path / "sharded" / "last.rank1.pt").is_file()
+    torch.testing.assert_close(a["head"]["head.weight"], b["head"]["head.weight"], rtol=1e-5, atol=1e-6)
+    for key, value in a["backbone"].items():
+        torch.testing.assert_close(value, b["backbone"][key], rtol=1e-4, atol=1e-5, msg=key)

@@ -83,12 +83,15 @@ def python_row(row: str, wheel: Path, work: Path, log: Path) -> dict:
     result = {"row": row, "torch": "", "triton": "", "info": "", "selfcheck": "", "compile": "", "notes": ""}
     torch_spec = TORCH_CPU if kind == "triton" else f"torch=={TORCHES[version]}"
     code, out = sh(pip + [torch_spec], log, 3600)
-    if code == 0 and kind == "triton":
-        code, out = sh(pip + [f"triton=={TRITONS[version]}"], log, 1800)
+    # the package as a user installs it, with this row's versions held: a version below the declared floor
+    # (pyproject.toml's test extra) cannot be resolved, and the row says so
+    held = [torch_spec] + ([f"triton=={TRITONS[version]}"] if kind == "triton" else [])
     if code == 0:
-        code, out = sh(pip + [f"{wheel}[test]"], log, 1800)
+        code, out = sh(pip + [f"{wheel}[test]", *held], log, 1800)
     if code:
-        result["notes"] = "install failed: " + out.strip().splitlines()[-1][:200]
+        last = out.strip().splitlines()[-1][:200] if out.strip() else "?"
+        below = "ResolutionImpossible" in out or "conflicting dependencies" in out
+        result["notes"] = ("below the declared floor: " if below else "install failed: ") + last
         return result
     empty = Path(tempfile.mkdtemp(prefix="mdk-compat-"))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}

@@ -1,6 +1,13 @@
 """Drop-in ``torch.nn`` modules of mdkernels."""
 
-from mdkernels.nn.distill import AngularDistillation, MarginDistillation, MarginKD, ProxylessKD, TripletDistillation
+from mdkernels.nn.distill import (
+    AdaDistill,
+    AngularDistillation,
+    MarginDistillation,
+    MarginKD,
+    ProxylessKD,
+    TripletDistillation,
+)
 from mdkernels.nn.heads import (
     ArcFace,
     ArcFaceLoss,
@@ -13,6 +20,7 @@ from mdkernels.nn.heads import (
 from mdkernels.nn.margins import AdaFace, CurricularFace, ElasticArcFace, ElasticCosFace, MagFace, SubCenterArcFace
 
 __all__ = [
+    "AdaDistill",
     "AngularDistillation",
     "MarginDistillation",
     "MarginKD",

@@ -166,3 +166,78 @@ class MarginKD(nn.Module):
             student_embeddings.to(w.dtype), teacher_embeddings.to(w.dtype), w, labels, T=self.T,
             alpha=self.alpha, s=self.s, m2=self.m2, backend=self.backend,
         )  # fmt: skip
+
+
+class AdaDistill(nn.Module):
+    """AdaDistill (Boutros, Struc, Damer, ECCV 2024): the student's ArcFace (or CosFace) head whose centers
+    move toward the teacher's embeddings instead of being learned (:func:`mdkernels.adadistill_loss`).
+
+    ``weight: (C, D)`` is a buffer (no optimizer touches it; saved and moved with the module), initialised
+    ``N(0, 0.01)`` as the official ``kernel`` (which is ``(D, C)``: ``weight.copy_(kernel.T)`` loads one), each
+    row from the seed and its index (:func:`mdkernels.ops._common.centers.normal_rows`: the sharded head starts
+    from the same rows).
+    ``forward(student_embeddings: (B, D), teacher_embeddings: (B, D), labels: (B,)) -> loss``: the centers'
+    update (every call, as the official head, which the official script runs in ``eval()`` mode; pass
+    ``update=False`` to freeze them), then the fused margin CE on the updated, frozen centers. Under
+    ``torch.distributed``, every rank applies the updates of the global batch (gathered, in rank order), so
+    the copies stay identical (the official DDP setup lets them drift). ``last_alpha``: the rows' alphas of
+    the last call, a device tensor (no host sync). ``margin``: "arcface" (``m = 0.45``) or "cosface"
+    (``m = 0.35``). For centers sharded over ranks, see :class:`mdkernels.distributed.ShardedAdaDistill`.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: str = "arcface", s: float = 64.0,
+                 m: float | None = None, *, update: bool = True, ignore_index: int = -1,
+                 backend: str = "auto") -> None:  # fmt: skip
+        super().__init__()
+        if embedding_size <= 0 or num_classes <= 0:
+            raise ValueError(f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}")
+        self.options = F_.adadistill_options(margin, m)  # checks the margin's name and size
+        V.check_scale(s)
+        self.embedding_size, self.num_classes, self.margin = embedding_size, num_classes, margin
+        self.s, self.m = float(s), self.options.get("m3", self.options["m2"])
+        self.update, self.ignore_index, self.backend = bool(update), ignore_index, backend
+        from mdkernels.ops._common.centers import normal_rows
+
+        self.register_buffer("weight", normal_rows(0, num_classes, embedding_size))
+        self.last_alpha: torch.Tensor | None = None
+
+    def forward(self, student_embeddings: torch.Tensor, teacher_embeddings: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        w = self.weight
+        x = student_embeddings.to(w.dtype) if student_embeddings.dtype != w.dtype else student_embeddings
+        t = teacher_embeddings.to(w.dtype)
+        if self.update:
+            self.last_alpha = _update_with_global_batch(w, x, t, labels, self.ignore_index)
+        return F_.adadistill_loss(x, t, w, labels, margin=self.margin, s=self.s, m=self.m, update=False,
+                                  ignore_index=self.ignore_index, backend=self.backend)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin!r}, "
+                f"s={self.s}, m={self.m}, update={self.update}, backend={self.backend!r}")  # fmt: skip
+
+
+def _update_with_global_batch(w, x, t, labels, ignore_index):
+    """The update of :func:`mdkernels.adadistill_loss` with every rank's rows (in rank order) when
+    torch.distributed runs with several ranks, else with this batch; the alphas of this rank's rows."""
+    import torch.distributed as dist
+
+    from mdkernels.ops._common.centers import adadistill_update_
+    from mdkernels.ops._common.env import no_autocast
+
+    V.check_matrix(x, "student_embeddings")
+    V.check_matrix(t, "teacher_embeddings", rows=x.shape[0], cols=x.shape[1])
+    V.check_matrix(w, "weight", cols=x.shape[1])
+    V.check_labels(labels, x.shape[0], x.device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rows = (x.detach(), t.detach(), labels.long())
+    if world > 1:
+        from mdkernels.distributed import gather_rows
+
+        rows = tuple(gather_rows(r) for r in rows)
+    valid = V.label_mask(rows[2], w.shape[0], ignore_index)
+    with no_autocast(w):
+        alpha = adadistill_update_(w, rows[0], rows[1], rows[2], valid)
+    if world > 1:
+        rank = dist.get_rank()
+        alpha = alpha[rank * x.shape[0] : (rank + 1) * x.shape[0]]
+    return alpha

@@ -61,6 +61,10 @@ OPS: dict[str, Op] = {
         functions=("proxyless_kd_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce",
         lacks=_MARGIN_CE_LACKS,
     ),
+    "adadistill": Op(
+        functions=("adadistill_loss",), package=None, backends=_MARGIN_CE_BACKENDS, built_on="margin_ce",
+        lacks=_MARGIN_CE_LACKS,
+    ),
     "margin_kd": Op(
         functions=("margin_kd_loss",),
         package="mdkernels.ops.margin_kd",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 FAMILY = ("adaface", "curricularface", "magface", "elasticface", "subcenter")  # mdkernels.nn.margins heads
-METHODS = ("arcface", "cosface", "sphereface", *FAMILY, "margindistill", "proxyless", "angular", "triplet", "hinton")
-DISTILL = ("margindistill", "proxyless", "angular", "triplet", "hinton")
+METHODS = ("arcface", "cosface", "sphereface", *FAMILY, "margindistill", "proxyless", "angular", "triplet", "hinton",
+           "adadistill")  # fmt: skip
+DISTILL = ("margindistill", "proxyless", "angular", "triplet", "hinton", "adadistill")
 OPTIMIZERS = ("sgd", "adamw")
 _DEFAULT_M = {"cosface": 0.35, "sphereface": 1.35, "adaface": 0.4}
 
@@ -67,6 +68,7 @@ class TrainConfig:
     elastic_plus: bool = False  # elasticface: sort the margins against the target cosines (ElasticFace+)
     plus_order: str = "paper"  # elasticface+: "paper" or "official" (see the README)
     subcenters: int = 3  # subcenter: K sub-centers per class
+    adadistill_margin: str = "arcface"  # adadistill: "arcface" (m 0.45) or "cosface" (m 0.35)
     backend: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     sharded: bool = False  # shard the head's centers over the DDP ranks (arcface/cosface/sphereface)
@@ -93,6 +95,8 @@ class TrainConfig:
             return self.m
         if self.method == "elasticface" and self.elastic == "cos":
             return 0.35
+        if self.method == "adadistill":
+            return 0.45 if self.adadistill_margin == "arcface" else 0.35
         return _DEFAULT_M.get(self.method, 0.5)
 
     @classmethod

@@ -24,7 +24,7 @@ from mdkernels.train import data as D
 from mdkernels.train.config import DISTILL, FAMILY
 from mdkernels.train.trainer import TrainConfig, train
 
-STUDENT_METHODS = ("arcface", "margindistill", "proxyless", "angular", "triplet", "hinton")
+STUDENT_METHODS = ("arcface", "margindistill", "proxyless", "angular", "triplet", "hinton", "adadistill")
 
 PRESETS = {
     # full: <= 10 min on 2 CPU cores; quick: <= 3 min

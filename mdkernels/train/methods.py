@@ -18,6 +18,9 @@ from mdkernels.train import data as D
 from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint
 from mdkernels.train.config import DISTILL, FAMILY, TrainConfig
 
+# the methods whose centers --sharded splits over the ranks (the others' would be silently replicated)
+SHARDED = ("arcface", "cosface", "sphereface", "angular", "triplet", "margindistill", "adadistill")
+
 
 def family_head(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The :mod:`mdkernels.nn.margins` head of ``--method`` (one of ``FAMILY``) with the config's options."""
@@ -73,8 +76,10 @@ class MethodLoss(nn.Module):
                              f"sphereface (and the angular/triplet heads), not --method {cfg.method}")  # fmt: skip
         elif cfg.method in FAMILY:
             if cfg.sharded:
-                raise ValueError(f"--sharded covers arcface/cosface/sphereface, not --method {cfg.method}")
+                raise ValueError(f"--sharded covers {', '.join(SHARDED)}, not --method {cfg.method}")
             self.head = family_head(cfg, num_classes)
+        if cfg.sharded and cfg.method not in SHARDED:
+            raise ValueError(f"--sharded covers {', '.join(SHARDED)}, not --method {cfg.method}")
         if cfg.method not in DISTILL:
             self.teacher_emb = None
         else:
@@ -85,7 +90,12 @@ class MethodLoss(nn.Module):
                 raise ValueError(f"the teacher has {centers.shape[0]} classes but the data has {num_classes}")
             self.teacher_emb = teacher["embeddings"]  # (N, Dt) memmap on the CPU, read per batch
             t_dim = centers.shape[1]
-            if cfg.method == "margindistill":
+            if cfg.method == "margindistill" and cfg.sharded and dist.is_initialized():
+                from mdkernels.distributed import ShardedMarginDistillation  # the teacher's centers, sharded
+
+                self.head = ShardedMarginDistillation(centers, s=cfg.s, m_min=cfg.m_min, m_max=cfg.m_max,
+                                                      backend=backend)  # fmt: skip
+            elif cfg.method == "margindistill":
                 self.loss = mdkernels.nn.MarginDistillation(centers, s=cfg.s, m_min=cfg.m_min, m_max=cfg.m_max,
                                                             backend=backend)  # fmt: skip
             elif cfg.method == "proxyless":
@@ -94,9 +104,18 @@ class MethodLoss(nn.Module):
                                                      embedding_size=cfg.embedding_size)  # fmt: skip
             elif cfg.method == "hinton":
                 self.loss = mdkernels.nn.MarginKD(centers, T=cfg.T, alpha=cfg.alpha, s=cfg.s, m2=m, backend=backend)
+            elif cfg.method == "adadistill":  # its own centers, moved toward the teacher's embeddings
+                if cfg.sharded and dist.is_initialized():
+                    from mdkernels.distributed import ShardedAdaDistill
+
+                    self.head = ShardedAdaDistill(cfg.embedding_size, num_classes, cfg.adadistill_margin, cfg.s, m,
+                                                  backend=backend)  # fmt: skip
+                else:
+                    self.head = mdkernels.nn.AdaDistill(cfg.embedding_size, num_classes, cfg.adadistill_margin, cfg.s,
+                                                        m, backend=backend)  # fmt: skip
             else:
                 self.adapter = nn.Linear(cfg.embedding_size, t_dim, bias=False) if cfg.embedding_size != t_dim else None
-            if cfg.method in ("margindistill", "hinton") and cfg.embedding_size != t_dim:
+            if cfg.method in ("margindistill", "hinton", "adadistill") and cfg.embedding_size != t_dim:
                 raise ValueError(f"--method {cfg.method} needs the student's embedding size ({cfg.embedding_size}) "
                                  f"to equal the teacher's ({t_dim})")  # fmt: skip
 
@@ -129,11 +148,13 @@ class MethodLoss(nn.Module):
         if method in ("arcface", "cosface", "sphereface", *FAMILY):
             return self.head(emb, labels)
         if method == "margindistill":
-            return self.loss(emb, labels, teacher_embeddings=t)
+            return (self.head if hasattr(self, "head") else self.loss)(emb, labels, teacher_embeddings=t)
         if method == "proxyless":
             return self.loss(emb, labels)
         if method == "hinton":
             return self.loss(emb, t, labels)
+        if method == "adadistill":
+            return self.head(emb, t, labels)
         student = self.adapter(emb) if self.adapter is not None else emb
         if method == "angular":
             extra = mdkernels.angular_distillation_loss(student, t, p=cfg.p, backend=cfg.backend)
