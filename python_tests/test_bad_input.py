@@ -28,6 +28,7 @@ Y = torch.tensor([0, 3, 9, 1])
 T = torch.randn(4, 8, generator=G)
 mce, mdl, pkd = mdkernels.margin_cross_entropy, mdkernels.margin_distillation_loss, mdkernels.proxyless_kd_loss
 ang, tri, mkd = mdkernels.angular_distillation_loss, mdkernels.triplet_distillation_loss, mdkernels.margin_kd_loss
+ada = mdkernels.adadistill_loss
 nan_x = X.clone()
 nan_x[1, 2] = float("nan")
 inf_w = W.clone()
@@ -83,6 +84,14 @@ FUNCTIONS = [
     ("mkd/T = 0", lambda: mkd(X, T, W, Y, T=0.0), ValueError, "T"),
     ("mkd/alpha > 1", lambda: mkd(X, T, W, Y, alpha=1.5), ValueError, "alpha"),
     ("mkd/teacher shape", lambda: mkd(X, T[:, :5], W, Y), ValueError, "teacher_embeddings"),
+    ("ada/bad margin", lambda: ada(X, T, W.clone(), Y, margin="sphereface"), ValueError, "margin"),
+    ("ada/teacher columns", lambda: ada(X, T[:, :5], W.clone(), Y), ValueError, "teacher_embeddings"),
+    ("ada/teacher rows", lambda: ada(X, T[:3], W.clone(), Y), ValueError, "teacher_embeddings"),
+    ("ada/centers D", lambda: ada(X, T, W[:, :5].clone(), Y), ValueError, "centers"),
+    ("ada/centers need grad", lambda: ada(X, T, W.clone().requires_grad_(), Y), ValueError, "centers"),
+    ("ada/label >= C", lambda: ada(X, T, W.clone(), torch.tensor([0, 1, 2, 10])), ValueError, "label"),
+    ("ada/m > pi/2", lambda: ada(X, T, W.clone(), Y, m=2.0), ValueError, "m"),
+    ("ada/teacher on another device", lambda: ada(X, T.to("meta"), W.clone(), Y), ValueError, "teacher_embeddings"),
 ]  # fmt: skip
 
 MODULES = [
@@ -98,6 +107,10 @@ MODULES = [
     ("MagFace/l_a >= u_a", lambda: mnn.MagFace(8, 10, l_a=120.0), ValueError, "l_a|u_a"),
     ("ElasticArcFace/std < 0", lambda: mnn.ElasticArcFace(8, 10, std=-0.1), ValueError, "std"),
     ("ElasticCosFace/plus_order", lambda: mnn.ElasticCosFace(8, 10, plus_order="random"), ValueError, "plus_order"),
+    ("AdaDistill/margin", lambda: mnn.AdaDistill(8, 10, margin="cos"), ValueError, "margin"),
+    ("AdaDistill/num_classes 0", lambda: mnn.AdaDistill(8, 0), ValueError, "num_classes"),
+    ("AdaDistill/s <= 0", lambda: mnn.AdaDistill(8, 10, s=0.0), ValueError, "s"),
+    ("AdaDistill/teacher shape", lambda: mnn.AdaDistill(8, 10)(X, T[:, :5], Y), ValueError, "teacher_embeddings"),
     ("SubCenterArcFace/K 0", lambda: mnn.SubCenterArcFace(8, 10, K=0), ValueError, "K"),
     ("MarginDistillation/centers 1-D", lambda: mnn.MarginDistillation(W[0]), ValueError, "centers"),
     ("ProxylessKD/margin", lambda: mnn.ProxylessKD(W, margin="curricular"), ValueError, "margin"),

@@ -342,6 +342,34 @@ def _triplet_distillation(backend, data):
              [s.to(dt).requires_grad_(), t.to(dt)], f"triplet[{backend}] {kw.get('mining')}", F64)  # fmt: skip
 
 
+def _adadistill(backend, data):
+    """AdaDistill: the loss, the student's gradient and the centers after the update; classes shared by
+    several rows (composed in batch order), ignored rows, teachers of any sign, centers of any scale."""
+    x, w, y, B, D, C, _, edge = data.draw(embedding_case(backend))
+    dt = _dtype(backend)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="teacher seed"))
+    t = torch.randn(B, D, generator=g, dtype=torch.float64)
+    if data.draw(st.booleans(), label="teacher near its center"):
+        t = t * 0.3 + w[y.clamp_min(0)]
+    w = w * data.draw(st.sampled_from([0.01, 1.0, 30.0]), label="center scale")
+    kw = dict(margin=data.draw(st.sampled_from(["arcface", "cosface"]), label="margin"),
+              s=data.draw(st.floats(1.0, 64.0), label="s"))  # fmt: skip
+    if data.draw(st.booleans(), label="explicit m"):
+        kw["m"] = data.draw(st.floats(0.0, 0.8), label="m")
+    moved = {}
+
+    def fused(a, b):
+        moved["w"] = w.to(dt).clone()
+        return mdkernels.adadistill_loss(a, b, moved["w"], y, backend=backend, **kw)
+
+    with _device_ctx(backend):
+        _compare(fused, lambda a, b: R.adadistill_loss(a, b, w.to(dt), y, **kw)[0], [x.to(dt).requires_grad_(),
+                 t.to(dt)], f"adadistill[{backend}] {kw}", _tol(dt, edge))  # fmt: skip
+    if "w" in moved:
+        want, _ = R.adadistill_update(w.to(dt), x.to(dt), t.to(dt), y)
+        _close(moved["w"], want, f"adadistill[{backend}] centers", _tol(dt, edge))
+
+
 # ---- the tests: one per loss and backend ----------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fuzz_margin_cross_entropy(backend):
@@ -371,3 +399,8 @@ def test_fuzz_angular_distillation(backend):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"])  # the triplet op has no CUDA kernel
 def test_fuzz_triplet_distillation(backend):
     _fuzz(backend, _triplet_distillation)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_adadistill(backend):
+    _fuzz(backend, _adadistill)
