@@ -11,6 +11,7 @@ from mdkernels.functional import (  # noqa: E402
     MarginCEStats,
     adadistill_loss,
     angular_distillation_loss,
+    cosine_topk_search,
     l2_normalize,
     margin_cross_entropy,
     margin_distillation_loss,
@@ -20,6 +21,8 @@ from mdkernels.functional import (  # noqa: E402
 )
 from mdkernels.info import info  # noqa: E402
 
+cosine_topk = cosine_topk_search  # mdkernels.cosine_topk(queries, gallery, k): the name the docs use
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "__version__",
     "adadistill_loss",
     "angular_distillation_loss",
+    "cosine_topk",
+    "cosine_topk_search",
     "info",
     "l2_normalize",
     "margin_cross_entropy",

@@ -21,6 +21,7 @@ from mdkernels.ops._common.env import autocast_operands, no_autocast
 from mdkernels.ops._common.margin import distillation_margins, teacher_target_cosine, warn_if_non_monotone
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.triplet_distill import torch_backend as triplet_torch
+from mdkernels.search import cosine_topk_search  # noqa: F401 (the registry finds every public function here)
 
 
 class MarginCEStats(NamedTuple):
@@ -465,6 +466,7 @@ def margin_kd_loss(
 
 __all__ = [
     "adadistill_loss",
+    "cosine_topk_search",
     "margin_kd_loss",
     "triplet_distillation_loss",
     "angular_distillation_loss",

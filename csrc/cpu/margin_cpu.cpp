@@ -1,5 +1,5 @@
-// mdkernels._cpu: the CPU path's chunk epilogues of the fused margin ops, in C++ (host compiler only, no
-// torch headers). Each replaces about eight elementwise torch passes over a (B, n) chunk of logits with
+// mdkernels._cpu: the CPU path's chunk epilogues of the fused margin ops and of the cosine top-k, in C++ (host
+// compiler only, no torch headers). Each replaces about eight elementwise torch passes over a (B, n) chunk of logits with
 // one read and one write per element, the row kept in L1 between its two sweeps. Rows are split over
 // threads. The Python side (mdkernels/ops/_common/chunked.py) keeps the pure-torch passes as the fallback
 // and as the reference these are tested against.
@@ -67,6 +67,18 @@ PYBIND11_MODULE(_cpu, m) {
 #endif
         fn(f64, ptr<void>(z), ptr<const void>(rw), ptr<const int64_t>(tgt), B, n, s, tau_s, has_filter,
            ptr<const void>(lse), ptr<const void>(gr), ptr<const void>(t_e), ptr<const void>(raw_t), ptr<void>(dot),
+           threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "topk_rows",
+      [](bool f64, std::uintptr_t scores, std::uintptr_t rg, int64_t c0, int64_t Q, int64_t n, int64_t k,
+         std::uintptr_t vals, std::uintptr_t idx, int threads) {
+        auto fn = mdk_cpu::base::topk_rows;
+#if defined(MDK_CPU_HAVE_AVX2)
+        if (use_avx2()) fn = mdk_cpu::avx2::topk_rows;
+#endif
+        fn(f64, ptr<const void>(scores), ptr<const void>(rg), c0, Q, n, k, ptr<void>(vals), ptr<int64_t>(idx),
            threads);
       },
       py::call_guard<py::gil_scoped_release>());

@@ -1,6 +1,10 @@
 // The chunk epilogues of mdkernels._cpu (see margin_cpu.cpp), compiled once per instruction set:
 // CMakeLists.txt builds this file twice, with MDK_CPU_NS=base (the compiler's default target) and, on
 // x86-64, MDK_CPU_NS=avx2 with -mavx2 -mfma; margin_cpu.cpp picks one at run time.
+#if defined(__AVX2__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -182,6 +186,72 @@ void center_grad_rows(T* z, const T* rw, const int64_t* tgt, int64_t B, int64_t 
   }
 }
 
+// ---- cosine top-k (mdkernels.cosine_topk): a running top-k per row over gallery chunks ----------------------
+// scores (Q x n) are n(q_i) . g_{c0 + j}, not yet scaled by rg_j = 1/|g_j|. vals/idx (Q x k) hold each row's best
+// so far, descending (-inf / -1 where not filled). A score enters when it beats the k-th: one comparison per
+// entry on the common path; among equal cosines the earlier gallery index stays ahead (deterministic).
+constexpr int64_t kSweep = 64;  // scores per block whose best is checked before the block is walked
+
+// max_j s[j] * r[j], a NaN product ignored (MAXPS returns its second operand when either is NaN). Written with
+// intrinsics: without -ffinite-math-only the compiler keeps a max reduction scalar.
+inline float block_max(const float* s, const float* r, int64_t n) {
+  float best = -INFINITY;
+  int64_t j = 0;
+#if defined(__AVX2__)
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(r + j)), m);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  for (float v : lanes) best = v > best ? v : best;
+#elif defined(__SSE2__)
+  __m128 m = _mm_set1_ps(-INFINITY);
+  for (; j + 4 <= n; j += 4) m = _mm_max_ps(_mm_mul_ps(_mm_loadu_ps(s + j), _mm_loadu_ps(r + j)), m);
+  alignas(16) float lanes[4];
+  _mm_store_ps(lanes, m);
+  for (float v : lanes) best = v > best ? v : best;
+#endif
+  for (; j < n; ++j) best = s[j] * r[j] > best ? s[j] * r[j] : best;
+  return best;
+}
+
+inline double block_max(const double* s, const double* r, int64_t n) {
+  double best = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) best = s[j] * r[j] > best ? s[j] * r[j] : best;
+  return best;
+}
+
+template <typename T>
+void topk_rows(const T* scores, const T* rg, int64_t c0, int64_t Q, int64_t n, int64_t k, T* vals, int64_t* idx,
+               int threads) {
+  parallel_rows(Q, threads, [&](int, int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* si = scores + i * n;
+      T* v = vals + i * k;
+      int64_t* x = idx + i * k;
+      T worst = v[k - 1];
+      for (int64_t j0 = 0; j0 < n; j0 += kSweep) {
+        const int64_t j1 = std::min<int64_t>(n, j0 + kSweep);
+        // a block's best first (SIMD): most blocks hold nothing that enters
+        const T best = block_max(si + j0, rg + j0, j1 - j0);
+        if (!(best > worst)) continue;
+        for (int64_t j = j0; j < j1; ++j) {
+          const T c = si[j] * rg[j];
+          if (!(c > worst)) continue;  // NaN never enters
+          int64_t p = k - 1;
+          while (p > 0 && v[p - 1] < c) {  // after the equal ones: the earlier index first
+            v[p] = v[p - 1];
+            x[p] = x[p - 1];
+            --p;
+          }
+          v[p] = c;
+          x[p] = c0 + j;
+          worst = v[k - 1];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void forward_rows(bool f64, void* z, const void* rw, const int64_t* tgt, int64_t B, int64_t n, double s, double tau_s,
@@ -213,6 +283,17 @@ void center_grad_rows(bool f64, void* z, const void* rw, const int64_t* tgt, int
     has_filter ? run(double(), std::true_type()) : run(double(), std::false_type());
   } else {
     has_filter ? run(float(), std::true_type()) : run(float(), std::false_type());
+  }
+}
+
+void topk_rows(bool f64, const void* scores, const void* rg, int64_t c0, int64_t Q, int64_t n, int64_t k, void* vals,
+               int64_t* idx, int threads) {
+  if (f64) {
+    topk_rows<double>(static_cast<const double*>(scores), static_cast<const double*>(rg), c0, Q, n, k,
+                      static_cast<double*>(vals), idx, threads);
+  } else {
+    topk_rows<float>(static_cast<const float*>(scores), static_cast<const float*>(rg), c0, Q, n, k,
+                     static_cast<float*>(vals), idx, threads);
   }
 }
 

@@ -78,6 +78,13 @@ OPS: dict[str, Op] = {
         csrc=("csrc/angular_distill.cu",),
         custom_ops=("angular_distill_forward", "angular_distill_backward"),
     ),
+    "cosine_topk": Op(
+        functions=("cosine_topk_search",),
+        package="mdkernels.ops.cosine_topk",
+        backends=("triton", "torch"),
+        custom_ops=("cosine_topk",),
+        lacks=(("triton", ("large_k",)),),  # k above 256: the torch backend
+    ),
     "triplet_distill": Op(
         functions=("triplet_distillation_loss",), package="mdkernels.ops.triplet_distill", backends=("triton", "torch")
     ),

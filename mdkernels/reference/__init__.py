@@ -3,7 +3,7 @@
 Readable first, fast never: these functions materialise the full ``B x C`` cosine matrix (and ``B^3``
 triplet tensors) on purpose. :mod:`.core` holds SPEC sections 1-6 (the margin CE and the distillation
 losses), :mod:`.family` section 7 (AdaFace, CurricularFace, MagFace, ElasticFace, sub-center ArcFace),
-:mod:`.adadistill` section 8, each transcribing its official code's behaviour. The oracle imports nothing
+:mod:`.adadistill` section 8, :mod:`.search` the cosine top-k of section 9, each transcribing its official code's behaviour. The oracle imports nothing
 of the fused paths.
 """
 
@@ -13,5 +13,7 @@ from mdkernels.reference.core import *  # noqa: F403
 from mdkernels.reference.core import __all__ as _core
 from mdkernels.reference.family import *  # noqa: F403
 from mdkernels.reference.family import __all__ as _family
+from mdkernels.reference.search import *  # noqa: F403
+from mdkernels.reference.search import __all__ as _search
 
-__all__ = [*_core, *_family, *_adadistill]
+__all__ = [*_core, *_family, *_adadistill, *_search]

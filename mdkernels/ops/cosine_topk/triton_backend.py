@@ -1,0 +1,154 @@
+"""Triton backend of the cosine top-k (see :mod:`mdkernels.ops.cosine_topk.op`).
+
+``_cosine_topk_kernel``: one program per (query tile, gallery split). The query tile is normalised once (resident
+over all of D up to ``full_d``, else stepped with the gallery tile); per gallery tile, the cosines (masked to
+``-inf`` outside the split), and, when the tile's best beats some row's current ``k``-th, the merge: ``k`` rounds
+that each take the larger of the running list's and the tile's row maxima (the running list wins ties: it holds
+earlier gallery rows; ``argmax`` takes the leftmost). Each program writes its split's ``k`` candidates; the host
+merges the splits (by value, then by gallery index).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdkernels._cuda_ext import guard_device
+from mdkernels._spec import compute_dtype
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, num_sms, ptr
+from mdkernels.ops._common.tiles import arch_class, triton_flags
+from mdkernels.ops.cosine_topk.torch_backend import merge
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from mdkernels.ops._common.tiles import cos_tile, load_tile, normalised
+
+    @triton.jit
+    def _cosine_topk_kernel(
+        QP, GP, RQ, RG, VALS, IDX, Qn, Gn, D, stride_q, stride_qc, stride_g, stride_gc, per_split,
+        K: tl.constexpr, KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """VALS/IDX[split, row, 0:K]: the split's K best cosines of each query row, descending."""
+        pid_q = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_mask = rows < Qn
+        slots = tl.arange(0, KP)
+        g_begin = pid_s * per_split
+        g_end = tl.minimum(g_begin + per_split, Gn)
+        if FULL_D:
+            dd = tl.arange(0, BLOCK_D)
+            rq = tl.load(RQ + rows, mask=row_mask, other=0.0)
+            qn = normalised(load_tile(QP, rows, row_mask, dd, dd < D, stride_q, stride_qc), rq, OP_DTYPE, ROUND)
+        vals = tl.where(slots[None, :] < K, float("-inf"), float("inf")) + tl.zeros((BLOCK_Q, KP), ACC_DTYPE)
+        idx = tl.full((BLOCK_Q, KP), -1, tl.int32)  # a gallery of fewer than 2^31 rows
+        for g0 in range(g_begin, g_end, BLOCK_G):
+            cols = g0 + tl.arange(0, BLOCK_G)
+            col_mask = cols < g_end
+            if FULL_D:
+                rg = tl.load(RG + cols, mask=col_mask, other=0.0)
+                gn = normalised(load_tile(GP, cols, col_mask, dd, dd < D, stride_g, stride_gc), rg, OP_DTYPE, ROUND)
+                cos = tl.dot(qn, tl.trans(gn), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                cos = cos_tile(QP, GP, RQ, RG, rows, cols, row_mask, col_mask, D, stride_q, stride_qc, stride_g,
+                               stride_gc, BLOCK_Q, BLOCK_G, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND,
+                               PRECISION)  # fmt: skip
+            cos = tl.where(col_mask[None, :], cos, float("-inf"))
+            worst = tl.min(tl.where(slots[None, :] < K, vals, float("inf")), 1)  # each row's K-th so far
+            if tl.max(tl.max(cos, 1) - worst, 0) > 0:  # some row's K-th is beaten: merge
+                run = tl.where(slots[None, :] < K, vals, float("-inf"))
+                new_vals = vals
+                new_idx = idx
+                for j in range(K):
+                    best_r = tl.max(run, 1)
+                    at_r = tl.argmax(run, 1)
+                    best_t = tl.max(cos, 1)
+                    at_t = tl.argmax(cos, 1)
+                    take_t = best_t > best_r  # equal: the running list's (earlier) row stays ahead
+                    pick_r = slots[None, :] == at_r[:, None]
+                    pick_t = tl.arange(0, BLOCK_G)[None, :] == at_t[:, None]
+                    from_r = tl.sum(tl.where(pick_r, idx, 0), 1)
+                    here = slots[None, :] == j
+                    new_vals = tl.where(here, tl.where(take_t, best_t, best_r)[:, None], new_vals)
+                    new_idx = tl.where(here, tl.where(take_t, g0 + at_t, from_r)[:, None], new_idx)
+                    run = tl.where(pick_r & ~take_t[:, None], float("-inf"), run)
+                    cos = tl.where(pick_t & take_t[:, None], float("-inf"), cos)
+                vals = new_vals
+                idx = new_idx
+        out = (pid_s * Qn + rows[:, None]).to(tl.int64) * K + slots[None, :]
+        keep = row_mask[:, None] & (slots[None, :] < K)
+        tl.store(VALS + out, vals, mask=keep)
+        tl.store(IDX + out, idx.to(tl.int64), mask=keep)
+
+
+FORCE_SPLITS: int | None = None  # tests: force this many gallery splits on any device
+
+
+def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) -> dict:
+    """BLOCK_Q, BLOCK_G, BLOCK_D, FULL_D, num_warps: the interpreter's few large tiles, or a GPU's: the running
+    list (BLOCK_Q x next_pow2(k) values and indices) shares the registers with the cosine tile, so the query
+    tile shrinks as k grows (64-row wgmma tiles on Hopper for k up to 16); the D loop above 256 columns.
+    Chosen to compile without spills on sm_80/sm_90 (test_gpu_compile)."""
+    d_pad = triton.next_power_of_2(max(D, 16))
+    if interpreting():
+        return dict(BLOCK_Q=32, BLOCK_G=128, BLOCK_D=d_pad if d_pad <= 512 else 128, FULL_D=d_pad <= 512,
+                    num_warps=4)  # fmt: skip
+    kp = triton.next_power_of_2(max(k, 1))
+    hopper = arch_class(arch) == "hopper"
+    block_q = (64 if hopper else 32) if kp <= 16 else (32 if kp <= 64 else 16)
+    full = d_pad <= 256
+    warps = 4 if dtype in (torch.float16, torch.bfloat16) and kp <= 16 else 8  # fp16 at 8 warps spills on sm_80
+    return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=d_pad if full else 64, FULL_D=full, num_warps=warps)
+
+
+@guard_device
+def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` ``(Q, k)``, ``k <= G``; see :mod:`mdkernels.ops.cosine_topk.op`."""
+    from mdkernels.ops._common.env import capability
+    from mdkernels.ops.l2norm import row_rnorm
+
+    Q, D = queries.shape
+    G = gallery.shape[0]
+    cd = compute_dtype(queries)
+    if k == 0 or Q == 0:
+        return queries.new_empty(Q, k, dtype=cd), queries.new_empty(Q, k, dtype=torch.int64)
+    cfg = tile_config(queries.dtype, D, k, capability(queries.device))
+    warps = cfg.pop("num_warps")
+    row_tiles, g_tiles = triton.cdiv(Q, cfg["BLOCK_Q"]), triton.cdiv(G, cfg["BLOCK_G"])
+    if FORCE_SPLITS is not None:
+        splits = max(1, min(g_tiles, FORCE_SPLITS))
+    else:
+        splits = max(1, min(g_tiles, (4 * num_sms(queries.device)) // row_tiles)) if queries.is_cuda else 1
+    per_split = triton.cdiv(g_tiles, splits) * cfg["BLOCK_G"]
+    splits = triton.cdiv(G, per_split)
+    vals = torch.empty(splits, Q, k, dtype=cd, device=queries.device)
+    idx = torch.empty(splits, Q, k, dtype=torch.int64, device=queries.device)
+    rq, rg = row_rnorm(queries), row_rnorm(gallery)
+    _cosine_topk_kernel[(row_tiles, splits)](
+        queries, gallery, rq, rg, vals, idx, Q, G, D, queries.stride(0), queries.stride(1), gallery.stride(0),
+        gallery.stride(1), per_split, K=k, KP=triton.next_power_of_2(k), num_warps=warps,
+        **triton_flags(queries.dtype, queries.is_cuda), **cfg, **LAUNCH_OPTIONS,
+    )  # fmt: skip
+    if splits == 1:
+        return vals[0], idx[0]
+    return merge(vals.permute(1, 0, 2).reshape(Q, splits * k), idx.permute(1, 0, 2).reshape(Q, splits * k), k)
+
+
+def compile_specs(dtype: torch.dtype, arch: int = 90, Q: int = 2048, D: int = 512) -> list:
+    """The kernel as a launch compiles it for ``dtype`` on ``sm_<arch>`` at k = 10 and 100, D = 512 (the D loop)
+    and 128 (resident) (see :mod:`mdkernels.tools.gpu_compile`)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sig = {"QP": ptr(dtype), "GP": ptr(dtype), "RQ": ptr(acc), "RG": ptr(acc), "VALS": ptr(acc), "IDX": "*i64",
+           "Qn": "i32", "Gn": "i32", "D": "i32", "stride_q": "i32", "stride_g": "i32", "per_split": "i32"}  # fmt: skip
+    specs = []
+    for d, k in ((D, 10), (128, 10), (D, 100)):
+        cfg = tile_config(dtype, d, k, arch)
+        opts = {"num_warps": cfg.pop("num_warps"), "num_stages": 2}
+        const = {"K": k, "KP": triton.next_power_of_2(k), "stride_qc": 1, "stride_gc": 1,
+                 **triton_flags(dtype, True), **cfg}  # fmt: skip
+        specs.append((f"cosine_topk D={d} k={k}", _cosine_topk_kernel, sig, const, opts,
+                      {"Qn", "D", "stride_q", "stride_g", "per_split"}))  # fmt: skip
+    return specs
