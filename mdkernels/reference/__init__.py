@@ -3,8 +3,8 @@
 Readable first, fast never: these functions materialise the full ``B x C`` cosine matrix (and ``B^3``
 triplet tensors) on purpose. :mod:`.core` holds SPEC sections 1-6 (the margin CE and the distillation
 losses), :mod:`.family` section 7 (AdaFace, CurricularFace, MagFace, ElasticFace, sub-center ArcFace),
-:mod:`.adadistill` section 8, :mod:`.search` the cosine top-k of section 9, each transcribing its official code's behaviour. The oracle imports nothing
-of the fused paths.
+:mod:`.adadistill` AdaDistill, :mod:`.search` the exact cosine top-k; each transcribes its official code's
+behaviour. The oracle imports nothing of the fused paths.
 """
 
 from mdkernels.reference.adadistill import *  # noqa: F403
