@@ -79,12 +79,88 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mdkernels.train.trainer import evaluate_checkpoint
+    from pathlib import Path
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.target, flip=not args.no_flip, max_pairs=args.max_pairs,
+    from mdkernels.train import ijb
+    from mdkernels.train.trainer import evaluate_checkpoint, load_eval_model
+
+    if args.identify is not None or args.gallery is not None or args.distractors is not None:
+        return _cmd_identify(args)
+    if args.target is None:
+        raise ValueError("mdk eval needs a TARGET (a .bin, an image folder or an IJB folder) or --identify PROBES "
+                         "--gallery GALLERY")  # fmt: skip
+    if ijb.is_ijb_folder(args.target) or args.ijb_target:
+        model, size = load_eval_model(args.checkpoint, args.network)
+        if size != 112:
+            raise ValueError(f"{args.checkpoint}: IJB evaluation aligns to 112 x 112, the model takes {size} x {size}")
+        if args.no_flip and args.flip != "add":
+            raise ValueError("--no-flip and --flip concat contradict each other: pass one")
+        flip = "none" if args.no_flip else args.flip
+        plot = None if args.no_plot else (args.plot or _default_plot(args.json, f"{args.ijb_target or 'ijb'}_roc"))
+        res = ijb.evaluate_ijb(model, args.target, target=args.ijb_target, flip=flip,
+                               norm_score=not args.no_norm_score, detector_score=not args.no_detector_score,
+                               batch_size=args.batch_size, workers=args.workers, device=args.device, warp=args.warp,
+                               progress=not args.no_progress, cache_dir=_cache_dir(args),
+                               model_digest=_digest(args), roc_png=plot, label=Path(args.checkpoint).stem)  # fmt: skip
+        res["model"] = str(args.checkpoint)
+        print(ijb.table(res), file=sys.stderr)
+        out = ijb.public(res)
+    else:
+        for flag in ("batch_size", "workers", "device", "cache"):
+            if getattr(args, flag) != _EVAL_DEFAULTS.get(flag):
+                name = "--" + flag.replace("_", "-")
+                raise ValueError(f"{name} applies to IJB folders and --identify, not to {args.target}")
+        out = evaluate_checkpoint(args.checkpoint, args.target, flip=not args.no_flip, max_pairs=args.max_pairs,
                                   network=args.network)  # fmt: skip
-    metrics.pop("roc")
-    print(json.dumps(metrics, indent=1))
+        out.pop("roc")
+    if args.json:
+        ijb.write_json(out, args.json)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+_EVAL_DEFAULTS = {"batch_size": 128, "workers": None, "device": None, "cache": None}
+
+
+def _default_plot(json_path, stem):
+    from pathlib import Path
+
+    if json_path:
+        return Path(json_path).with_suffix("").as_posix() + ".png"
+    return f"{stem.lower()}.png"
+
+
+def _cache_dir(args):
+    return None if args.cache is None else args.cache
+
+
+def _digest(args):
+    if args.cache is None:
+        return None
+    from mdkernels.train import embcache
+
+    return embcache.file_digest(args.checkpoint) + (f":{args.network}" if args.network else "")
+
+
+def _cmd_identify(args: argparse.Namespace) -> int:
+    from mdkernels.train import identify, ijb
+    from mdkernels.train.trainer import load_eval_model
+
+    if args.identify is None or args.gallery is None:
+        raise ValueError("identification needs both --identify PROBES and --gallery GALLERY")
+    if args.target is not None:
+        raise ValueError(f"give either a TARGET ({args.target}) or --identify/--gallery, not both")
+    model, size = load_eval_model(args.checkpoint, args.network)
+    plot = None if args.no_plot else (args.plot or _default_plot(args.json, "identification"))
+    res = identify.evaluate_identification(model, args.identify, args.gallery, args.distractors, size=size,
+                                           flip=not args.no_flip, batch_size=args.batch_size,
+                                           workers=args.workers or 0, device=args.device,
+                                           progress=not args.no_progress, cache_dir=_cache_dir(args),
+                                           model_digest=_digest(args), plot=plot)  # fmt: skip
+    res["model"] = str(args.checkpoint)
+    if args.json:
+        ijb.write_json(res, args.json)
+    print(json.dumps(res, indent=1))
     return 0
 
 
@@ -162,6 +238,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                            help=f"default: {field.default!r}")  # fmt: skip
 
 
+EVAL_DOC = """Evaluate a model (an mdk checkpoint, an exported .onnx, or an insightface model.pt with --network).
+
+  mdk eval MODEL lfw.bin                      10-fold accuracy, TAR@FAR (insightface .bin sets)
+  mdk eval MODEL IJBC/ --json ijbc.json       IJB-C 1:1 TAR@FAR=1e-6..1e-1 and 1:N, as insightface computes them
+  mdk eval MODEL --identify PROBES --gallery GALLERY --distractors D.npy
+                                              rank-1/5 against 10, 100, ... distractors (MegaFace's curve)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mdk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -186,15 +271,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("bench", help="run a benchmark from a checkout: mdk bench margin_ce --suite cpu")
-    p.add_argument("op", choices=["margin_ce", "margin_family", "distill", "l2norm"], help="bench/bench_<op>.py")
+    p.add_argument("op", choices=["margin_ce", "margin_family", "distill", "l2norm", "cosine_topk"],
+                   help="bench/bench_<op>.py")  # fmt: skip
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own arguments (see its --help)")
     p.set_defaults(func=_cmd_bench)
-    p = sub.add_parser("eval", help="evaluate a model on a .bin verification set or an image folder")
-    p.add_argument("checkpoint", help="an mdk checkpoint, an exported .onnx, or an insightface model.pt (--network)")
+    p = sub.add_parser("eval", help="evaluate a model: a .bin set, an image folder, IJB-B/C, or identification",
+                       description=EVAL_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", metavar="MODEL",
+                   help="an mdk checkpoint, an exported .onnx, or an insightface model.pt/backbone.pth (--network)")
+    p.add_argument("target", metavar="TARGET", nargs="?",
+                   help="a verification .bin, an image folder (pairs are drawn from it), or an IJB-B/C folder in "
+                   "insightface's layout (meta/, loose_crop/)")  # fmt: skip
     p.add_argument("--network", help="the insightface network of a model.pt/backbone.pth (r18 .. r200, mbf, ...)")
-    p.add_argument("target", help="a verification .bin, or an image folder (pairs are drawn from it)")
-    p.add_argument("--no-flip", action="store_true", help="no flip test-time augmentation")
-    p.add_argument("--max-pairs", type=int, default=3000)
+    p.add_argument("--json", metavar="OUT.json", help="also write the metrics to this file")
+    p.add_argument("--no-flip", action="store_true", help="embed the image alone (IJB test mode F0)")
+    g = p.add_argument_group("verification sets (.bin, image folders)")
+    g.add_argument("--max-pairs", type=int, default=3000, help="pairs drawn from an image folder (default 3000)")
+    g = p.add_argument_group("IJB-B / IJB-C (insightface's pipeline; the defaults are its test mode N1D1F2)")
+    g.add_argument("--target", dest="ijb_target", choices=["IJBC", "IJBB"],
+                   help="which set, when meta/ holds both (default: the one present)")
+    g.add_argument("--flip", choices=["add", "concat"], default="add",
+                   help="add the flipped image's embedding (F2, default) or concatenate it (F1)")
+    g.add_argument("--no-norm-score", action="store_true", help="normalise each image's feature first (N0)")
+    g.add_argument("--no-detector-score", action="store_true", help="no faceness-score weighting (D0)")
+    g.add_argument("--warp", choices=["auto", "cv2", "numpy"], default="auto",
+                   help="alignment warp: OpenCV as insightface (auto: when installed) or numpy")
+    g = p.add_argument_group("identification against distractors (MegaFace-style)")
+    g.add_argument("--identify", metavar="PROBES", help="probe images, PROBES/<identity>/<image>")
+    g.add_argument("--gallery", metavar="GALLERY", help="gallery images, GALLERY/<identity>/<image>")
+    g.add_argument("--distractors", metavar="DIR_OR_NPY",
+                   help="a folder of aligned images, or an (N, D) .npy of embeddings (memory-mapped)")
+    g = p.add_argument_group("running (IJB and identification)")
+    g.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default 128)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers decoding and aligning images (default: CPUs - 1, at most 8)")
+    g.add_argument("--device", help="where the model runs (default: cuda when available, else cpu)")
+    g.add_argument("--cache", metavar="DIR", help="cache embeddings here (resumed after a crash; reused per model)")
+    g.add_argument("--plot", metavar="PNG", help="the ROC (IJB) or identification curve (default: next to --json, "
+                   "else ./<target>_roc.png or ./identification.png)")  # fmt: skip
+    g.add_argument("--no-plot", action="store_true", help="no plot")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("import-insightface", help="an arcface_torch run directory as an mdk teacher checkpoint")
     p.add_argument("run_dir", help="holds model.pt (or backbone.pth) and the per-rank center shards")

@@ -400,20 +400,24 @@ def _init_centers(loss_fn, src: str, num_classes: int, dim: int, sharded: bool, 
             head.weight.copy_(full)
 
 
-def evaluate_checkpoint(checkpoint: str, target: str, *, flip: bool = True, max_pairs: int = 3000,
-                        network: str | None = None) -> dict:  # fmt: skip
-    """``mdk eval``: a model on a verification ``.bin`` or on pairs drawn from an image folder. The model is
-    an mdk checkpoint, an exported ``.onnx`` (run with onnxruntime), or an insightface backbone file
-    (``network`` names it)."""
+def load_eval_model(checkpoint: str, network: str | None = None) -> tuple[torch.nn.Module, int]:
+    """``(model in eval mode, input size)``: an mdk checkpoint, an exported ``.onnx`` (run with onnxruntime), or
+    an insightface backbone file (``network`` names it)."""
     if str(checkpoint).endswith(".onnx"):
         from mdkernels.train.export import OnnxBackbone
 
         model = OnnxBackbone(checkpoint)
-        size = model.input_size
-    else:
-        from mdkernels.train.export import backbone_for_export
+        return model, model.input_size
+    from mdkernels.train.export import backbone_for_export
 
-        model, size = backbone_for_export(checkpoint, network)
+    return backbone_for_export(checkpoint, network)
+
+
+def evaluate_checkpoint(checkpoint: str, target: str, *, flip: bool = True, max_pairs: int = 3000,
+                        network: str | None = None) -> dict:  # fmt: skip
+    """``mdk eval`` on a verification ``.bin`` or on pairs drawn from an image folder (see :func:`load_eval_model`
+    for the models it reads)."""
+    model, size = load_eval_model(checkpoint, network)
     if str(target).endswith(".bin"):
         images, issame = E.load_bin(target, size)
         return E.verify(model, images, issame, flip=flip)
