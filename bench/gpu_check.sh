@@ -8,7 +8,8 @@
 # Steps: 1 build (nvcc, sm_80/sm_90 + PTX), 2 mdk info, 3 the -m gpu tests, 4 no host sync / CUDA graph / cuda:1,
 # 5 autocast, 6 the bf16 margin-CE rows at B=1024, D=512, C in {85,742, 2M} against gemm_bound, eager,
 # torch.compile and the peers (Liger-Kernel FLCE, cut-cross-entropy), trainable and frozen, 7 the distillation
-# losses, 8 the auto table (tune_dispatch) and the plots. A step that fails or runs out of time is recorded in
+# losses, 7b cosine top-k against faiss, identification at a million distractors and IJB images/s, 8 the auto
+# table (tune_dispatch) and the plots. A step that fails or runs out of time is recorded in
 # $OUT/summary.txt and the next one runs. The whole dry run took 4 minutes on 2 CPU cores; CI runs three of its
 # steps (python_tests/test_gpu_readiness.py::test_gpu_check_dry_run), so that on a GPU only the GPU itself is new.
 set -uo pipefail
@@ -75,6 +76,10 @@ step 6c_margin_ce_2M 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID_BIG[@]
 step 6d_margin_ce_amp 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype float32 --amp \
   --modes fwd+bwd --only mdk_triton gemm_bound reference
 step 7_distill 60 $PY -m bench.bench_distill "${DEV[@]}" --reps 2 $([ $DRY = 1 ] && echo --tiny)
+if [ $DRY = 1 ]; then SEARCH=(--Q 64 --G 4096) IDENT=(--probes 100 --distractors 20000) IJB=(--network mbf --images 24)
+else SEARCH=(--Q 2000 --G 1000000) IDENT=() IJB=(--network r50 --images 600); fi
+step 7b_search_and_eval 150 bash -c "$PY -m bench.bench_cosine_topk ${DEV[*]} ${SEARCH[*]} && \
+  $PY -m bench.bench_eval identify ${DEV[*]} ${IDENT[*]} && $PY -m bench.bench_eval ijb ${DEV[*]} ${IJB[*]}"
 CSV=$(ls -t "${MDK_BENCH_RESULTS:-bench/results}"/*.csv 2>/dev/null | head -1)
 step 8_tune_and_plots 60 bash -c "$PY -m bench.tune_dispatch --csv '$CSV' ${TABLE[*]} && \
   $PY -m bench.plot '$CSV' margin_ce"

@@ -1,6 +1,9 @@
-"""PNG plots from a device's results CSV: time and peak memory vs C, one line per provider.
+"""PNG plots from a device's results CSV.
 
-python -m bench.plot bench/results/<device>.csv margin_ce
+python -m bench.plot bench/results/<device>.csv margin_ce         # time and memory vs C, a line per provider
+python -m bench.plot bench/results/<device>.csv margin_ce --bars  # one shape: a bar per provider
+
+The README shows the bar charts of the CPU results (bench/results/*_bars.png); a GPU session adds the curves.
 """
 
 from __future__ import annotations
@@ -53,6 +56,51 @@ def plot_op(csv_path: str | Path, op: str) -> list[Path]:
     return written
 
 
+def plot_bars(csv_path: str | Path, op: str, variants=("", "frozen"), mode: str = "fwd+bwd") -> Path | None:
+    """Time and extra peak memory per provider at the largest measured C, one panel pair per variant (the newest
+    row of each provider wins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = Path(csv_path)
+    rows: dict = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            if row["op"] == op and row["mode"] == mode and row.get("variant", "") in variants:
+                rows.setdefault(row.get("variant", ""), []).append(row)
+    variants = [v for v in variants if v in rows]
+    if not variants:
+        return None
+    fig, axes = plt.subplots(len(variants), 2, figsize=(11, 3.2 * len(variants)), squeeze=False)
+    for (ax_t, ax_m), v in zip(axes, variants, strict=True):
+        big = max(int(r["C"]) for r in rows[v])
+        latest = {r["provider"]: r for r in rows[v] if int(r["C"]) == big}
+        order = sorted(latest, key=lambda p: float(latest[p]["ms_median"]))
+        ms = [float(latest[p]["ms_median"]) for p in order]
+        mem = [float(latest[p]["peak_mem_bytes"] or 0) / 2**20 for p in order]
+        colors = [{"mdk": "tab:orange", "gem": "tab:gray"}.get(p[:3], "tab:blue") for p in order]
+        ax_t.barh(order, ms, color=colors)
+        ax_m.barh(order, mem, color=colors)
+        r0 = latest[order[0]]
+        title = f"{op}{' (' + v + ' centers)' if v else ''}, B={r0['B']} D={r0['D']} C={big:,} {r0['dtype']}, {mode}"
+        ax_t.set(xlabel="ms (median)", title=title)
+        ax_m.set(xlabel="extra peak memory (MiB)", title=f"{r0['device']}, torch {r0.get('torch', '')}")
+        for ax in (ax_t, ax_m):
+            ax.invert_yaxis()
+            ax.grid(axis="x", alpha=0.3)
+            ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    out = csv_path.with_name(f"{csv_path.stem}_{op}_bars.png")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 if __name__ == "__main__":
-    for p in plot_op(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "margin_ce"):
-        print(p)
+    if "--bars" in sys.argv:
+        print(plot_bars(sys.argv[1], sys.argv[2]))
+    else:
+        for p in plot_op(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "margin_ce"):
+            print(p)

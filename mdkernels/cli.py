@@ -221,21 +221,41 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from mdkernels.train.config import GROUPS, HELP
     from mdkernels.train.trainer import METHODS, TrainConfig
 
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
     for field in dataclasses.fields(TrainConfig):
         name = "--" + field.name.replace("_", "-")
+        group, text = HELP[field.name]
+        g = groups[group]
         # torchrun rejects --s and --m as ambiguous prefixes of its own options: longer aliases
         names = [name, *{"s": ["--scale"], "m": ["--margin"]}.get(field.name, [])]
         kind = field.type if isinstance(field.type, str) else field.type.__name__
+        default = field.default
         if "bool" in kind:
-            p.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
+            g.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{text} (default: {'on' if default else 'off'})")  # fmt: skip
         elif field.name == "method":
-            p.add_argument(*names, dest=field.name, choices=METHODS, default=None)
+            g.add_argument(*names, dest=field.name, choices=METHODS, default=None, metavar="METHOD",
+                           help=f"{text}: {', '.join(METHODS)} (default: {default})")  # fmt: skip
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            p.add_argument(*names, dest=field.name, type=conv, default=None,
-                           help=f"default: {field.default!r}")  # fmt: skip
+            shown = "" if default in (None, "") else f" (default: {default})"
+            g.add_argument(*names, dest=field.name, type=conv, default=None, help=text + shown)
+
+
+TRAIN_DOC = """Train a backbone with a margin loss, a margin-family head or a distillation method.
+
+  mdk train --data data/train.rec --val data/lfw.bin --method arcface --backbone r50 --out runs/teacher
+  mdk train --data data/train.rec --val data/lfw.bin --method margindistill --teacher runs/teacher/last.pt \\
+            --backbone mbf --out runs/student
+  mdk train --insightface-config configs/ms1mv3_r50.py           an arcface_torch config file
+  torchrun --nproc_per_node=8 -m mdkernels.cli train ... --sharded  centers split over the ranks
+
+Settings come from the defaults, then --insightface-config, then --config JSON, then the flags below.
+--resume continues a run exactly (step, optimizer, RNG, data position); a killed run loses nothing saved.
+"""
 
 
 EVAL_DOC = """Evaluate a model (an mdk checkpoint, an exported .onnx, or an insightface model.pt with --network).
@@ -256,13 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("demo", help="distil a teacher into students on generated identities (CPU)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (about a third of the full run)")
-    p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"])
+    p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"],
+                   help="full (3 seeds, about 7 min on 2 cores), quick (--quick) or tiny (a smoke test)")
     p.add_argument("--out", default="mdk_demo", help="output folder (default: mdk_demo)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--methods", default="", help="extra students of the margin family, comma-separated, e.g. "
                    "adaface,curricularface,magface,elasticface,subcenter (the default table is unchanged)")
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("train", help="train a backbone with a margin loss or a distillation method")
+    p = sub.add_parser("train", help="train a backbone with a margin loss or a distillation method",
+                       description=TRAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
     p.add_argument("--insightface-config", help="an arcface_torch configs/<job>.py (over configs/base.py); the "
                    "JSON --config and flags override it")  # fmt: skip
@@ -331,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="an mdk checkpoint, or an insightface model.pt/backbone.pth with --network")
     p.add_argument("out", help="the .onnx file to write")
     p.add_argument("--network", help="the insightface network of a model.pt/backbone.pth")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     p.set_defaults(func=_cmd_export)
     return parser
 

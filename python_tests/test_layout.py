@@ -177,7 +177,7 @@ def test_architecture_and_readme_name_files_that_exist():
     assert len(named) >= 8, "ARCHITECTURE.md names the file at each step"
     missing = sorted(n for n in named if not (REPO / n).is_file())
     assert not missing, f"ARCHITECTURE.md names missing files: {missing}"
-    readme = (REPO / "README.md").read_text()
+    layout = text[text.index("## Layout") :] if "## Layout" in text else ""
     for name, op in OPS.items():
         if op.package and MODULES[op.package].name == "__init__.py":
-            assert f"{name}/" in readme, f"the README's layout section lacks ops/{name}/"
+            assert f"{name}/" in layout, f"ARCHITECTURE.md's layout section lacks ops/{name}/"

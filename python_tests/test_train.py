@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -459,3 +460,12 @@ def test_adadistill_trains_alone_and_sharded(rec_data, tmp_path):
     torch.testing.assert_close(a["head"]["head.weight"], b["head"]["head.weight"], rtol=1e-5, atol=1e-6)
     for key, value in a["backbone"].items():
         torch.testing.assert_close(value, b["backbone"][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_progress_in_a_log_is_plain_lines(rec_data, tmp_path, capsys):
+    """Off a terminal (a log file, a pipe, CI) progress is plain lines with the bar's figures: no \\r frames."""
+    train(small_cfg(rec_data, tmp_path / "p", val=None, progress=True))  # one epoch: the last line has the loss
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("arcface: ")]
+    assert lines and re.match(r"arcface: \d+/\d+ step \(\d+%, [\d.]+ step/s, loss [\d.]+, acc [\d.]+", lines[-1]), err

@@ -106,3 +106,78 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+# ``mdk train --help``: each field's group and one line saying what it does, with its unit or choices.
+GROUPS = ("data", "model", "loss", "the margin family", "distillation", "optimisation", "runtime")
+HELP: dict[str, tuple[str, str]] = {
+    "data": ("data", "training data: an insightface train.rec (beside train.idx) or an image folder root/<id>/<img>"),
+    "val": ("data", "verification .bin set(s) evaluated during and after training, comma-separated"),
+    "num_classes": ("data", "classes the data must hold (0: whatever it holds); a mismatch is an error"),
+    "num_images": ("data", "images the data must hold (0: any); a mismatch is an error"),
+    "out": ("runtime", "run folder: last.pt, log.csv, eval.csv, TensorBoard events"),
+    "method": ("loss", "the loss: a margin (arcface, cosface, sphereface), a margin-family head, or a distillation "
+                       "method (needs --teacher)"),
+    "teacher": ("distillation", "teacher: an mdk checkpoint, or an arcface_torch run directory (with "
+                                "--teacher-network)"),
+    "teacher_network": ("distillation", "the insightface network of an arcface_torch --teacher run: r18 r34 r50 r100 "
+                                        "r200 mbf mbf_large"),
+    "init_centers": ("model", "start the head from these centers: an arcface_torch run dir, mdk shards, a checkpoint"),
+    "backbone": ("model", "network: r18 r34 r50 r100 r200 mbf mbf_large (insightface's names), iresnet50, "
+                          "mobilefacenet"),
+    "width": ("model", "channel width multiplier of the backbone (1.0: insightface's)"),
+    "embedding_size": ("model", "embedding dimension D"),
+    "input_size": ("model", "square input size in pixels (112: insightface's)"),
+    "epochs": ("optimisation", "passes over the training data"),
+    "batch_size": ("optimisation", "images per step, per rank (as arcface_torch)"),
+    "lr": ("optimisation", "peak learning rate (polynomial decay after the warm-up)"),
+    "momentum": ("optimisation", "SGD momentum"),
+    "weight_decay": ("optimisation", "weight decay"),
+    "optimizer": ("optimisation", "sgd (with momentum) or adamw, as arcface_torch"),
+    "warmup_epochs": ("optimisation", "linear warm-up length in epochs (fractions allowed)"),
+    "seed": ("runtime", "seed of the initialisation, the augmentation and the data order"),
+    "workers": ("runtime", "DataLoader worker processes"),
+    "crop_pad": ("data", "random-crop padding in pixels (0: flip only, as arcface_torch)"),
+    "s": ("loss", "logit scale s"),
+    "margin_list": ("loss", "insightface's CombinedMarginLoss 'm1,m2,m3' with arcface_torch's numerics, in place "
+                            "of --method's margin"),
+    "interclass_filter": ("loss", "arcface_torch's interclass_filtering_threshold: non-target cosines above it are "
+                                  "zeroed (0: off)"),
+    "sample_rate": ("loss", "Partial FC negative-class sampling rate in (0, 1] (below 1: --sharded under torchrun)"),
+    "m": ("loss", "margin (default: 0.5; cosface 0.35, sphereface 1.35, adaface 0.4, elasticface cos 0.35, "
+                  "adadistill 0.45/0.35)"),
+    "m_min": ("distillation", "margindistill/triplet: smallest per-row margin"),
+    "m_max": ("distillation", "margindistill/triplet: largest per-row margin"),
+    "T": ("distillation", "hinton: softmax temperature"),
+    "alpha": ("distillation", "hinton: weight of the KL term in [0, 1]"),
+    "distill_weight": ("distillation", "angular/triplet: weight of the distillation term added to ArcFace"),
+    "p": ("distillation", "angular: exponent of (1 - cos)"),
+    "mining": ("distillation", "triplet: all, hard or semihard"),
+    "distance": ("distillation", "triplet: l2 (squared, on normalised embeddings) or angle"),
+    "adadistill_margin": ("distillation", "adadistill: the student's margin head, arcface (m 0.45) or cosface "
+                                          "(m 0.35)"),
+    "h": ("the margin family", "adaface: scale of the normalised feature norm"),
+    "t_alpha": ("the margin family", "adaface: EMA rate of the norm statistics"),
+    "margin_grad": ("the margin family", "adaface: exact, or straight_through (no gradient through the margin)"),
+    "curricular_momentum": ("the margin family", "curricularface: EMA rate of t"),
+    "l_a": ("the margin family", "magface: lower end of the feature-norm range"),
+    "u_a": ("the margin family", "magface: upper end of the feature-norm range"),
+    "l_m": ("the margin family", "magface: margin at l_a"),
+    "u_m": ("the margin family", "magface: margin at u_a"),
+    "lambda_g": ("the margin family", "magface: weight of the norm regulariser"),
+    "easy_margin": ("the margin family", "magface: keep the target cosine where it is <= 0"),
+    "elastic": ("the margin family", "elasticface: arc (ElasticArcFace) or cos (ElasticCosFace)"),
+    "elastic_std": ("the margin family", "elasticface: standard deviation of the per-row margins"),
+    "elastic_plus": ("the margin family", "elasticface+: sort the margins against the target cosines"),
+    "plus_order": ("the margin family", "elasticface+: paper or official (the official code's permutation)"),
+    "subcenters": ("the margin family", "subcenter: K sub-centers per class"),
+    "backend": ("runtime", "kernel backend: auto, triton, cuda, torch or reference"),
+    "amp": ("runtime", "bf16 autocast on a GPU (ignored on the CPU)"),
+    "sharded": ("runtime", "shard the head's centers over the torchrun ranks (arcface/cosface/sphereface, "
+                           "margindistill, adadistill)"),
+    "save_every": ("runtime", "steps between checkpoints (0: at the end of each epoch)"),
+    "eval_every": ("runtime", "epochs between evaluations on --val (0: at the end only)"),
+    "max_steps": ("runtime", "stop after this many steps (0: every epoch)"),
+    "progress": ("runtime", "a progress bar on a terminal, a plain line every 30 s in a log"),
+    "tensorboard": ("runtime", "TensorBoard events in --out (when tensorboard is installed)"),
+}

@@ -33,6 +33,7 @@ from mdkernels.train.checkpoint import load_checkpoint, previous_path, save_chec
 from mdkernels.train.config import DISTILL, METHODS, OPTIMIZERS, TrainConfig
 from mdkernels.train.methods import MethodLoss, batch_accuracy, teacher_data
 from mdkernels.train.models import build_backbone
+from mdkernels.train.progress import Progress
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,13 +252,8 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
 
     metrics: dict = {}
     bar = None
-    if cfg.progress and rank == 0:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, desc=cfg.method, dynamic_ncols=True)
-        except ImportError:
-            bar = None
+    if cfg.progress and rank == 0:  # a bar on a terminal, plain lines in a log
+        bar = Progress(cfg.epochs * steps_per_epoch, cfg.method, "step", initial=step)
     done = False
     while epoch < cfg.epochs and not done:
         dataset.set_epoch(epoch)
