@@ -115,15 +115,15 @@ def test_readme_commands_are_what_ci_runs():
 def test_versions_below_the_floor_are_refused_at_import():
     from mdkernels import _floor
 
-    with pytest.raises(ImportError, match=r"needs torch >= 2\.7 .* this is torch 2\.6\.0\+cu124"):
-        _floor.check("2.6.0+cu124", "3.2.0")
-    with pytest.raises(ImportError, match=r"needs Triton >= 3\.3 .* this is triton 3\.2\.0"):
-        _floor.check("2.13.0+cpu", "3.2.0")
-    _floor.check("2.7.1", "3.3.1")
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.9 .* this is torch 2\.8\.0\+cu128"):
+        _floor.check("2.8.0+cu128", "3.4.0")
+    with pytest.raises(ImportError, match=r"needs Triton >= 3\.5 .* this is triton 3\.4\.0"):
+        _floor.check("2.13.0+cpu", "3.4.0")
+    _floor.check("2.9.1", "3.5.1")
     _floor.check("2.15.0", None)  # no Triton: the torch backend
     pyproject = (REPO / "pyproject.toml").read_text() if (REPO / "pyproject.toml").exists() else None
     if pyproject is not None:  # one floor, stated twice: the import check and the package metadata
-        assert '"torch>=2.7"' in pyproject and '"triton>=3.3,<3.10"' in pyproject
+        assert '"torch>=2.9"' in pyproject and '"triton>=3.5,<3.10"' in pyproject
 
 
 @pytest.mark.skipif(os.environ.get("MDK_TEST_INSTALLED") != "1", reason="set by CI")

@@ -184,12 +184,9 @@ def plot_curve(result: dict, path: str | Path) -> Path:
     ax.set_ylabel("identification rate (%)")
     ax.grid(linestyle="--")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from mdkernels.train.ijb import save_figure
+
+    return save_figure(fig, path)
 
 
 def evaluate_identification(model, probes: str | Path, gallery: str | Path, distractors: str | Path | None = None, *,

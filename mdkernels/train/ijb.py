@@ -374,6 +374,13 @@ def plot_roc(result: dict, path: str | Path, label: str = "") -> Path:
     ax.set_ylabel("True Positive Rate")
     ax.set_title(f"ROC on {result['target']} ({result['mode']})")
     ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,12 @@ def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) 
     hopper = arch_class(arch) == "hopper"
     block_q = (64 if hopper else 32) if kp <= 16 else (32 if kp <= 64 else 16)
     full = d_pad <= 256
-    warps = 4 if dtype in (torch.float16, torch.bfloat16) and kp <= 16 else 8  # fp16 at 8 warps spills on sm_80
+    half = dtype in (torch.float16, torch.bfloat16)
+    warps = 4 if half and kp <= 16 else 8  # fp16 at 8 warps spills on sm_80
+    if not half and full and 100 <= (arch or 0) < 120:
+        block_q = 32  # sm_100: the 64-row fp32 tile with D resident spilled (Triton 3.9)
+    if half and not full and (arch or 0) >= 120:
+        warps = 8  # sm_120's ptxas capped the 4-warp tile at 128 registers and spilled; 8 warps compile clean
     return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=d_pad if full else 64, FULL_D=full, num_warps=warps)
 
 
