@@ -57,32 +57,40 @@ else
   DEV=(--device cuda)
   TABLE=()
 fi
-(cd /tmp && step 2_info 60 $PY -m mdkernels.info)
-step 3_gpu_tests 150 $PY -m pytest python_tests -q -m gpu -rs -x -p no:cacheprovider --durations=10
-step 4_sync_graph_devices 60 $PY -m pytest -q -p no:cacheprovider python_tests/test_sync_free.py \
-  python_tests/test_gpu_readiness.py -k "sync or graph or second_gpu or gpu_fp32"
-step 5_autocast 60 $PY -m pytest -q -p no:cacheprovider python_tests/test_gpu_readiness.py -k autocast
+# Every Python step imports the installed package, never this tree's mdkernels/ (a clean checkout has no built
+# modules): it runs from $RUN, where only bench/ is linked in. (python -m puts the working directory first on
+# sys.path, so a step run from the repository root would test the source tree, without its CUDA module.)
+REPO=$PWD
+RUN=$(mktemp -d)
+ln -s "$REPO/bench" "$RUN/bench"
+IN=(env -C "$RUN")
+step 2_info 60 "${IN[@]}" $PY -m mdkernels.info
+step 3_gpu_tests 150 "${IN[@]}" $PY -m pytest "$REPO/python_tests" -q -m gpu -rs -x -p no:cacheprovider --durations=10
+step 4_sync_graph_devices 60 "${IN[@]}" $PY -m pytest -q -p no:cacheprovider "$REPO/python_tests/test_sync_free.py" \
+  "$REPO/python_tests/test_gpu_readiness.py" -k "sync or graph or second_gpu or gpu_fp32"
+step 5_autocast 60 "${IN[@]}" $PY -m pytest -q -p no:cacheprovider "$REPO/python_tests/test_gpu_readiness.py" -k autocast
 PEERS=(mdk_triton mdk_cuda mdk_torch gemm_bound reference compile_reference insightface_eager compile_insightface
        torch_linear_ce liger_flce cce pml_arcface)
 [ $DRY = 1 ] && PEERS=(mdk_triton mdk_cuda gemm_bound reference)  # no CPU compiles: the plumbing, quickly
 MODES=(fwd bwd fwd+bwd)
 [ $DRY = 1 ] && MODES=(fwd+bwd)
-step 6a_margin_ce_85k 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
+step 6a_margin_ce_85k 120 "${IN[@]}" $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
   --modes "${MODES[@]}" --only "${PEERS[@]}"
-step 6b_margin_ce_85k_frozen 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
+step 6b_margin_ce_85k_frozen 60 "${IN[@]}" $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype bfloat16 \
   --modes fwd+bwd --frozen --only mdk_triton mdk_cuda gemm_bound reference liger_flce cce
-step 6c_margin_ce_2M 120 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID_BIG[@]}" --dtype bfloat16 \
+step 6c_margin_ce_2M 120 "${IN[@]}" $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID_BIG[@]}" --dtype bfloat16 \
   --modes fwd+bwd --only mdk_triton mdk_cuda gemm_bound liger_flce cce
-step 6d_margin_ce_amp 60 $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype float32 --amp \
+step 6d_margin_ce_amp 60 "${IN[@]}" $PY -m bench.bench_margin_ce "${DEV[@]}" "${GRID[@]}" --dtype float32 --amp \
   --modes fwd+bwd --only mdk_triton gemm_bound reference
-step 7_distill 60 $PY -m bench.bench_distill "${DEV[@]}" --reps 2 $([ $DRY = 1 ] && echo --tiny)
+step 7_distill 60 "${IN[@]}" $PY -m bench.bench_distill "${DEV[@]}" --reps 2 $([ $DRY = 1 ] && echo --tiny)
 if [ $DRY = 1 ]; then SEARCH=(--Q 64 --G 4096) IDENT=(--probes 100 --distractors 20000) IJB=(--network mbf --images 24)
 else SEARCH=(--Q 2000 --G 1000000) IDENT=() IJB=(--network r50 --images 600); fi
-step 7b_search_and_eval 150 bash -c "$PY -m bench.bench_cosine_topk ${DEV[*]} ${SEARCH[*]} && \
+step 7b_search_and_eval 150 "${IN[@]}" bash -c "$PY -m bench.bench_cosine_topk ${DEV[*]} ${SEARCH[*]} && \
   $PY -m bench.bench_eval identify ${DEV[*]} ${IDENT[*]} && $PY -m bench.bench_eval ijb ${DEV[*]} ${IJB[*]}"
 CSV=$(ls -t "${MDK_BENCH_RESULTS:-bench/results}"/*.csv 2>/dev/null | head -1)
-step 8_tune_and_plots 60 bash -c "$PY -m bench.tune_dispatch --csv '$CSV' ${TABLE[*]} && \
+step 8_tune_and_plots 60 "${IN[@]}" bash -c "$PY -m bench.tune_dispatch --csv '$CSV' ${TABLE[*]} && \
   $PY -m bench.plot '$CSV' margin_ce"
 cp -f "$CSV" "$(dirname "$CSV")"/*.png "$OUT/" 2>/dev/null
 [ $DRY = 1 ] || cp -f mdkernels/dispatch_table.py "$OUT/"
 echo "== done: $OUT" && cat "$OUT/summary.txt"
+rm -rf "$RUN"

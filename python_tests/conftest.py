@@ -156,3 +156,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outside_the_tree(tmp_path_factory):
+    """The whole session runs from an empty folder: a child ``python -m ...`` or ``python -c ...`` puts its
+    working directory first on sys.path, and from the repository root it would import the source tree's
+    mdkernels (without its built modules) instead of the package under test (installed, in CI)."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)

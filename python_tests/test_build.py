@@ -131,6 +131,14 @@ def test_tests_run_against_the_installed_package():
     assert "site-packages" in mdkernels.__file__, mdkernels.__file__
 
 
+def test_child_processes_import_the_package_under_test():
+    """A child ``python -m`` / ``python -c`` (torchrun workers, the CLI, bench scripts) imports the same
+    mdkernels as the tests: the session runs outside the tree (conftest.py)."""
+    res = subprocess.run([sys.executable, "-c", "import mdkernels; print(mdkernels.__file__)"], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.stdout.strip() == mdkernels.__file__, res.stdout + res.stderr[-2000:]
+
+
 def test_demo_methods_adds_margin_family_students(capsys, tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--preset", "tiny", "--out", str(out), "--no-progress", "--methods", "adaface,subcenter"]

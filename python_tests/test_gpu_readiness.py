@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import math
 import os
 import re
@@ -400,11 +401,26 @@ def test_gpu_check_dry_run(tmp_path):
                          env=env, cwd=REPO, timeout=600)  # fmt: skip
     summary = (tmp_path / "summary.txt").read_text()
     assert res.returncode == 0 and summary.count("rc=0") == 4, summary + res.stdout[-3000:] + res.stderr[-3000:]
+    text = (tmp_path / "2_info.txt").read_text()
+    info = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    assert info["package"] == os.path.dirname(mdkernels.__file__)  # the installed package, not the tree's
     rows = (tmp_path / "fake-h200-dry-run.csv").read_text()
     assert "Fake H200 (dry run)" in rows and ",mdk_cuda," in rows and ",mdk_triton," in rows
     assert "Fake H200 (dry run)" in (tmp_path / "dispatch_table.py").read_text()
     assert list(tmp_path.glob("*.png"))
     assert sorted(p.name for p in (REPO / "bench" / "results").iterdir()) == before  # nothing into the repo
+
+
+def test_gpu_check_runs_python_outside_the_tree():
+    """Every Python step of bench/gpu_check.sh (but the build) runs from a folder holding only a link to bench/:
+    ``python -m`` puts the working directory first on sys.path, so from the repository root a step would import
+    the source tree's mdkernels, which on a fresh checkout has no CUDA module."""
+    script = (REPO / "bench" / "gpu_check.sh").read_text() if (REPO / "bench").exists() else None
+    if script is None:
+        pytest.skip("needs the source tree (bench/)")
+    for line in script.splitlines():
+        if line.startswith("step ") and "$PY" in line and "pip install" not in line:
+            assert '"${IN[@]}" ' in line, line
 
 
 # ---- on a GPU --------------------------------------------------------------------------------------------------

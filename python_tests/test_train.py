@@ -19,6 +19,7 @@ from mdkernels.cli import main as mdk
 from mdkernels.train import data as D
 from mdkernels.train import evaluate as E
 from mdkernels.train import recordio
+from mdkernels.train.models import build_backbone
 from mdkernels.train.trainer import TrainConfig, load_checkpoint, train
 
 SMALL = dict(identities=12, per_identity=8, heldout_identities=10, pairs=40, size=32)
@@ -458,8 +459,18 @@ def test_adadistill_trains_alone_and_sharded(rec_data, tmp_path):
     a, b = (load_checkpoint(tmp_path / n / "last.pt") for n in ("replicated", "sharded"))
     assert (tmp_path / "sharded" / "last.rank1.pt").is_file()
     torch.testing.assert_close(a["head"]["head.weight"], b["head"]["head.weight"], rtol=1e-5, atol=1e-6)
-    for key, value in a["backbone"].items():
-        torch.testing.assert_close(value, b["backbone"][key], rtol=1e-4, atol=1e-5, msg=key)
+    # The backbones' updates agree (not the weights to a fixed tolerance: two SGD steps of a tiny net whose BN sees
+    # 8 rows amplify the summation order of the sharded loss's all-reduce differently on every CPU)
+    torch.manual_seed(0)
+    init = build_backbone("mobilefacenet", width=0.25, embedding_size=64, input_size=32).state_dict()
+    assert a["backbone"].keys() == b["backbone"].keys() == init.keys()
+    moved = {k: (a["backbone"][k].double() - v.double(), b["backbone"][k].double() - v.double())
+             for k, v in init.items() if v.is_floating_point() and "running_" not in k}  # the learned tensors
+    total = sum(float(da.norm() ** 2) for da, _ in moved.values()) ** 0.5
+    apart = sum(float((da - db).norm() ** 2) for da, db in moved.values()) ** 0.5
+    assert total > 1e-3 and apart <= 1e-3 * total, (apart, total)
+    for key, (da, db) in moved.items():
+        assert float((da - db).norm()) <= 1e-2 * float(da.norm()) + 1e-4 * total, key
 
 
 def test_progress_in_a_log_is_plain_lines(rec_data, tmp_path, capsys):

@@ -22,6 +22,7 @@ def info() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "mdkernels": __import__("mdkernels").__version__,
+        "package": os.path.dirname(__import__("mdkernels").__file__),  # which install this is
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
