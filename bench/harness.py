@@ -177,7 +177,8 @@ def peak_cpu_subprocess(module: str, spec: dict) -> int:
         [sys.executable, "-m", f"bench.{module}", "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(os.path.abspath(__file__)).parents[1],  # not resolved: bench/gpu_check.sh links bench/ into a
+        # folder without the tree's mdkernels/, and the child must import the package the parent imported
         env=env,
     )
     if out.returncode != 0:

@@ -406,6 +406,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert info["package"] == os.path.dirname(mdkernels.__file__)  # the installed package, not the tree's
     rows = (tmp_path / "fake-h200-dry-run.csv").read_text()
     assert "Fake H200 (dry run)" in rows and ",mdk_cuda," in rows and ",mdk_triton," in rows
+    import csv
+
+    timed = {r["provider"]: float(r["ms_median"]) for r in csv.DictReader(rows.splitlines())}
+    assert all(math.isfinite(timed[p]) for p in ("mdk_cuda", "mdk_triton", "gemm_bound")), timed  # none failed
     assert "Fake H200 (dry run)" in (tmp_path / "dispatch_table.py").read_text()
     assert list(tmp_path.glob("*.png"))
     assert sorted(p.name for p in (REPO / "bench" / "results").iterdir()) == before  # nothing into the repo

@@ -184,16 +184,20 @@ _TILES = {
     ("forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256),
     ("forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
     ("forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256, split_do=256),
-    ("forward", "fp32", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=128),
+    # fp32 on Hopper: Triton 3.6 spilled the 32-class forward tile and the 64-class wgmma center-gradient tile
+    # (tf32x3's split operands), Triton 3.8 a 16 x 16 one with 128 columns per program; the 16-class forward
+    # keeps wgmma, the center gradient runs the mma.sync tile of sm_80
+    ("forward", "fp32", "hopper"): dict(BLOCK_B=64, BLOCK_C=16, num_warps=8, num_stages=2, full_d=128, split_do=128),
     ("center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256,
                                             split_do=256),
     ("center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
                                             split_do=256),
     ("center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256,
                                             split_do=256),
-    ("center_grad", "fp32", "hopper"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=128,
-                                            split_do=128),
-    ("kd_forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=512, split_do=256),
+    ("center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
+                                            split_do=256),
+    # 16-bit margin KD on sm_80/sm_120: D = 512 resident spilled (Triton 3.8), so D above 256 is split
+    ("kd_forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
     ("kd_forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
     ("kd_forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=128),
     # fp32 margin KD on Hopper: two cosine tiles, three accumulators and tf32x3's split operands spill at any
@@ -239,6 +243,8 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int
     cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // triton.next_power_of_2(subcenters))
     if subcenters > 1 and not interpreting():  # the (B, C, K) max tile: 4 warps spill on sm_80
         cfg["num_warps"] = 8
+        if op == torch.float32:  # and two stages of fp32 spilled on Hopper and sm_100 (Triton 3.7, 3.8)
+            cfg["num_stages"] = 1
     full_d, split_do = cfg.pop("full_d"), cfg.pop("split_do")
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:

@@ -68,8 +68,9 @@ if HAS_TRITON:
             tl.store(DS + rows[:, None].to(tl.int64) * D + dd[None, :], ds.to(DS.dtype.element_ty), mask=mask)
 
 
-def _config(D: int) -> dict:
-    block_d = min(1024 if interpreting() else 256, triton.next_power_of_2(max(D, 16)))
+def _config(D: int, dtype: torch.dtype | None = None) -> dict:
+    wide = 128 if dtype in (torch.float32, torch.float64) else 256  # fp32's 256-column step spilled (Triton 3.7)
+    block_d = min(1024 if interpreting() else wide, triton.next_power_of_2(max(D, 16)))
     return dict(BLOCK_R=64 if interpreting() else 8, BLOCK_D=block_d)
 
 
@@ -81,7 +82,7 @@ def compile_specs(dtype: torch.dtype, arch: int = 90, D: int = 512) -> list:
     """The row kernels as the GPU launcher compiles them (see :mod:`mdkernels.tools.gpu_compile`); the same
     tiles on every arch."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    cfg = _config(D)
+    cfg = _config(D, dtype)
     rows = {"R": "i32", "D": "i32", "stride_s": "i32", "stride_t": "i32", "p": "fp32"}
     fwd = {"S": ptr(dtype), "T": ptr(dtype), "LOSS": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc), **rows}
     bwd = {"S": ptr(dtype), "T": ptr(dtype), "G": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc),
@@ -98,7 +99,7 @@ def forward(s, t, p):
     R, D = s.shape
     cd = compute_dtype(s)
     loss, ns, nt, cos = (torch.empty(R, dtype=cd, device=s.device) for _ in range(4))
-    cfg = _config(D)
+    cfg = _config(D, s.dtype)
     if R:
         _angular_forward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
             s, t, loss, ns, nt, cos, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg,
@@ -112,7 +113,7 @@ def backward(g, s, t, ns, nt, cos, p):
     """``d loss / d s`` (R, D) in the student's dtype."""
     R, D = s.shape
     ds = torch.empty_like(s)
-    cfg = _config(D)
+    cfg = _config(D, s.dtype)
     if R:
         _angular_backward_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
             s, t, g, ns, nt, cos, ds, R, D, s.stride(0), t.stride(0), float(p), ACC_DTYPE=_acc(s.dtype), **cfg,

@@ -90,7 +90,7 @@ FORCE_SPLITS: int | None = None  # tests: force this many gallery splits on any 
 def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) -> dict:
     """BLOCK_Q, BLOCK_G, BLOCK_D, FULL_D, num_warps: the interpreter's few large tiles, or a GPU's: the running
     list (BLOCK_Q x next_pow2(k) values and indices) shares the registers with the cosine tile, so the query
-    tile shrinks as k grows (64-row wgmma tiles on Hopper for k up to 16); the D loop above 256 columns.
+    tile shrinks as k grows (64-row wgmma tiles for 16-bit on sm_90 for k up to 16); the D loop above 256 columns.
     Chosen to compile without spills on sm_80/sm_90 (test_gpu_compile)."""
     d_pad = triton.next_power_of_2(max(D, 16))
     if interpreting():
@@ -98,15 +98,17 @@ def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) 
                     num_warps=4)  # fmt: skip
     kp = triton.next_power_of_2(max(k, 1))
     hopper = arch_class(arch) == "hopper"
-    block_q = (64 if hopper else 32) if kp <= 16 else (32 if kp <= 64 else 16)
     full = d_pad <= 256
     half = dtype in (torch.float16, torch.bfloat16)
-    warps = 4 if half and kp <= 16 else 8  # fp16 at 8 warps spills on sm_80
-    if not half and full and 100 <= (arch or 0) < 120:
-        block_q = 32  # sm_100: the 64-row fp32 tile with D resident spilled (Triton 3.9)
+    # 64-row wgmma tiles for 16-bit on sm_90 only: fp32 spilled there (Triton 3.6), the 64-row tiles on sm_100
+    # spilled in fp32 (Triton 3.9) and failed to compile in 16-bit (Triton 3.6's PassManager)
+    wide = hopper and half and (arch or 0) < 100
+    block_q = (64 if wide else 32) if kp <= 16 else (32 if kp <= 64 else 16)
+    warps = 4 if half and kp <= 16 and (arch or 0) < 100 else 8  # fp16 at 8 warps spills on sm_80
     if half and not full and (arch or 0) >= 120:
         warps = 8  # sm_120's ptxas capped the 4-warp tile at 128 registers and spilled; 8 warps compile clean
-    return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=d_pad if full else 64, FULL_D=full, num_warps=warps)
+    block_d = d_pad if full else (32 if not half and kp <= 16 else 64)  # fp32, k <= 16: 64 spilled (Triton 3.8)
+    return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=block_d, FULL_D=full, num_warps=warps)
 
 
 @guard_device
