@@ -4,7 +4,7 @@
    pairs of held-out identities.
 2. Train a teacher (IResNet-18 layout, width 0.5) with ArcFace.
 3. Train a student (MobileFaceNet layout, width 0.25) without distillation (ArcFace) and with each of
-   MarginDistillation, ProxylessKD, angular, triplet and Hinton KD, over several seeds.
+   MarginDistillation, ProxylessKD, angular, triplet, Hinton KD and AdaDistill, over several seeds.
 4. Evaluate every model on the held-out pairs (10-fold accuracy, TAR@FAR), print a table, and write
    ``results.json`` plus PNG plots (training curves, ROC) to ``--out``.
 """
