@@ -8,8 +8,9 @@ toolkit that must compile ``csrc/``. Prints one Markdown table (and writes it wi
 Rows:
   triton-X    torch 2.13.0 (the CPU wheel) with Triton X, X in 3.2 ... 3.9;
   torch-X     torch X from PyPI (its CUDA build, run on the CPU) with the Triton it pins;
-  nvcc-X      the CUDA C++ sources compiled by nvcc X for every default arch (PyPI's nvidia-cuda-nvcc wheels;
-              ``nvcc-machine``: the nvcc on PATH).
+  nvcc-X      the CUDA C++ sources compiled by nvcc X for every default arch, from PyPI's nvidia-cuda-nvcc
+              wheels where they hold an nvcc (the 12.x wheels hold ptxas alone: the row says so);
+              ``nvcc-machine``: the nvcc on PATH.
 
 Each Python row installs the package from one wheel built here (``pip wheel .``, the C++ modules carry no
 torch headers, so one wheel serves every torch) the way a user does, ``pip install "<wheel>[test]"`` after
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRITONS = {"3.2": "3.2.0", "3.3": "3.3.1", "3.4": "3.4.0", "3.5": "3.5.1", "3.6": "3.6.0", "3.7": "3.7.1",
            "3.8": "3.8.0", "3.9": "3.9.0"}  # fmt: skip
 TORCHES = {"2.6": "2.6.0", "2.8": "2.8.0", "2.9": "2.9.1", "2.10": "2.10.0", "2.14": "2.14.1"}
-NVCCS = {"12.4": "12.4.131", "12.8": "12.8.93"}
+NVCCS = {"12.4": "12.4.*", "12.8": "12.8.*"}  # the nvcc, runtime and cccl wheels of one release differ in patch
 TORCH_CPU = "torch==2.13.0"  # the CPU wheel (an unpinned torch is a CUDA build of several GB)
 
 
@@ -91,7 +92,8 @@ def python_row(row: str, wheel: Path, work: Path, log: Path) -> dict:
     if code:
         last = out.strip().splitlines()[-1][:200] if out.strip() else "?"
         below = "ResolutionImpossible" in out or "conflicting dependencies" in out
-        result["notes"] = ("below the declared floor: " if below else "install failed: ") + last
+        result["notes"] = ("below the declared floor (pip refuses it: ResolutionImpossible)" if below
+                           else "install failed: " + last)  # fmt: skip
         return result
     empty = Path(tempfile.mkdtemp(prefix="mdk-compat-"))
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
@@ -154,10 +156,20 @@ def nvcc_row(row: str, work: Path, log: Path) -> dict:
             return result
         root = next((venv / "lib").glob("python3*/site-packages/nvidia"))
         nvcc = str(root / "cuda_nvcc" / "bin" / "nvcc")
+        if not Path(nvcc).exists():  # seen for 12.4.131, 12.8.93 and 12.9.86: bin/ holds ptxas alone
+            result["triton"] = f"nvcc {version}"
+            result["compile"] = "not run"
+            result["notes"] = (f"PyPI's nvidia-cuda-nvcc-cu12 {version} holds ptxas and libnvvm but no nvcc driver "
+                               "or cicc: this row needs a CUDA toolkit of that release")  # fmt: skip
+            return result
         includes = [f"-I{root / sub / 'include'}" for sub in ("cuda_runtime", "cuda_cccl", "cuda_nvcc")]
     code, out = sh([sys.executable, "-m", "mdkernels.tools.cuda_compile", "--nvcc", nvcc, *includes], log, 3600,
                    env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, cwd=REPO)  # fmt: skip
-    version_line = re.search(r"release (\d+\.\d+)", out)
+    try:
+        version_out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version_out = ""
+    version_line = re.search(r"release (\d+\.\d+)", version_out)
     result["triton"] = f"nvcc {version_line.group(1)}" if version_line else "nvcc ?"
     summary = re.search(r"^(\d+) kernels? .*$", out, re.M)
     result["compile"] = (summary.group(0) if code == 0 and summary else "FAIL: " + _first_failure(out))
@@ -204,7 +216,7 @@ def main() -> int:
     for row in rows:
         t0 = time.perf_counter()
         r = nvcc_row(row, work, log) if row.startswith("nvcc") else python_row(row, wheel, work, log)
-        r["notes"] = (r["notes"] + " " if r["notes"] else "") + f"{time.perf_counter() - t0:.0f} s"
+        r["notes"] = (r["notes"] + "; " if r["notes"] else "") + f"{time.perf_counter() - t0:.0f} s"
         results.append(r)
         print(f"{row}: {r}", flush=True)
         if not args.keep and row.startswith(("triton", "torch", "nvcc-1")):
