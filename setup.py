@@ -2,8 +2,8 @@
 
 Environment flags (read at build time, printed so a build log says what happened):
 
-    MDK_BUILD_CUDA   AUTO (default): build the CUDA module (csrc/*.cu) when a working nvcc exists, skip
-                     it cleanly otherwise
+    MDK_BUILD_CUDA   AUTO (default): build the CUDA module (csrc/*.cu) when a working nvcc >= 13.0 exists,
+                     skip it cleanly otherwise
                      ON: fail loudly when the CUDA module cannot be built
                      OFF: no CUDA module; any stale one is removed from the build tree
     MDK_BUILD_CPU    AUTO (default): build mdkernels._cpu (csrc/cpu/, the CPU path's chunk epilogues) with
@@ -55,6 +55,21 @@ def _find_nvcc() -> str | None:
     return None
 
 
+NVCC_FLOOR = (13, 0)  # the CUDA C++ module: the nvcc that compiled it in scripts/compat.py (12.x: untested)
+
+
+def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    """``(major, minor)`` from ``nvcc --version`` ("... release 13.0, V13.0.88"), None when unreadable."""
+    import re
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def _max_jobs() -> int:
     if os.environ.get("MAX_JOBS"):
         return max(1, int(os.environ["MAX_JOBS"]))
@@ -93,6 +108,15 @@ class CMakeBuild(build_ext):
                 raise SystemExit("MDK_BUILD_CUDA=ON but no working nvcc was found (set CUDA_HOME or PATH)")
             if nvcc is None:
                 _log("no working nvcc found: skipping the CUDA module (MDK_BUILD_CUDA=AUTO)")
+            version = _nvcc_version(nvcc) if nvcc is not None else None
+            if version is not None and version < NVCC_FLOOR:
+                floor = ".".join(map(str, NVCC_FLOOR))
+                why = (f"{nvcc} is CUDA {version[0]}.{version[1]}; the CUDA module needs nvcc >= {floor} (the version "
+                       "tested; the Triton and torch backends do not need nvcc)")  # fmt: skip
+                if mode == "ON":
+                    raise SystemExit(f"MDK_BUILD_CUDA=ON: {why}")
+                _log(f"{why}: skipping the CUDA module (MDK_BUILD_CUDA=AUTO)")
+                nvcc = None
         with_cpu = cpu_mode != "OFF"
         if cpu_mode == "OFF":
             _log("MDK_BUILD_CPU=OFF: the CPU path runs pure torch")

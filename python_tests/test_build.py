@@ -95,6 +95,29 @@ def test_off_build_removes_stale_modules(tmp_path):
     assert bad.returncode != 0 and "MDK_BUILD_CUDA must be AUTO, ON or OFF" in bad.stderr
 
 
+@pytest.mark.skipif(not (REPO / "setup.py").exists(), reason="needs the source tree")
+def test_nvcc_below_the_floor_is_refused_or_skipped(tmp_path):
+    """nvcc 12.x is below the CUDA module's floor (only 13.0 compiled csrc/ in scripts/compat.py): ON fails
+    naming the floor, AUTO builds without the CUDA module and says why."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "CMakeLists.txt"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "mdkernels", src / "mdkernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    fake = tmp_path / "cuda" / "bin" / "nvcc"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}", MDK_BUILD_CPU="OFF")
+    run = [sys.executable, "setup.py", "build_ext", "--inplace"]
+    on = subprocess.run(run, cwd=src, env=dict(env, MDK_BUILD_CUDA="ON"), capture_output=True, text=True)
+    assert on.returncode != 0 and "needs nvcc >= 13.0" in on.stderr and "CUDA 12.4" in on.stderr, on.stderr[-2000:]
+    auto = subprocess.run(run, cwd=src, env=dict(env, MDK_BUILD_CUDA="AUTO"), capture_output=True, text=True)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "needs nvcc >= 13.0" in auto.stdout and "skipping the CUDA module" in auto.stdout
+    assert not list((src / "mdkernels").glob("_cuda*.so"))
+
+
 def test_readme_commands_are_what_ci_runs():
     """CI installs what the README installs, the same way, and runs the README's test command: a new user and CI
     get the versions pip resolves that day within pyproject.toml's ranges (CI pins nothing of its own)."""

@@ -159,8 +159,9 @@ def nvcc_row(row: str, work: Path, log: Path) -> dict:
         if not Path(nvcc).exists():  # seen for 12.4.131, 12.8.93 and 12.9.86: bin/ holds ptxas alone
             result["triton"] = f"nvcc {version}"
             result["compile"] = "not run"
-            result["notes"] = (f"PyPI's nvidia-cuda-nvcc-cu12 {version} holds ptxas and libnvvm but no nvcc driver "
-                               "or cicc: this row needs a CUDA toolkit of that release")  # fmt: skip
+            result["notes"] = (f"below the declared floor (setup.py: nvcc >= 13.0); not compiled either: "
+                               f"PyPI's nvidia-cuda-nvcc-cu12 {version} holds ptxas and libnvvm, no nvcc "
+                               "driver or cicc")  # fmt: skip
             return result
         includes = [f"-I{root / sub / 'include'}" for sub in ("cuda_runtime", "cuda_cccl", "cuda_nvcc")]
     code, out = sh([sys.executable, "-m", "mdkernels.tools.cuda_compile", "--nvcc", nvcc, *includes], log, 3600,
