@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TRITONS = {"3.2": "3.2.0", "3.3": "3.3.1", "3.4": "3.4.0", "3.5": "3.5.1", "3.6": "3.6.0", "3.7": "3.7.1",
            "3.8": "3.8.0", "3.9": "3.9.0"}  # fmt: skip
-TORCHES = {"2.6": "2.6.0", "2.8": "2.8.0", "2.9": "2.9.1", "2.10": "2.10.0", "2.14": "2.14.1"}
+TORCHES = {"2.6": "2.6.0", "2.8": "2.8.0", "2.9": "2.9.1", "2.10": "2.10.0", "2.14": "2.14.1", "2.15": "2.15.0"}
 NVCCS = {"12.4": "12.4.*", "12.8": "12.8.*"}  # the nvcc, runtime and cccl wheels of one release differ in patch
 TORCH_CPU = "torch==2.13.0"  # the CPU wheel (an unpinned torch is a CUDA build of several GB)
 
