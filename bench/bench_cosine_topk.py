@@ -112,12 +112,8 @@ def run(Q, G, D, k, device, reps, only, threads):
     measured = harness.time_cpu_interleaved(calls, reps=reps) if device == "cpu" else {}
     rows = []
     for name, call in calls.items():
-        if device == "cuda":
-            med, p20, p80 = harness.time_gpu(call)
-            peak = harness.peak_gpu(call)
-        else:
-            med, p20, p80 = measured[name]
-            peak = harness.peak_cpu_subprocess("bench_cosine_topk", dict(provider=name, Q=Q, G=G, D=D, k=k))
+        spec = dict(provider=name, Q=Q, G=G, D=D, k=k)
+        med, p20, p80, peak = harness.measure(call, device, "bench_cosine_topk", spec, measured.get(name))
         vals = call()[0]
         agree = float(torch.as_tensor(vals).to(truth[0].device, truth[0].dtype).sub(truth[0]).abs().max())
         row = harness.base_row("cosine_topk", device)

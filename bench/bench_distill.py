@@ -111,13 +111,8 @@ def run(ops, device, reps, tiny=False):
         inputs, extra = make(op, variant, shape, device)
         for name, (impl, kw) in providers(device, op).items():
             fn = lambda impl=impl, kw=kw, op=op, inputs=inputs, extra=extra: step(op, impl, inputs, kw, extra)
-            if device == "cuda":
-                med, p20, p80 = harness.time_gpu(fn)
-                peak = harness.peak_gpu(fn)
-            else:
-                med, p20, p80 = harness.time_cpu(fn, reps=reps)
-                spec = {"op": op, "variant": variant, "shape": shape, "provider": name}
-                peak = harness.peak_cpu_subprocess("bench_distill", spec)
+            spec = {"op": op, "variant": variant, "shape": shape, "provider": name}
+            med, p20, p80, peak = harness.measure(fn, device, "bench_distill", spec, reps=reps)
             row = harness.base_row(op, device, variant)
             row.update(provider=name, mode="fwd+bwd", dtype="float32", ms_median=med, ms_p20=p20, ms_p80=p80,
                        peak_mem_bytes=peak, tflops="", **shape)  # fmt: skip

@@ -218,13 +218,9 @@ def _run(B, D, C, dtype, device, frozen, reps, only, modes, amp):
             print(f"interleaved timing failed ({type(err).__name__}: {str(err)[:200]}); timing one by one")
     for (name, mode), call in calls.items():
         try:
-            if device == "cuda":
-                med, p20, p80 = harness.time_gpu(call)
-                peak = harness.peak_gpu(call)
-            else:
-                med, p20, p80 = measured.get((name, mode)) or harness.time_cpu(call, reps=reps)
-                spec = dict(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, frozen=frozen)
-                peak = harness.peak_cpu_subprocess("bench_margin_ce", spec)
+            spec = dict(provider=name, mode=mode, B=B, D=D, C=C, dtype=dtype, frozen=frozen)
+            med, p20, p80, peak = harness.measure(call, device, "bench_margin_ce", spec, measured.get((name, mode)),
+                                                  reps=reps)  # fmt: skip
         except (torch.OutOfMemoryError, RuntimeError) as err:  # e.g. eager at C = 2M
             print(f"{name} {mode}: {type(err).__name__}: {str(err)[:200]}")
             med = p20 = p80 = math.nan

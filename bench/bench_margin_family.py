@@ -168,16 +168,10 @@ def run(B, D, C, dtype, device, reps, losses):
     rows = []
     for loss in losses:
         calls = {p: step_of(loss, p, B, D, C, DTYPES[dtype], device) for p in ("mdk", "official_eager")}
-        if device == "cpu":
-            measured = harness.time_cpu_interleaved(calls, reps=reps)
+        measured = harness.time_cpu_interleaved(calls, reps=reps) if device == "cpu" else {}
         for provider, call in calls.items():
-            if device == "cuda":
-                med, p20, p80 = harness.time_gpu(call)
-                peak = harness.peak_gpu(call)
-            else:
-                med, p20, p80 = measured[provider]
-                spec = dict(loss=loss, provider=provider, B=B, D=D, C=C, dtype=dtype)
-                peak = harness.peak_cpu_subprocess("bench_margin_family", spec)
+            spec = dict(loss=loss, provider=provider, B=B, D=D, C=C, dtype=dtype)
+            med, p20, p80, peak = harness.measure(call, device, "bench_margin_family", spec, measured.get(provider))
             row = harness.base_row("margin_ce", device, loss)
             row.update(provider=provider, mode="fwd+bwd", B=B, D=D, C=shape_of(loss, C)[1], dtype=dtype,
                        ms_median=med, ms_p20=p20, ms_p80=p80, peak_mem_bytes=peak)  # fmt: skip

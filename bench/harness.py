@@ -141,6 +141,17 @@ def peak_gpu(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def measure(call: Callable[[], object], device: str, module: str, spec: dict, cpu_times: tuple | None = None,
+            reps: int = 5) -> tuple[float, float, float, int]:
+    """``(median, p20, p80, peak bytes)`` of one provider's call. On a GPU: :func:`time_gpu` and :func:`peak_gpu`.
+    On the CPU: ``cpu_times`` (this call's entry of :func:`time_cpu_interleaved`) or else :func:`time_cpu`, and
+    the peak RSS rise of the call in a child (:func:`peak_cpu_subprocess`, ``python -m bench.<module> --child
+    <spec>``)."""
+    if device == "cuda":
+        return (*time_gpu(call), peak_gpu(call))
+    return (*(cpu_times or time_cpu(call, reps=reps)), peak_cpu_subprocess(module, spec))
+
+
 def maxrss_bytes() -> int:
     """Peak resident memory of this process since start, or since :func:`reset_peak_rss`."""
     try:
