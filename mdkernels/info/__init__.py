@@ -10,6 +10,7 @@ def info() -> dict:
     """Versions and capabilities: torch/triton/CUDA versions, the CUDA module and its archs, GPU, Triton."""
     import torch
 
+    import mdkernels
     from mdkernels import _cuda_ext
 
     try:
@@ -21,8 +22,8 @@ def info() -> dict:
     ext = _cuda_ext.compiled  # the GPU module, also while emulated() swaps ext
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "mdkernels": __import__("mdkernels").__version__,
-        "package": os.path.dirname(__import__("mdkernels").__file__),  # which install this is
+        "mdkernels": mdkernels.__version__,
+        "package": os.path.dirname(mdkernels.__file__),  # which install this is
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     src = csrc_dir()
     if not src.is_dir():
         raise SystemExit(f"needs the source tree: {src} not found")
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    print(version.strip().splitlines()[-1] if version.strip() else "nvcc: version unknown")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    # "Cuda compilation tools, release 13.0, V13.0.88" (scripts/compat.py reads the release from it)
+    print(next((line for line in version if "release" in line), version[-1] if version else "nvcc: version unknown"))
     includes = [f"-I{i}" for i in args.includes]
     archs = [a.strip() for a in args.archs.replace(",", ";").split(";") if a.strip()]
     results = [compile_source(nvcc, src / name, arch, includes) for name in SOURCES for arch in archs]

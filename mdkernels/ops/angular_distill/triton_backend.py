@@ -68,7 +68,7 @@ if HAS_TRITON:
             tl.store(DS + rows[:, None].to(tl.int64) * D + dd[None, :], ds.to(DS.dtype.element_ty), mask=mask)
 
 
-def _config(D: int, dtype: torch.dtype | None = None) -> dict:
+def _config(D: int, dtype: torch.dtype) -> dict:
     wide = 128 if dtype in (torch.float32, torch.float64) else 256  # fp32's 256-column step spilled (Triton 3.7)
     block_d = min(1024 if interpreting() else wide, triton.next_power_of_2(max(D, 16)))
     return dict(BLOCK_R=64 if interpreting() else 8, BLOCK_D=block_d)

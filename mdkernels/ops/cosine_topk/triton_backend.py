@@ -15,7 +15,7 @@ import torch
 from mdkernels._cuda_ext import guard_device
 from mdkernels._spec import compute_dtype
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, num_sms, ptr
-from mdkernels.ops._common.tiles import arch_class, triton_flags
+from mdkernels.ops._common.tiles import triton_flags
 from mdkernels.ops.cosine_topk.torch_backend import merge
 
 if HAS_TRITON:
@@ -97,16 +97,15 @@ def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) 
         return dict(BLOCK_Q=32, BLOCK_G=128, BLOCK_D=d_pad if d_pad <= 512 else 128, FULL_D=d_pad <= 512,
                     num_warps=4)  # fmt: skip
     kp = triton.next_power_of_2(max(k, 1))
-    hopper = arch_class(arch) == "hopper"
+    arch = arch or 0
     full = d_pad <= 256
     half = dtype in (torch.float16, torch.bfloat16)
     # 64-row wgmma tiles for 16-bit on sm_90 only: fp32 spilled there (Triton 3.6), the 64-row tiles on sm_100
     # spilled in fp32 (Triton 3.9) and failed to compile in 16-bit (Triton 3.6's PassManager)
-    wide = hopper and half and (arch or 0) < 100
+    wide = half and 90 <= arch < 100
     block_q = (64 if wide else 32) if kp <= 16 else (32 if kp <= 64 else 16)
-    warps = 4 if half and kp <= 16 and (arch or 0) < 100 else 8  # fp16 at 8 warps spills on sm_80
-    if half and not full and (arch or 0) >= 120:
-        warps = 8  # sm_120's ptxas capped the 4-warp tile at 128 registers and spilled; 8 warps compile clean
+    # 16-bit at 8 warps spills on sm_80; from sm_100 on, ptxas capped the 4-warp tile at 128 registers and spilled
+    warps = 4 if half and kp <= 16 and arch < 100 else 8
     block_d = d_pad if full else (32 if not half and kp <= 16 else 64)  # fp32, k <= 16: 64 spilled (Triton 3.8)
     return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=block_d, FULL_D=full, num_warps=warps)
 
