@@ -121,8 +121,10 @@ def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] 
     ``"auto"``: on CPU the chunked torch path; on CUDA Triton, or the CUDA C++ kernels where the op has
     them (with every option in ``options``) and they were measured faster on this GPU for the dtype and the
     nearest ``shape`` (B, C, D).
-    Every backend is deterministic (no atomics: each output tile is written by one program), so
-    ``torch.use_deterministic_algorithms`` changes nothing here.
+    The choice is a rule of the device, the op, the dtype and the committed table, never a timing. Every
+    backend gives the same bits for the same inputs (no floating-point atomics: each output tile is written by
+    one program), and ``torch.use_deterministic_algorithms(True)`` changes nothing here (docs/design.md,
+    "Reproducibility"; python_tests/test_determinism.py).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

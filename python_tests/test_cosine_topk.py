@@ -60,6 +60,8 @@ def test_the_cpp_sweep_equals_the_torch_fallback(monkeypatch):
     fused = mdkernels.cosine_topk(q, g, 17, backend="torch")
     monkeypatch.setattr(chunked, "USE_CPU_EXT", False)
     plain = mdkernels.cosine_topk(q, g, 17, backend="torch")
+    # exact: both run the one CPU GEMM (torch.mm, never a choice by timing), and the sweep scales each score by
+    # the gallery row's fp32 inverse norm with one rounding, as scores.mul_ does
     torch.testing.assert_close(fused[0], plain[0], rtol=0, atol=0)
     assert torch.equal(fused[1], plain[1])
     _check(*fused, q, g, 17, tol=2e-6)

@@ -7,12 +7,14 @@ fits). ``logits`` turns raw cosines into the non-target logits and the mask of e
 gradient. ``center_grad_epilogue`` finishes a class tile's ``dW``.
 
 Tile sizes come from :func:`tile_config` (one entry per kernel and dtype class); the launchers and
-:mod:`mdkernels.tools.gpu_compile` both read it. ``MDK_AUTOTUNE=1`` on a GPU times every entry of
-:func:`candidate_configs` once per shape and keeps the fastest (:func:`autotuned`).
+:mod:`mdkernels.tools.gpu_compile` both read it: a fixed rule of the dtype, shape and arch, never a timing.
+``MDK_AUTOTUNE=1`` on a GPU times every entry of :func:`candidate_configs` once per shape, records the fastest
+in a file and reuses it from then on, in every later run (:func:`autotuned`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -282,26 +284,73 @@ def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int, **options
     return out
 
 
-_TUNED: dict[tuple, dict] = {}
+_TUNED: dict[str, dict] = {}
+
+
+def autotune_file() -> str:
+    """Where ``MDK_AUTOTUNE=1`` records its choices: ``MDK_AUTOTUNE_FILE``, else
+    ``~/.cache/mdkernels/autotune.json``."""
+    return os.environ.get("MDK_AUTOTUNE_FILE") or os.path.join(os.path.expanduser("~"), ".cache", "mdkernels",
+                                                                "autotune.json")  # fmt: skip
+
+
+def _read_records(path: str) -> dict:
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"MDK_AUTOTUNE_FILE {path!r} is not a readable JSON file of recorded tiles ({e}); "
+                         "delete it to time again, or point MDK_AUTOTUNE_FILE elsewhere") from e  # fmt: skip
+    return records if isinstance(records, dict) else {}
+
+
+def recorded_or_timed(key: str, candidates, time_one, default: dict) -> dict:
+    """The tile recorded for ``key`` in :func:`autotune_file`; else each of ``candidates()`` timed by
+    ``time_one(cfg)`` (a candidate that raises is skipped), the fastest recorded there and returned. A timing
+    is taken once per key and machine: every later call and run reuses the recorded tile, so the results are
+    reproducible given that file (a tile changes the summation order, so another tile gives other bits)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    path = autotune_file()
+    records = _read_records(path)
+    if key not in records:
+        timed = []
+        for cfg in candidates():
+            try:
+                timed.append((time_one(cfg), cfg))
+            except Exception:  # a candidate that does not fit this GPU (shared memory, registers) is skipped
+                continue
+        records = _read_records(path)  # another process may have recorded meanwhile: keep its entries
+        records.setdefault(key, min(timed, key=lambda t: t[0])[1] if timed else default)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    _TUNED[key] = dict(records[key])
+    return _TUNED[key]
+
+
+def tune_key(kernel: str, dtype: torch.dtype, B: int, C: int, D: int, device_name: str, options: dict) -> str:
+    """The record's key: the kernel, shape, dtype, options, the GPU's name and the Triton version."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    version = triton.__version__ if HAS_TRITON else "none"
+    return f"{kernel} {str(dtype).removeprefix('torch.')} B={B} C={C} D={D} {opts} | {device_name} | triton {version}"
 
 
 def autotuned(kernel: str, x: torch.Tensor, B: int, C: int, D: int, launch, **options) -> dict:
-    """The config ``launch(cfg)`` runs with: :func:`tile_config`, or with ``MDK_AUTOTUNE=1`` on a GPU the
-    fastest of :func:`candidate_configs` for this (kernel, dtype, B, C, D), timed once and remembered.
-    ``options``: ``subcenters``, ``op_dtype`` (:func:`tile_config`); the arch is ``x``'s GPU's."""
+    """The config ``launch(cfg)`` runs with: :func:`tile_config`; or with ``MDK_AUTOTUNE=1`` on a GPU the tile
+    recorded for this (kernel, dtype, B, C, D, GPU, Triton) in :func:`autotune_file`, timed over
+    :func:`candidate_configs` the first time only (:func:`recorded_or_timed`). ``options``: ``subcenters``,
+    ``op_dtype`` (:func:`tile_config`); the arch is ``x``'s GPU's."""
     options = dict(options, arch=capability(x.device))
     default = tile_config(kernel, x.dtype, B, D, **options)
     if not (x.is_cuda and os.environ.get("MDK_AUTOTUNE") == "1"):
         return default
-    key = (kernel, x.dtype, B, C, D, x.device.index, tuple(sorted(options.items())))
-    if key not in _TUNED:
-        import triton.testing
+    import triton.testing
 
-        timed = []
-        for cfg in candidate_configs(kernel, x.dtype, B, D, **options):
-            try:
-                timed.append((triton.testing.do_bench(lambda cfg=cfg: launch(cfg)), cfg))
-            except Exception:  # a candidate that does not fit this GPU (shared memory, registers) is skipped
-                continue
-        _TUNED[key] = min(timed, key=lambda t: t[0])[1] if timed else default
-    return _TUNED[key]
+    key = tune_key(kernel, x.dtype, B, C, D, torch.cuda.get_device_name(x.device), options)
+    return recorded_or_timed(key, lambda: candidate_configs(kernel, x.dtype, B, D, **options),
+                             lambda cfg: triton.testing.do_bench(lambda: launch(cfg)), default)  # fmt: skip

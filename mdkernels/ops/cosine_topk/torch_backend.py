@@ -1,15 +1,16 @@
 """Torch backend of the cosine top-k (the CPU path): gallery chunks, the C++ sweep per row where it is built.
 
-On the CPU each chunk's GEMM runs through the faster of two BLAS libraries, timed once per process and shape:
-torch's (MKL in the PyPI wheels) or numpy's (OpenBLAS). On an AMD EPYC numpy's measured 1.2x faster at Q = 2000,
-1024 gallery rows, D = 512 (MKL's code path on AMD CPUs is not its fastest); on Intel CPUs MKL usually wins.
-``MDK_CPU_GEMM=torch|numpy`` forces one.
+Each chunk's GEMM is ``torch.mm``, always: the same inputs, versions and thread count give the same bits, run after
+run. An earlier version timed torch's BLAS against numpy's once per shape and kept the faster; under load the
+choice flipped, the two round differently, and near-tied identities came back in another order.
+``MDK_CPU_GEMM=numpy`` opts into numpy's BLAS (OpenBLAS in the PyPI wheels: on an AMD EPYC about 1.2x faster
+than torch's MKL at Q = 2000, 1024 gallery rows, D = 512): a fixed choice, so still reproducible, but its bits
+differ from the default's.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import torch
@@ -25,9 +26,6 @@ def chunk_rows(Q: int, G: int, k: int) -> int:
     return max(k, min(G, max(256, CHUNK_ELEMENTS // max(Q, 1))))
 
 
-_GEMM: dict[tuple, str] = {}
-
-
 def _gemm_torch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     torch.mm(a, b.T, out=out)
 
@@ -39,26 +37,13 @@ def _gemm_numpy(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 GEMMS = {"torch": _gemm_torch, "numpy": _gemm_numpy}
 
 
-def cpu_gemm(qn: torch.Tensor, gallery: torch.Tensor, out: torch.Tensor):
-    """The chunk GEMM ``out = qn @ chunk^T`` for CPU tensors: the faster of torch's and numpy's BLAS on this
-    machine for this shape (timed once, three calls each), or ``MDK_CPU_GEMM``'s choice."""
-    forced = os.environ.get("MDK_CPU_GEMM")
-    if forced:
-        if forced not in GEMMS:
-            raise ValueError(f"MDK_CPU_GEMM must be one of {sorted(GEMMS)}, got {forced!r}")
-        return GEMMS[forced]
-    key = (qn.shape[0], out.shape[1], qn.shape[1], qn.dtype, torch.get_num_threads())
-    if key not in _GEMM:
-        chunk = gallery[: out.shape[1]].to(qn.dtype)
-        best = {}
-        for name, fn in GEMMS.items():
-            fn(qn, chunk, out)  # warm-up (threads, pages)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                fn(qn, chunk, out)
-            best[name] = time.perf_counter() - t0
-        _GEMM[key] = min(best, key=best.get)
-    return GEMMS[_GEMM[key]]
+def cpu_gemm():
+    """The chunk GEMM ``out = qn @ chunk^T`` for CPU tensors: torch's, or ``MDK_CPU_GEMM``'s choice. Never timed:
+    a choice by measurement would make the results depend on the machine's load."""
+    name = os.environ.get("MDK_CPU_GEMM") or "torch"
+    if name not in GEMMS:
+        raise ValueError(f"MDK_CPU_GEMM must be one of {sorted(GEMMS)}, got {name!r}")
+    return GEMMS[name]
 
 
 def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +59,7 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Te
     fused = chunked.fused_epilogue(qn)
     step = chunk_rows(Q, G, k)
     buffer = torch.empty(Q, step, dtype=cd, device=queries.device)  # reused: a new one per chunk would page-fault
-    gemm = cpu_gemm(qn, gallery, buffer) if fused else _gemm_torch
+    gemm = cpu_gemm() if queries.device.type == "cpu" else _gemm_torch  # one GEMM per device, never timed
     for c0 in range(0, G, step):
         c1 = min(G, c0 + step)
         scores = buffer if c1 - c0 == step else torch.empty(Q, c1 - c0, dtype=cd, device=queries.device)

@@ -45,6 +45,9 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
         d_max = torch.maximum(d_max, torch.where(ok, gap, torch.zeros_like(gap)).amax())
         count += ok.sum()
     grad = torch.zeros_like(ds)
+    # d/dD_an counts in integers: index_add_ accumulates with atomics on CUDA, in no fixed order, and integer
+    # sums are the same in any order (a float index_add_ would not be bit-reproducible)
+    hits = torch.zeros(B, B, dtype=torch.int32, device=ds.device)
     total = torch.zeros((), dtype=ds.dtype, device=ds.device)
     if not chunks:
         return total, grad, count
@@ -53,10 +56,10 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
         h = (dt[a] - dt[a, p][:, None]).clamp_min_(0).mul_(slope).add_(m_min)
         h.sub_(ds[a]).add_(ds[a, p][:, None])  # D_ap - D_an + F(d_apn), (pairs, negatives)
         active = (h > 0) & neg[a]
-        act = active.to(ds.dtype)
-        total += (h * act).sum()
-        grad[a, p] += act.sum(1)  # d/dD_ap: (a, p) pairs are unique
-        grad.index_add_(0, a, -act)  # d/dD_an
+        total += (h * active).sum()
+        grad[a, p] += active.sum(1).to(ds.dtype)  # d/dD_ap: (a, p) pairs are unique
+        hits.index_add_(0, a, active.to(torch.int32))  # d/dD_an: minus the times (a, n) was active
+    grad -= hits.to(ds.dtype)
     n = count.clamp_min(1)  # no valid triplet: 0 and a zero gradient
     return total / n, grad / n, count
 
