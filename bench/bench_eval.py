@@ -4,9 +4,9 @@
     python -m bench.bench_eval ijb --network r50 # images/s of the IJB pipeline (decode, align, flip, embed)
 
 ``identify`` writes synthetic unit embeddings to an ``.npy`` (memory-mapped, like a cached distractor set) and times
-:func:`mdkernels.train.identify.identification_curve` over all of them: the search alone, the part that grows with
+:func:`mdkernels.eval.identify.identification_curve` over all of them: the search alone, the part that grows with
 the distractors (embedding is once per model, then cached); its row goes to bench/results/<device>.csv as op
-``cosine_topk``, variant ``identify``. ``ijb`` times :func:`mdkernels.train.ijb.evaluate_ijb` on a generated folder
+``cosine_topk``, variant ``identify``. ``ijb`` times :func:`mdkernels.eval.ijb.evaluate_ijb` on a generated folder
 with an insightface network (random weights: speed only) and extrapolates to IJB-C's 469,375 images (printed, not
 a CSV row: it is no op of the registry).
 """
@@ -39,7 +39,7 @@ def synthetic_embeddings(path: Path, n: int, d: int, seed: int = 0, chunk: int =
 
 
 def run_identify(probes: int, identities: int, distractors: int, d: int, device: str, workdir: Path) -> dict:
-    from mdkernels.train.identify import identification_curve
+    from mdkernels.eval.identify import identification_curve
 
     rng = np.random.default_rng(1)
     gallery = rng.standard_normal((identities, d)).astype(np.float32)
@@ -61,9 +61,9 @@ def run_identify(probes: int, identities: int, distractors: int, d: int, device:
 
 
 def run_ijb(network: str, images: int, batch: int, workers: int, device: str, workdir: Path) -> dict:
-    from mdkernels.train import ijb
-    from mdkernels.train.models import build_backbone
-    from mdkernels.train.synth_ijb import make_ijb_folder
+    from mdkernels.eval import ijb
+    from mdkernels.eval.synth_ijb import make_ijb_folder
+    from mdkernels.models.backbones import build_backbone
 
     subjects = max(2, images // 12)
     truth = make_ijb_folder(workdir / "IJBC", subjects=subjects, templates_per_subject=3, seed=0,

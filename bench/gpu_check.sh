@@ -10,8 +10,9 @@
 # torch.compile and the peers (Liger-Kernel FLCE, cut-cross-entropy), trainable and frozen, 7 the distillation
 # losses, 7b cosine top-k against faiss, identification at a million distractors and IJB images/s, 8 the auto
 # table (tune_dispatch) and the plots. A step that fails or runs out of time is recorded in
-# $OUT/summary.txt and the next one runs. The whole dry run took 4 minutes on 2 CPU cores; CI runs three of its
-# steps (python_tests/test_gpu_readiness.py::test_gpu_check_dry_run), so that on a GPU only the GPU itself is new.
+# $OUT/summary.txt and the next one runs. The whole dry run took 4 minutes on 2 CPU cores; CI runs four of its
+# steps (2_info 6a 6c 8: python_tests/test_gpu_readiness.py::test_gpu_check_dry_run), so that on a GPU only
+# the GPU itself is new.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mdk-gpu-check}

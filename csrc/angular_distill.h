@@ -1,4 +1,4 @@
-// Angular distillation (ShrinkTeaNet, SPEC section 4) row kernels: loss_r = (1 - cos(s_r, t_r))^p.
+// Angular distillation (ShrinkTeaNet, docs/math.md §4) row kernels: loss_r = (1 - cos(s_r, t_r))^p.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Fused margin-softmax cross-entropy core (SPEC section 1), CUDA C++, flash-style (K = V = n(W)):
+// Fused margin-softmax cross-entropy core (docs/math.md §1), CUDA C++, flash-style (K = V = n(W)):
 // never B x C, no atomics in global memory, no fp32 C x D scratch.
 //
 // Tiling: a block holds BM = 64 rows x BN = 64 classes, 128 threads (4 warps). The cosine tile

@@ -21,7 +21,7 @@ MDK_HD T clamp_cos(T c) {
   return c < T(-1) ? T(-1) : (c > T(1) ? T(1) : c);
 }
 
-// Target logit z = s * (cos(m1*acos(c) + m2) - m3) and dz/dc for a clamped target cosine c (SPEC section 1).
+// Target logit z = s * (cos(m1*acos(c) + m2) - m3) and dz/dc for a clamped target cosine c (docs/math.md §1).
 // fallback (only when m1 == 1): where c < cos(pi - m2), z = s * (c - m2*sin(m2) - m3) and dz/dc = s.
 // straight_through: dz/dc = s. Otherwise dz/dc = s*m1*sin(m1*theta + m2)/sin(theta), theta from the
 // clamped c.

@@ -1,4 +1,4 @@
-// The target logit of the margin softmax (SPEC section 1) on (B,) vectors: gather-dot of each row with
+// The target logit of the margin softmax (docs/math.md §1) on (B,) vectors: gather-dot of each row with
 // its own center, then the margin function of csrc/margin_math.h.
 #pragma once
 

@@ -125,6 +125,23 @@ def margin_fits(t: torch.Tensor) -> bool:
     return props.shared_memory_per_block_optin >= margin_smem_need(t.dtype)
 
 
+def cannot_run(op: str, t: torch.Tensor) -> str | None:
+    """Why the CUDA module cannot run kernel op ``op`` on tensor ``t`` here (not built, no driver for it, not a
+    CUDA tensor of a supported dtype, no code for this GPU, too little shared memory for the margin kernels), as
+    the message ``backend="cuda"`` raises; None when it can. The one place that asks."""
+    if not usable(t):
+        why = unusable_reason() if t.is_cuda and not _EMULATING else None
+        module = f": the module is {why}" if why else ""
+        return ("backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU "
+                f"(mdkernels.info()['cuda_extension']){module}; use backend='triton'")  # fmt: skip
+    if op == "margin_ce" and not margin_fits(t):
+        props = torch.cuda.get_device_properties(t.device)
+        return (f"backend='cuda': the CUDA margin kernels need {margin_smem_need(t.dtype)} bytes of shared memory per "
+                f"block for {t.dtype}, and {props.name} allows {props.shared_memory_per_block_optin} "
+                "(shared_memory_per_block_optin); use backend='triton'")  # fmt: skip
+    return None
+
+
 @contextlib.contextmanager
 def emulated(schedule: str = "forward", seed: int = 0):
     """Within this block, ``backend="cuda"`` runs the CUDA C++ kernels on CPU tensors through the CPU

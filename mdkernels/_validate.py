@@ -9,6 +9,7 @@ make a training step wait on the GPU: see :func:`value_check`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -266,7 +267,7 @@ def check_subcenters(subcenters, centers: torch.Tensor, name: str = "centers") -
 
 def check_margin_options(*, m3, fallback: bool, easy_margin: bool, theta_clip, cos_clamp, curricular_t,
                          batch: int, device: torch.device) -> None:  # fmt: skip
-    """The options of the modern margin family (SPEC section 7)."""
+    """The options of the modern margin family (docs/math.md §7)."""
     check_margin_tensor(m3, batch, device, name="m3")
     if isinstance(m3, torch.Tensor) and m3.requires_grad:
         raise ValueError("m3 carries no gradient: pass m3.detach() (only a tensor m2 may require grad)")
@@ -284,3 +285,31 @@ def check_margin_options(*, m3, fallback: bool, easy_margin: bool, theta_clip, c
                 raise ValueError(f"curricular_t is on {curricular_t.device} but the embeddings are on {device}")
         elif not math.isfinite(float(curricular_t)):
             raise ValueError(f"curricular_t must be finite, got {curricular_t}")
+
+
+def check_centers_not_empty(centers: torch.Tensor) -> None:
+    if centers.shape[0] == 0:
+        raise ValueError("centers must have at least one row (class)")
+
+
+def check_kd_options(*, m2, T: float, alpha: float) -> None:
+    """Hinton KD on margin logits: a float m2, a positive temperature, a weight in [0, 1]."""
+    if isinstance(m2, torch.Tensor):
+        raise ValueError("m2 must be a float for margin_kd_loss")
+    if not T > 0:
+        raise ValueError(f"T (the temperature) must be > 0, got {T}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def warn_if_non_monotone(m1: float, m2: float, fallback: bool) -> None:
+    """Warn when the target logit can increase with the angle (margin past pi and no fallback).
+
+    Only for scalar margins; per-row margins (MarginDistillation) document their own behaviour.
+    """
+    if not (fallback and m1 == 1.0) and (m1 > 1.0 or m2 > 0.0):
+        warnings.warn(
+            f"margin (m1={m1}, m2={m2:g}) without the monotonic fallback: the target logit is not monotone "
+            "in the angle for theta > (pi - m2)/m1; pass fallback=True (m1 == 1 only) to avoid it",
+            stacklevel=4,  # the user's call: warn <- plan <- the public function <- the caller
+        )

@@ -24,6 +24,8 @@ from mdkernels import _cuda_ext
 from mdkernels.ops import OPS, kernel_op
 from mdkernels.ops._common.env import HAS_TRITON, interpreting
 
+INTERPRETER = interpreting()  # TRITON_INTERPRET is read once, before Triton's kernels are decorated
+
 BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
 
 
@@ -49,17 +51,19 @@ def _device_name(index: int) -> str:
 def gpu_backend(op: str, t: torch.Tensor, B: int, C: int, D: int, **options) -> str:
     """``"cuda"`` where the table says the CUDA kernels were faster for this GPU, dtype and shape (and the
     module can run here, with every option the call turns on), else ``"triton"``."""
+    winner = _measured_winner(op, t, B, C, D, _active(options))
+    return "cuda" if winner == "cuda" and _cuda_ext.cannot_run(kernel_op(op), t) is None else "triton"
+
+
+def _measured_winner(op: str, t: torch.Tensor, B: int, C: int, D: int, on: list[str]) -> str:
+    """The table's winner for this call ("cuda" or "triton"), before asking whether the CUDA module runs here."""
     from mdkernels.dispatch_table import ROWS
 
-    if any(name in OPS[op].lacking("cuda") for name in _active(options)):
-        return "triton"
-    op = kernel_op(op)
-    if not ROWS or "cuda" not in OPS[op].backends or not _cuda_ext.usable(t):
-        return "triton"
-    if op == "margin_ce" and not _cuda_ext.margin_fits(t):
+    kop = OPS[op].built_on or op
+    if not ROWS or "cuda" not in OPS[kop].backends or any(n in dict(OPS[op].lacks).get("cuda", ()) for n in on):
         return "triton"
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return choose(op, _device_name(index), t.dtype, B, C, D, ROWS) or "triton"
+    return choose(kop, _device_name(index), t.dtype, B, C, D, ROWS) or "triton"
 
 
 def _active(options: dict) -> list[str]:
@@ -73,50 +77,45 @@ def _active(options: dict) -> list[str]:
     return [name for name, value in options.items() if on(value)]
 
 
+def _refusal(op: str, backend: str, t: torch.Tensor, on: list[str]) -> str | None:
+    """Why ``backend`` cannot run ``op`` with the options ``on`` on tensor ``t``, from the registry and the tensor
+    (the CUDA module's own limits are asked separately, once), or None."""
+    spec = OPS[op]
+    lacking = [name for name in on if name in dict(spec.lacks).get(backend, ())]
+    if lacking:
+        have = [b for b in spec.backends if not set(lacking) & set(dict(spec.lacks).get(b, ()))]
+        return (f"backend={backend!r} has no kernel for {', '.join(lacking)} in {spec.functions[0]}; "
+                f"use backend={have[0]!r} or 'auto' (kernels with it: {', '.join(have)})")  # fmt: skip
+    if backend == "cuda" and "cuda" not in spec.backends:
+        covered = [OPS[name].functions[0] for name in OPS if "cuda" in OPS[name].backends and name != "l2norm"]
+        return (f"backend='cuda' has no kernel for {spec.functions[0]}: the CUDA C++ backend covers "
+                f"{', '.join(covered)}; use backend='triton' or 'auto'")  # fmt: skip
+    if backend == "triton" and not HAS_TRITON:
+        return "backend='triton' needs the triton package (pip install triton)"
+    if backend == "triton" and not t.is_cuda and not INTERPRETER:
+        return ("backend='triton' runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before "
+                "importing mdkernels; use backend='torch' on the CPU")  # fmt: skip
+    if backend == "cuda" and t.dtype == torch.float64:
+        return "backend='cuda' needs fp32/bf16/fp16 tensors (fp64 runs on 'torch' or 'triton')"
+    if backend not in ("triton", "cuda", "torch"):
+        return f"unknown fused backend {backend!r}"
+    return None
+
+
 def require(op: str, backend: str, t: torch.Tensor, **options) -> None:
     """Raise unless ``backend`` has kernels for ``op`` (and for every option the call turns on, e.g.
     ``subcenters=3``) that can run on tensor ``t``: never a silent fallback."""
-    lacking = [name for name in _active(options) if name in OPS[op].lacking(backend)]
-    if lacking:
-        have = [b for b in OPS[op].backends if not set(lacking) & set(OPS[op].lacking(b))]
-        raise ValueError(
-            f"backend={backend!r} has no kernel for {', '.join(lacking)} in {OPS[op].functions[0]}; "
-            f"use backend={have[0]!r} or 'auto' (kernels with it: {', '.join(have)})"
-        )
-    if backend == "cuda" and "cuda" not in OPS[op].backends:
-        covered = [OPS[name].functions[0] for name in OPS if "cuda" in OPS[name].backends and name != "l2norm"]
-        raise ValueError(
-            f"backend='cuda' has no kernel for {OPS[op].functions[0]}: the CUDA C++ backend covers "
-            f"{', '.join(covered)}; use backend='triton' or 'auto'"
-        )
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-        if not t.is_cuda and not interpreting():
-            raise ValueError(
-                "backend='triton' runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set "
-                "before importing mdkernels; use backend='torch' on the CPU"
-            )
-    elif backend == "cuda":
-        if t.dtype == torch.float64 or not _cuda_ext.usable(t):
-            why = _cuda_ext.unusable_reason() if t.is_cuda and not _cuda_ext._EMULATING else None
-            raise ValueError(
-                "backend='cuda' needs CUDA fp32/bf16/fp16 tensors and the CUDA module built for this GPU "
-                f"(mdkernels.info()['cuda_extension']){': the module is ' + why if why else ''}; use backend='triton'"
-            )
-        if kernel_op(op) == "margin_ce" and not _cuda_ext.margin_fits(t):
-            props = torch.cuda.get_device_properties(t.device)
-            raise ValueError(
-                f"backend='cuda': the CUDA margin kernels need {_cuda_ext.margin_smem_need(t.dtype)} bytes of shared "
-                f"memory per block for {t.dtype}, and {props.name} allows {props.shared_memory_per_block_optin} "
-                "(shared_memory_per_block_optin); use backend='triton'"
-            )
-    elif backend != "torch":
-        raise ValueError(f"unknown fused backend {backend!r}")
+    why = _refusal(op, backend, t, _active(options))
+    if why is None and backend == "cuda":
+        why = _cuda_ext.cannot_run(kernel_op(op), t)
+    if why is not None:
+        raise (RuntimeError if "pip install" in why else ValueError)(why)
 
 
 def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] = (0, 0, 0), **options) -> str:
-    """The concrete backend for ``op`` on tensor ``t``, checked with :func:`require` ("reference" passes).
+    """The concrete backend for ``op`` on tensor ``t``, decided once: ``"auto"`` resolved, the choice checked
+    against the registry and the tensor, then (for ``"cuda"``, chosen or measured faster) the CUDA module asked
+    once whether it can run here. ``"reference"`` passes. Raises rather than fall back silently.
 
     ``"auto"``: on CPU the chunked torch path; on CUDA Triton, or the CUDA C++ kernels where the op has
     them (with every option in ``options``) and they were measured faster on this GPU for the dtype and the
@@ -128,11 +127,22 @@ def resolve(op: str, backend: str, t: torch.Tensor, shape: tuple[int, int, int] 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    on = _active(options)
+    measured = None
     if backend == "auto":
-        if t.is_cuda and HAS_TRITON:
-            backend = gpu_backend(op, t, *shape, **options)
-        else:
-            backend = "torch"
-    if backend != "reference":
-        require(op, backend, t, **options)
+        measured = _measured_winner(op, t, *shape, on) if t.is_cuda and HAS_TRITON else "torch"
+        backend = "triton" if measured == "cuda" else measured
+        if measured == "cuda" and _refusal(op, "cuda", t, on) is not None:
+            measured = "triton"
+    why = _refusal(op, backend, t, on)
+    if why is not None:
+        raise (RuntimeError if "pip install" in why else ValueError)(why)
+    if backend == "cuda" or measured == "cuda":  # the one question to the CUDA module
+        cuda_why = _cuda_ext.cannot_run(OPS[op].built_on or op, t)
+        if measured == "cuda":
+            return "triton" if cuda_why else "cuda"
+        if cuda_why is not None:
+            raise ValueError(cuda_why)
     return backend

@@ -50,7 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     values = {}
     if args.insightface_config:
-        from mdkernels.train.insightface_config import load_insightface_config, to_train_config
+        from mdkernels.interop.insightface_config import load_insightface_config, to_train_config
 
         mapped, ignored, notes = to_train_config(load_insightface_config(args.insightface_config))
         values.update(mapped)
@@ -61,12 +61,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"mdk train: {note}", file=sys.stderr)
     if args.config:
         with open(args.config) as f:
-            values.update(json.load(f))
+            try:
+                loaded = json.load(f)
+            except ValueError as err:
+                raise ValueError(f"--config {args.config} is not valid JSON ({err})") from err
+        TrainConfig.from_dict(loaded, f"--config {args.config}")  # its keys and types, named, before any flag
+        values.update(loaded)
     for field in dataclasses.fields(TrainConfig):
         v = getattr(args, field.name, None)
         if v is not None:
             values[field.name] = v
-    cfg = TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(values, "the training configuration (flags over --config)")
     if not cfg.data and not args.resume:
         raise ValueError("--data (a train.rec or an image folder) is required")
     try:
@@ -81,8 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mdkernels.train import ijb
-    from mdkernels.train.trainer import evaluate_checkpoint, load_eval_model
+    from mdkernels.eval import ijb
+    from mdkernels.eval.verification import evaluate_checkpoint, load_eval_model
 
     if args.identify is not None or args.gallery is not None or args.distractors is not None:
         return _cmd_identify(args)
@@ -137,14 +142,14 @@ def _cache_dir(args):
 def _digest(args):
     if args.cache is None:
         return None
-    from mdkernels.train import embcache
+    from mdkernels.eval import embcache
 
     return embcache.file_digest(args.checkpoint) + (f":{args.network}" if args.network else "")
 
 
 def _cmd_identify(args: argparse.Namespace) -> int:
-    from mdkernels.train import identify, ijb
-    from mdkernels.train.trainer import load_eval_model
+    from mdkernels.eval import identify, ijb
+    from mdkernels.eval.verification import load_eval_model
 
     if args.identify is None or args.gallery is None:
         raise ValueError("identification needs both --identify PROBES and --gallery GALLERY")
@@ -154,7 +159,7 @@ def _cmd_identify(args: argparse.Namespace) -> int:
     plot = None if args.no_plot else (args.plot or _default_plot(args.json, "identification"))
     res = identify.evaluate_identification(model, args.identify, args.gallery, args.distractors, size=size,
                                            flip=not args.no_flip, batch_size=args.batch_size,
-                                           workers=args.workers or 0, device=args.device,
+                                           workers=args.workers, device=args.device,
                                            progress=not args.no_progress, cache_dir=_cache_dir(args),
                                            model_digest=_digest(args), plot=plot)  # fmt: skip
     res["model"] = str(args.checkpoint)
@@ -165,9 +170,9 @@ def _cmd_identify(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from mdkernels.train import insightface
+    from mdkernels.train import teacher
 
-    print(json.dumps(insightface.import_run(args.run_dir, args.network, args.out, num_classes=args.num_classes),
+    print(json.dumps(teacher.import_run(args.run_dir, args.network, args.out, num_classes=args.num_classes),
                      indent=1))  # fmt: skip
     return 0
 
@@ -175,7 +180,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_reshard(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mdkernels.train import insightface
+    from mdkernels.interop import insightface
 
     if args.world < 1:
         raise ValueError(f"--world must be >= 1, got {args.world}")
@@ -194,7 +199,7 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from mdkernels.train.export import OnnxBackbone, backbone_for_export, export_onnx
+    from mdkernels.interop.onnx import OnnxBackbone, backbone_for_export, export_onnx
 
     model, size = backbone_for_export(args.checkpoint, args.network)
     path = export_onnx(model, args.out, input_size=size, opset=args.opset)
@@ -277,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="distil a teacher into students on generated identities (CPU)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (about a third of the full run)")
     p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"],
-                   help="full (3 seeds, about 7 min on 2 cores), quick (--quick) or tiny (a smoke test)")
+                   help="full (3 seeds, about 5 min on 2 cores), quick (--quick) or tiny (a smoke test)")
     p.add_argument("--out", default="mdk_demo", help="output folder (default: mdk_demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--methods", default="", help="extra students of the margin family, comma-separated, e.g. "

@@ -38,8 +38,7 @@ from torch import nn
 
 from mdkernels import _validate as V
 from mdkernels import backends
-from mdkernels._spec import compute_dtype
-from mdkernels.functional import margin_rows
+from mdkernels._math import compute_dtype, margin_rows
 from mdkernels.ops import margin_ce
 from mdkernels.ops._common.margin import NonTarget, distillation_margins, margin_target_and_slope
 from mdkernels.ops.l2norm import l2_normalize, normalize_backward, row_rnorm

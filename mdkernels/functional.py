@@ -1,8 +1,9 @@
-"""Public functions of mdkernels: validate on the host, resolve the backend, call the fused op.
+"""Public functions of mdkernels: plan the call, then run its fused op.
 
-Each function validates its arguments (:mod:`mdkernels._validate`), asks :func:`mdkernels.backends.resolve`
-for a backend that can run it (``"triton"``, ``"cuda"``, ``"torch"``, ``"reference"``; ``"auto"`` picks),
-and calls its op in :mod:`mdkernels.ops` (or the eager oracle of :mod:`mdkernels.reference`).
+Each function gets the plan of its call (:mod:`mdkernels._plan` for the margin ops: the arguments checked, the
+operand dtype, the backend that can run it, ``"auto"`` resolved; the other ops check their arguments and ask
+:func:`mdkernels.backends.resolve`), then calls its op in :mod:`mdkernels.ops` with that plan (or the eager oracle
+of :mod:`mdkernels.reference`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from typing import NamedTuple
 
 import torch
 
+from mdkernels import _plan, backends, reference
 from mdkernels import _validate as V
-from mdkernels import backends, reference
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype, margin_rows
 from mdkernels.ops import angular_distill, margin_ce, margin_kd, triplet_distill
 from mdkernels.ops._common.centers import adadistill_update_
-from mdkernels.ops._common.env import autocast_operands, no_autocast
-from mdkernels.ops._common.margin import distillation_margins, teacher_target_cosine, warn_if_non_monotone
+from mdkernels.ops._common.env import no_autocast
+from mdkernels.ops._common.margin import distillation_margins, teacher_target_cosine
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.triplet_distill import torch_backend as triplet_torch
 from mdkernels.search import cosine_topk_search  # noqa: F401 (the registry finds every public function here)
@@ -42,15 +43,6 @@ def resolve_backend(
     """The concrete backend ``backend`` means for ``op`` on tensor ``t`` (see :func:`mdkernels.backends.resolve`,
     where every backend rule lives)."""
     return backends.resolve(op, backend, t, shape)
-
-
-def margin_rows(m: float | torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """A margin as one value per row ``(B,)`` in the compute dtype; a tensor keeps its graph (a tensor ``m2``
-    that requires grad gets its gradient)."""
-    cd = compute_dtype(embeddings)
-    if isinstance(m, torch.Tensor):
-        return m.to(cd)
-    return torch.full((embeddings.shape[0],), float(m), dtype=cd, device=embeddings.device)
 
 
 def _reduce(loss_rows: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -95,47 +87,28 @@ def margin_cross_entropy(
     Target logit ``s*(cos(m1*theta + m2) - m3)``, others ``s*cos``. ``m2``, ``m3`` may be ``(B,)`` tensors;
     a tensor ``m2`` that requires grad gets ``dL/dm2`` (MagFace). ``curricular_t`` (a float or a 0-d tensor):
     CurricularFace's modulation of the hard non-targets. ``easy_margin`` (MagFace), ``theta_clip`` and
-    ``cos_clamp`` (AdaFace): see SPEC section 7. ``grad="straight_through"`` passes ``s`` as the target
+    ``cos_clamp`` (AdaFace): see docs/math.md §7. ``grad="straight_through"`` passes ``s`` as the target
     derivative (insightface arcface_torch). Returns the loss (float32; float64 for float64 inputs); with
     ``return_stats=True`` also :class:`MarginCEStats`. No ``B x C`` tensor is allocated by the fused backends.
     """
-    V.check_margin_ce_args(embeddings, centers, labels, s=s, m2=m2, grad=grad, reduction=reduction, m1=m1)
-    V.check_subcenters(subcenters, centers)
-    V.check_margin_options(m3=m3, fallback=fallback, easy_margin=easy_margin, theta_clip=theta_clip,
-                           cos_clamp=cos_clamp, curricular_t=curricular_t, batch=embeddings.shape[0],
-                           device=embeddings.device)  # fmt: skip
-    if centers.shape[0] == 0:
-        raise ValueError("centers must have at least one row (class)")
-    if check_finite:
-        V.check_finite(embeddings, "embeddings")
-        V.check_finite(centers, "centers")
-    if not isinstance(m2, torch.Tensor) and not easy_margin and theta_clip is None:
-        warn_if_non_monotone(m1, float(m2), fallback)
-    shape = (embeddings.shape[0], centers.shape[0] // subcenters, centers.shape[1])
-    op_dtype = autocast_operands(embeddings)  # fp32 under torch.autocast: 16-bit operands, fp32 accumulation
-    backend = backends.resolve("margin_ce", backend, embeddings, shape, subcenters=subcenters,
-                               curricular_t=curricular_t is not None, autocast=bool(op_dtype))  # fmt: skip
+    plan = _plan.margin_ce(embeddings, centers, labels, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad,
+                           subcenters=subcenters, curricular_t=curricular_t, easy_margin=easy_margin,
+                           theta_clip=theta_clip, cos_clamp=cos_clamp, reduction=reduction, check_finite=check_finite,
+                           backend=backend)  # fmt: skip
     tau = None if interclass_filter is None else float(interclass_filter)
     theta_clip = None if theta_clip is None else float(theta_clip)
-    options = dict(s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad, interclass_filter=tau,
-                   subcenters=subcenters, curricular_t=curricular_t, easy_margin=easy_margin, theta_clip=theta_clip,
-                   cos_clamp=float(cos_clamp), ignore_index=ignore_index)  # fmt: skip
-    if backend == "reference":
+    if plan.backend == "reference":
         if return_stats:
             raise ValueError("return_stats needs a fused backend ('triton', 'cuda' or 'torch'), not 'reference'")
-        return reference.margin_cross_entropy(embeddings, centers, labels, reduction=reduction, **options)
-    cd = compute_dtype(embeddings)
-    t = None
-    if curricular_t is not None:
-        if isinstance(curricular_t, torch.Tensor):
-            t = curricular_t.detach().to(device=embeddings.device, dtype=cd).reshape(())
-        else:  # a float: in the compute dtype directly (through fp32 it would lose digits)
-            t = torch.tensor(float(curricular_t), dtype=cd, device=embeddings.device)
-    need_dx = torch.is_grad_enabled() and embeddings.requires_grad  # else the forward skips o_bar: one GEMM
+        return reference.margin_cross_entropy(embeddings, centers, labels, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback,
+                                              grad=grad, interclass_filter=tau, subcenters=subcenters,
+                                              curricular_t=curricular_t, easy_margin=easy_margin,
+                                              theta_clip=theta_clip, cos_clamp=float(cos_clamp),
+                                              ignore_index=ignore_index, reduction=reduction)  # fmt: skip
     loss_rows, lse, cos_t, *_ = margin_ce.margin_ce_forward(
-        embeddings, centers, labels, margin_rows(m2, embeddings), margin_rows(m3, embeddings).detach(), t, float(s),
-        float(m1), bool(fallback), grad, bool(easy_margin), theta_clip, float(cos_clamp), tau, int(subcenters),
-        int(ignore_index), need_dx, backend, op_dtype,
+        embeddings, centers, labels, plan.m2, plan.m3, plan.curricular_t, float(s), float(m1), bool(fallback), grad,
+        bool(easy_margin), theta_clip, float(cos_clamp), tau, int(subcenters), int(ignore_index), plan.need_dx,
+        plan.backend, plan.op_dtype,
     )  # fmt: skip
     loss = _reduce(loss_rows, labels, ignore_index, reduction)
     if return_stats:
@@ -272,7 +245,7 @@ def adadistill_loss(
     teacher, ``W_y <- alpha W_y + (1 - alpha) n(t)``, with ``alpha = clamp(cos(s, t) clamp(cos(W_y, t), 1e-6, 1),
     1e-6, 1)`` from the centers as they were before the batch (a class's rows compose in batch order). This
     function updates ``centers`` **in place** (``update=False`` skips it), then runs the fused margin CE on them
-    as frozen centers: the two-GEMM path, no ``B x C`` tensor, no host sync.
+    as frozen centers: no GEMM for their gradient, no ``B x C`` tensor, no host sync.
 
     student_embeddings, teacher_embeddings: (B, D); centers: (C, D) (the official ``kernel.T``); labels: (B,),
     ``ignore_index`` rows neither update nor count. See :mod:`mdkernels.reference.adadistill` for every named
@@ -427,18 +400,9 @@ def margin_kd_loss(
     streaming pass over class tiles computes both logsumexps and the cross term; no ``B x C`` tensor.
     The teacher's logits are targets: no gradient flows through them.
     """
-    V.check_matrix(teacher_embeddings, "teacher_embeddings", rows=student_embeddings.shape[0],
-                   cols=student_embeddings.shape[1])  # fmt: skip
-    V.check_margin_ce_args(student_embeddings, centers, labels, s=s, m1=m1, m2=m2, grad="exact", reduction=reduction,
-                           emb_name="student_embeddings")  # fmt: skip
-    V.check_same(student_embeddings, teacher_embeddings, "student_embeddings", "teacher_embeddings")
-    if isinstance(m2, torch.Tensor):
-        raise ValueError("m2 must be a float for margin_kd_loss")
-    if not T > 0:
-        raise ValueError(f"T (the temperature) must be > 0, got {T}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    backend = backends.resolve("margin_kd", backend, student_embeddings, (student_embeddings.shape[0], *centers.shape))
+    plan = _plan.margin_kd(student_embeddings, teacher_embeddings, centers, labels, T=T, alpha=alpha, s=s, m1=m1,
+                           m2=m2, reduction=reduction, backend=backend)  # fmt: skip
+    backend = plan.backend
     if backend == "reference":
         return reference.margin_kd_loss(
             student_embeddings,
@@ -455,11 +419,9 @@ def margin_kd_loss(
             ignore_index=ignore_index,
             reduction=reduction,
         )
-    need_dx = torch.is_grad_enabled() and student_embeddings.requires_grad
     loss_rows = margin_kd.margin_kd_forward(
         student_embeddings, teacher_embeddings.detach(), centers, labels, float(T), float(alpha), float(s),
-        float(m1), float(m2), float(m3), bool(fallback), int(ignore_index), need_dx, backend,
-        autocast_operands(student_embeddings),
+        float(m1), float(m2), float(m3), bool(fallback), int(ignore_index), plan.need_dx, backend, plan.op_dtype,
     )[0]  # fmt: skip
     return _reduce(loss_rows, labels, ignore_index, reduction)
 

@@ -1,5 +1,5 @@
 """Test fixture: insightface arcface_torch's ``get_model`` networks, re-typed from its ``backbones/``
-(iresnet.py, mobilefacenet.py) as an independent oracle for :mod:`mdkernels.train.models`: same module
+(iresnet.py, mobilefacenet.py) as an independent oracle for :mod:`mdkernels.models.backbones`: same module
 tree, names and forward order, no fp16 branch, no weight init (the tests load random weights anyway).
 It is never imported by the package."""
 

@@ -16,11 +16,11 @@ from conftest import mdk_process
 import mdkernels
 from mdkernels import nn as mnn
 from mdkernels import reference as R
-from mdkernels.train import data as D
-from mdkernels.train import evaluate as E
-from mdkernels.train.checkpoint import load_checkpoint
+from mdkernels.data import datasets as D
+from mdkernels.eval import verification as E
+from mdkernels.models.backbones import build_backbone
+from mdkernels.models.checkpoint import load_checkpoint
 from mdkernels.train.config import TrainConfig
-from mdkernels.train.models import build_backbone
 
 G = torch.Generator().manual_seed(0)
 X, W = torch.randn(4, 8, generator=G), torch.randn(10, 8, generator=G)
@@ -225,6 +225,24 @@ CLI_CASES = [
     ("import-insightface/no run", ["import-insightface", "{root}/norun", "--network", "r50", "--out", "{root}/t.pt"],
      "norun"),
     ("reshard/bad world", ["reshard", "{root}/last.pt", "--world", "0", "--out", "{root}/s"], "--world"),
+    ("reshard/missing source", ["reshard", "{root}/nothing", "--world", "2", "--out", "{root}/s"], "nothing"),
+    # malformed config files: each names the file and what is wrong, never a TypeError's traceback
+    ("train/config is a list", ["train", "--config", "{root}/list.json", "--data", "{rec}"], "list.json .*JSON object"),
+    ("train/config not JSON", ["train", "--config", "{root}/notjson.json", "--data", "{rec}"], "notjson.json is not valid JSON"),
+    ("train/config wrong type", ["train", "--config", "{root}/type.json", "--data", "{rec}"], "lr must be float, got 'fast'"),
+    ("train/config null int", ["train", "--config", "{root}/null.json", "--data", "{rec}"], "epochs must be int, got None"),
+    ("train/config bool for float", ["train", "--config", "{root}/bool.json", "--data", "{rec}"], "s must be float"),
+    ("train/config missing", ["train", "--config", "{root}/nope.json", "--data", "{rec}"], "nope.json"),
+    # arguments out of range, from flags or a file
+    ("train/batch size 0", ["train", "--data", "{rec}", "--batch-size", "0", "--out", "{root}/o"], "--batch-size"),
+    ("train/lr nan", ["train", "--data", "{rec}", "--lr", "nan", "--out", "{root}/o"], r"--lr\) must be a finite"),
+    ("train/momentum 1", ["train", "--config", "{root}/momentum.json", "--data", "{rec}"], "--momentum"),
+    ("train/sample rate 0", ["train", "--data", "{rec}", "--sample-rate", "0", "--out", "{root}/o"], "--sample-rate"),
+    # data that is not what it claims
+    ("train/garbage rec", ["train", "--data", "{root}/garbage.rec", "--out", "{root}/o"], "garbage.idx"),
+    ("train/empty folder", ["train", "--data", "{root}/empty", "--out", "{root}/o"], "empty has no identity"),
+    ("eval/garbage .bin", ["eval", "{root}/last.pt", "{root}/garbage.bin"], "garbage.bin"),
+    ("eval/missing target", ["eval", "{root}/last.pt", "{root}/none.bin"], "none.bin"),
 ]  # fmt: skip
 
 
@@ -232,6 +250,13 @@ CLI_CASES = [
 def cli_files(files):
     root, data = files
     (root / "bad.json").write_text('{"learning_rate": 0.1}')
+    for name, text in (("list", "[1, 2]"), ("notjson", "{oops"), ("type", '{"lr": "fast"}'), ("null", '{"epochs": null}'),
+                       ("bool", '{"s": true}'), ("momentum", '{"momentum": 1.0}')):  # fmt: skip
+        (root / f"{name}.json").write_text(text)
+    (root / "garbage.rec").write_bytes(bytes(range(256)) * 8)
+    (root / "garbage.idx").write_bytes(bytes(range(128, 256)))
+    (root / "garbage.bin").write_bytes(bytes(range(256)))
+    (root / "empty").mkdir(exist_ok=True)
     _crafted_bin(root / "evil.bin")
     (root / "corrupt.pt").write_bytes(b"\x80\x02garbage")
     model = build_backbone("mobilefacenet", width=0.25, embedding_size=8, input_size=16)

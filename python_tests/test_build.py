@@ -173,3 +173,18 @@ def test_demo_methods_adds_margin_family_students(capsys, tmp_path):
     assert "adaface" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--methods takes margin-family methods"):
         main(["demo", "--preset", "tiny", "--out", str(out), "--methods", "hinton2"])
+
+
+def test_the_licence_ships_with_the_package():
+    """The declared licence (Apache-2.0) is in the repository's LICENSE and in the installed distribution's
+    metadata, the file included (pip install . puts it in the wheel's dist-info)."""
+    from importlib.metadata import distribution
+
+    dist = distribution("mdkernels")
+    assert dist.metadata.get("License-Expression") == "Apache-2.0", dict(dist.metadata)
+    shipped = [f for f in (dist.files or []) if f.name == "LICENSE"]
+    assert shipped, "LICENSE is not in the installed distribution"
+    text = shipped[0].read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    if (REPO / "LICENSE").exists():
+        assert (REPO / "LICENSE").read_text() == text

@@ -113,3 +113,115 @@ def test_train_help_is_grouped():
     assert res.returncode == 0
     for g in GROUPS:
         assert f"\n{g}:\n" in res.stdout
+
+
+@needs_tree
+def test_the_math_page_holds_every_section_the_code_cites():
+    """docs/math.md is the contract in the repository: every "math.md §N" (or §N-M) cited by the code, csrc, the
+    tests and the docs names a section it has, and nothing cites a math file outside the repository."""
+    page = (REPO / "docs" / "math.md").read_text()
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", page, re.M)}
+    assert sections == set(range(1, 10)), sorted(sections)
+    files = [*REPO.glob("mdkernels/**/*.py"), *REPO.glob("csrc/**/*.[ch]*"), *REPO.glob("python_tests/*.py"),
+             *PAGES, REPO / "CHANGELOG.md"]  # fmt: skip
+    cited, outside = set(), []
+    old_name = "SP" + "EC"  # the contract's name before it moved into the repository
+    for path in files:
+        text = path.read_text(errors="ignore")
+        if re.search(rf"\b{old_name}\b|\.\./shared", text) and path.name != "CHANGELOG.md":
+            outside.append(str(path.relative_to(REPO)))
+        for a, b in re.findall(r"math\.md\)?'?s? §\s?(\d+)(?:\s?[-–]\s?(\d+))?", text):
+            cited |= set(range(int(a), int(b or a) + 1))
+    assert not outside, f"cites the old contract or a path outside the repository: {outside}"
+    assert len(cited) >= 8 and cited <= sections, f"cited sections the page lacks: {sorted(cited - sections)}"
+
+
+@needs_tree
+def test_the_tested_versions_are_the_passing_rows_of_the_compat_table():
+    """``mdkernels._floor.TESTED`` (the import error's "tested: ...") names the torch and Triton versions whose rows
+    of bench/results/compat.md (the README's table) passed, lowest to highest."""
+    from mdkernels._floor import TESTED
+
+    rows = [r.split("|")[1:-1] for r in (REPO / "bench" / "results" / "compat.md").read_text().splitlines()
+            if r.startswith("| t")]  # fmt: skip
+    ok = [(cells[0].strip(), cells[1].strip(), cells[2].strip()) for cells in rows if cells[3].strip() == "ok"]
+    minor = lambda v: tuple(int(x) for x in v.split("+")[0].split(".")[:2])  # noqa: E731
+    torches = sorted({minor(t) for _, t, _ in ok})
+    tritons = sorted({minor(tr) for _, _, tr in ok})
+    want = (f"torch {'.'.join(map(str, torches[0]))} to {'.'.join(map(str, torches[-1]))} and Triton "
+            f"{'.'.join(map(str, tritons[0]))} to {'.'.join(map(str, tritons[-1]))}")  # fmt: skip
+    assert TESTED == want
+
+
+def mdk_commands(page: Path) -> list[tuple[str, list[str]]]:
+    """``(where, argv)`` of every ``mdk ...`` (or ``python -m mdkernels.cli ...``) command in the ```bash blocks."""
+    import shlex
+
+    text, out = page.read_text(), []
+    for m in re.finditer(r"^```(?:bash|sh|console)\n(.*?)^```", text, re.M | re.S):
+        line0 = text[: m.start()].count("\n") + 1
+        joined = re.sub(r"\\\n\s*", " ", m.group(1))
+        for k, line in enumerate(joined.splitlines()):
+            code = "" if line.lstrip().startswith("#") else line.split(" #")[0].strip()
+            for part in re.split(r"&&|;|\|\|", code):
+                words = shlex.split(part.strip().lstrip("$ ")) if part.strip() else []
+                while words and ("=" in words[0] and not words[0].startswith("-")):  # VAR=value prefixes
+                    words = words[1:]
+                if words[:1] == ["mdk"]:
+                    out.append((f"{page.relative_to(REPO)}:{line0 + k + 1}", words[1:]))
+                elif "mdkernels.cli" in words:
+                    out.append((f"{page.relative_to(REPO)}:{line0 + k + 1}", words[words.index("mdkernels.cli") + 1 :]))
+    return out
+
+
+@needs_tree
+def test_every_mdk_command_in_the_docs_parses():
+    """The ```bash blocks are not run (they need data or a GPU), but every ``mdk`` command in them must parse with
+    ``mdk``'s own parser, so that a renamed or removed flag cannot stay in the docs."""
+    from mdkernels.cli import build_parser
+
+    commands = [c for page in PAGES for c in mdk_commands(page)]
+    assert len(commands) >= 15
+    bad = []
+    for where, argv in commands:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            bad.append(f"{where}: mdk {' '.join(argv)}")
+    assert not bad, "\n".join(bad)
+
+
+LINKED_PAGES = [p for p in [REPO / "README.md", REPO / "ARCHITECTURE.md", REPO / "CHANGELOG.md",
+                            *sorted((REPO / "docs").glob("*.md"))] if p.exists()]  # fmt: skip
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text))
+
+
+@needs_tree
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: p.name)
+def test_every_link_and_path_resolves_inside_the_repository(page):
+    """Every relative link (and its #anchor) and every repository path named in backticks resolves to a file of
+    this repository; a link that leaves it (``../``) fails, since a user's clone has nothing beside it."""
+    text = page.read_text()
+    bad = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if REPO.resolve() not in dest.parents and dest != REPO.resolve():
+            bad.append(f"{target}: leaves the repository")
+        elif not dest.exists():
+            bad.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md":
+            anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+            if anchor not in anchors:
+                bad.append(f"{target}: no heading #{anchor} in {dest.name}")
+    for path in re.findall(r"`((?:mdkernels|bench|csrc|docs|python_tests|scripts|\.ci)/[\w./-]+)`", text):
+        if not (REPO / path.rstrip("/")).exists():
+            bad.append(f"`{path}`: no such path")
+    assert not bad, f"{page.name}:\n" + "\n".join(bad)

@@ -388,6 +388,32 @@ print("ok")
     assert res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+def test_design_states_the_true_resident_d():
+    """docs/design.md's table of the largest D each Triton kernel keeps resident, and the split width above it, is
+    what :func:`tiles.tile_config` chooses (B = 1024, sm_80 and sm_90)."""
+    page = REPO / "docs" / "design.md"
+    if not page.exists() or not mdkernels.info()["triton_available"]:
+        pytest.skip("needs the source tree and triton")
+    rows = re.findall(r"^\| (forward|center_grad) \| (bf16|fp32) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|",
+                      page.read_text(), re.M)  # fmt: skip
+    assert len(rows) == 4, "the resident-D table is missing"
+    code = f"""
+import torch
+from mdkernels.ops._common.tiles import tile_config
+for kernel, dtype, r80, w80, r90, w90 in {rows!r}:
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    for arch, resident, width in ((80, int(r80), int(w80)), (90, int(r90), int(w90))):
+        full = [D for D in range(64, 1025, 64) if tile_config(kernel, dt, 1024, D, arch=arch)["FULL_D"]]
+        assert max(full) == resident and full == list(range(64, resident + 1, 64)), (kernel, dtype, arch, full)
+        assert tile_config(kernel, dt, 1024, resident + 64, arch=arch)["BLOCK_DO"] == width, (kernel, dtype, arch)
+print("ok")
+"""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} if interpreted else dict(os.environ)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
 # ---- bench/gpu_check.sh, dry ------------------------------------------------------------------------------------
 @pytest.mark.skipif(not (REPO / "bench" / "gpu_check.sh").exists(), reason="needs the source tree")
 @needs_emulator

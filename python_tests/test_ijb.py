@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from mdkernels.eval import align as A
+from mdkernels.eval import identify as I
+from mdkernels.eval import ijb
+from mdkernels.eval import synth_ijb as S
 from mdkernels.reference import ijb as R
-from mdkernels.train import align as A
-from mdkernels.train import identify as I
-from mdkernels.train import ijb
-from mdkernels.train import synth_ijb as S
 
 
 class Pixels(torch.nn.Module):
@@ -316,7 +316,7 @@ def test_embedding_cache_and_resume(folder, tmp_path):
 
 
 def test_embedding_resumes_from_flushed_rows(folder, tmp_path):
-    from mdkernels.train import embcache
+    from mdkernels.eval import embcache
 
     produced = []
 
@@ -444,7 +444,7 @@ def _cli(argv, capsys):
 def people(tmp_path_factory):
     from PIL import Image
 
-    from mdkernels.train.data import identity_params, render
+    from mdkernels.data.datasets import identity_params, render
 
     base = tmp_path_factory.mktemp("people")
     rng = np.random.default_rng(7)
@@ -499,7 +499,7 @@ def test_identification_curve_matches_brute_force():
 
 def test_mdk_eval_identify_with_folder_and_npy_distractors(people, tmp_path):
     from mdkernels.cli import main
-    from mdkernels.train.trainer import load_eval_model
+    from mdkernels.eval.verification import load_eval_model
 
     _insightface_model(tmp_path / "model.pt", seed=2)
     base = ["eval", str(tmp_path / "model.pt"), "--network", "mbf", "--identify", str(people / "probes"),
@@ -539,7 +539,7 @@ def test_identify_bad_input_is_one_line(people, tmp_path, capsys):
 def test_progress_lines_off_a_terminal():
     import io
 
-    from mdkernels.train.progress import Progress
+    from mdkernels.progress import Progress
 
     buf = io.StringIO()
     with Progress(100, "embedding", "img", stream=buf, interval=1e9) as p:
@@ -548,3 +548,28 @@ def test_progress_lines_off_a_terminal():
     lines = buf.getvalue().splitlines()
     assert "\r" not in buf.getvalue() and len(lines) == 10 and lines[-1].startswith("embedding: 100/100 img (100%")
     assert math.isfinite(p.rate)
+
+
+def test_identification_takes_the_same_default_workers_as_ijb(monkeypatch):
+    """``--workers`` unset: identification, like IJB, decodes in ``default_workers()`` processes (CPUs - 1, at
+    most 8), as the flag's help says."""
+    from mdkernels.eval import identify, ijb
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def embed_paths(model, paths, **kw):
+        seen.append(kw["workers"])
+        raise Stop
+
+    monkeypatch.setattr(identify, "identity_folder", lambda folder: ([], []))
+    monkeypatch.setattr(identify, "embed_paths", embed_paths)
+    monkeypatch.setattr(ijb.os, "cpu_count", lambda: 5)
+    for workers, want in ((None, 4), (0, 0), (2, 2)):
+        with pytest.raises(Stop):
+            identify.evaluate_identification(torch.nn.Identity(), "p", "g", workers=workers, device="cpu")
+        assert seen.pop() == want
+    monkeypatch.setattr(ijb.os, "cpu_count", lambda: 64)
+    assert ijb.default_workers() == 8

@@ -16,13 +16,14 @@ import torch
 from conftest import mdk_process
 from insightface_nets import get_model, randomize
 
+from mdkernels.data import datasets as D
 from mdkernels.distributed import shard_range
-from mdkernels.train import data as D
-from mdkernels.train import evaluate as E
-from mdkernels.train import insightface as I
+from mdkernels.eval import verification as E
+from mdkernels.interop import insightface as I
+from mdkernels.interop.insightface_config import load_insightface_config, parse_config, to_train_config
+from mdkernels.models.backbones import INSIGHTFACE_NETWORKS, build_backbone
+from mdkernels.train import teacher
 from mdkernels.train.config import TrainConfig
-from mdkernels.train.insightface_config import load_insightface_config, parse_config, to_train_config
-from mdkernels.train.models import INSIGHTFACE_NETWORKS, build_backbone
 
 C, R, EMB = 23, 3, 16  # an odd class count over 3 ranks: shards of 8, 8, 7
 
@@ -123,7 +124,7 @@ def test_run_errors_name_the_fault(tmp_path):
         I.load_centers(tmp_path / "sum", embedding_size=32)
     torch.save(randomize(get_model("mbf", 32)).state_dict(), tmp_path / "sum" / "model.pt")  # D 32 vs centers 16
     with pytest.raises(ValueError, match="16-d but the backbone's embedding is 32-d"):
-        I.import_run(tmp_path / "sum", "mbf", tmp_path / "t.pt")
+        teacher.import_run(tmp_path / "sum", "mbf", tmp_path / "t.pt")
     with pytest.raises(FileNotFoundError, match="no Partial FC center shards"):
         I.load_centers(tmp_path)
     (tmp_path / "bad").mkdir()
@@ -397,7 +398,7 @@ def _insightface_checker(path):
 
 def test_export_insightface_model_pt_and_eval_the_onnx(tmp_path):
     from mdkernels.cli import main
-    from mdkernels.train.trainer import evaluate_checkpoint
+    from mdkernels.eval.verification import evaluate_checkpoint
 
     theirs = randomize(get_model("mbf", EMB), seed=4)
     torch.save(theirs.state_dict(), tmp_path / "model.pt")
@@ -412,8 +413,8 @@ def test_export_insightface_model_pt_and_eval_the_onnx(tmp_path):
 
 
 def test_export_mdk_checkpoint_and_nothing_partial(tmp_path):
-    from mdkernels.train.checkpoint import save_checkpoint
-    from mdkernels.train.export import export_onnx
+    from mdkernels.interop.onnx import export_onnx
+    from mdkernels.models.checkpoint import save_checkpoint
 
     model = build_backbone("mobilefacenet", width=0.25, embedding_size=EMB, input_size=32)
     randomize(model, seed=5, size=32)

@@ -78,6 +78,58 @@ def test_no_import_cycle_inside_mdkernels():
             visit(m)
 
 
+# The product around the kernels, one package per concern, and what each may reach (imports, transitively):
+# the kernels ("core": ops, nn, functional, distributed, reference, ...) reach none of them; evaluation never
+# reaches the training loop; nothing imports the CLI, the one place besides the training loop that knows them all.
+PARTS = ("models", "data", "interop", "eval", "train", "progress", "cli")
+MAY_REACH = {
+    "core": set(),
+    "progress": set(),
+    "models": set(),
+    "data": set(),
+    "interop": {"models", "data"},
+    "eval": {"models", "data", "interop", "progress"},
+    "train": {"models", "data", "interop", "eval", "progress"},
+    "cli": {"models", "data", "interop", "eval", "train", "progress"},
+}
+
+
+def part(module: str) -> str:
+    name = module.split(".")[1] if module.count(".") else ""
+    return name if name in PARTS else "core"
+
+
+def reach(g: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for n in g.get(todo.pop(), ()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+def test_each_part_of_the_product_reaches_only_what_it_may():
+    g = graph()
+    assert {part(m) for m in MODULES} >= set(PARTS), "a package of the product is missing"
+    bad = []
+    for m in sorted(MODULES):
+        mine = part(m)
+        for n in sorted(reach(g, m)):
+            theirs = part(n)
+            if theirs not in (mine, "core") and theirs not in MAY_REACH[mine]:
+                bad.append(f"{m} ({mine}) reaches {n} ({theirs})")
+            if mine != "cli" and theirs == "cli" and m != "mdkernels.cli":
+                bad.append(f"{m} imports the CLI")
+    assert not bad, "\n".join(bad[:30])
+
+
+def test_each_package_says_its_purpose_in_one_line():
+    for name in ("models", "data", "interop", "eval", "train", "reference", "nn", "ops", "tools"):
+        doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
+        assert doc and len(doc.split("\n\n")[0]) <= 240, f"mdkernels/{name}/__init__.py needs a short purpose line"
+
+
 def owner(module: str) -> str:
     """The unit that may share underscore names: an op's package, or else the module's own package."""
     parts = module.split(".")
@@ -106,9 +158,9 @@ def test_no_module_imports_another_units_private_names():
 
 
 def test_the_reference_imports_nothing_of_the_fused_paths():
-    """mdkernels/reference/ (the package) imports only _validate, _spec and its own modules."""
+    """mdkernels/reference/ (the package) imports only _validate, _math and its own modules."""
     mine = {m for m in MODULES if m == "mdkernels.reference" or m.startswith("mdkernels.reference.")}
-    allowed = {"mdkernels._validate", "mdkernels._spec", *mine}
+    allowed = {"mdkernels._validate", "mdkernels._math", *mine}
     used = {target(mod, name) for m in mine for mod, name, _ in imports_of(MODULES[m])}
     assert len(mine) >= 3 and used <= allowed, f"mdkernels/reference/ imports {sorted(used - allowed)}"
 
@@ -118,7 +170,7 @@ def test_no_file_is_above_500_lines():
     assert not long, f"split these files (one concern each): {long}"
 
 
-def test_every_spec_constant_is_defined_once():
+def test_every_math_constant_is_defined_once():
     pattern = re.compile(r"^(EPS|THETA_CLAMP|NEG_BIG)\s*=|^def compute_dtype\(", re.M)
     where = [
         f"{p.relative_to(REPO)}: {m.group(0)}" for p in PACKAGE.rglob("*.py") for m in pattern.finditer(p.read_text())
@@ -181,3 +233,98 @@ def test_architecture_and_readme_name_files_that_exist():
     for name, op in OPS.items():
         if op.package and MODULES[op.package].name == "__init__.py":
             assert f"{name}/" in layout, f"ARCHITECTURE.md's layout section lacks ops/{name}/"
+
+
+# ---- one road from a module to its kernel ----------------------------------------------------------------------
+def road(fn) -> list[str]:
+    """The files a module's call goes through to its kernel: the planning walk (every mdkernels file entered, in
+    order, from the call into :mod:`mdkernels.functional` until an op's ``op.py`` is entered; repeats in a row
+    merged: a return to a caller is not a step, but a caller calling again after a callee elsewhere is), then the
+    callers of the kernel's launcher when it is entered (the op, its backend module), outermost first. Paths are
+    relative to the package. The module's own work before its call (a head's norms and buffers) is not on it."""
+    import sys
+
+    walk, chain = [], []
+
+    def rel(frame) -> str | None:
+        f = frame.f_code.co_filename
+        return str(Path(f).resolve().relative_to(PACKAGE)) if f.startswith(str(PACKAGE)) else None
+
+    def prof(frame, event, arg):
+        if event != "call" or chain:
+            return
+        name = rel(frame)
+        if name is None or (not walk and name != "functional.py"):
+            return
+        planning = not any(n.endswith("/op.py") for n in walk)
+        if planning and walk[-1:] != [name]:
+            walk.append(name)
+        if name.endswith("_backend.py"):
+            f, stack = frame, []
+            while f is not None:
+                r = rel(f)
+                if r is not None and r not in stack:
+                    stack.append(r)
+                f = f.f_back
+            chain.extend(n for n in reversed(stack) if n not in walk and not n.startswith("nn/"))
+
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return walk + chain
+
+
+def climbs(files: list[str]) -> list[tuple[str, str]]:
+    """Steps of ``files`` that go back up the import order: the next file imports the previous one."""
+    g = graph()
+    mod = {str(p.relative_to(PACKAGE)): m for m, p in MODULES.items()}
+    return [(a, b) for a, b in zip(files, files[1:], strict=False) if mod[a] in reach(g, mod[b])]
+
+
+ROAD_HEADS = {
+    "ArcFace": lambda b: mdkernels.nn.ArcFace(64, 100, backend=b),
+    "CombinedMargin": lambda b: mdkernels.nn.CombinedMargin(64, 100, m1=1.0, m2=0.3, m3=0.2, backend=b),
+    "AdaFace": lambda b: mdkernels.nn.AdaFace(64, 100, backend=b),
+    "MagFace": lambda b: mdkernels.nn.MagFace(64, 100, backend=b),
+    "PartialFCHead": lambda b: mdkernels.nn.PartialFCHead(64, 100, backend=b),
+}
+
+
+def _road_backends() -> list[str]:
+    from mdkernels import _cuda_ext
+
+    out = ["torch"]
+    if mdkernels.ops._common.env.HAS_TRITON and mdkernels.backends.INTERPRETER:
+        out.append("triton")
+    if _cuda_ext.emu is not None:
+        out.append("cuda")
+    return out
+
+
+@pytest.mark.parametrize("backend", _road_backends())
+@pytest.mark.parametrize("name", list(ROAD_HEADS))
+def test_one_road_from_a_module_to_its_kernel(name, backend):
+    """The plan is made once (mdkernels/_plan.py) and handed down: the road from a head to its kernel visits no
+    file twice and climbs back up the import order at most twice (ARCHITECTURE.md walks it)."""
+    import contextlib
+
+    from mdkernels import _cuda_ext
+
+    head = ROAD_HEADS[name](backend)
+    x, y = torch.randn(8, 64, requires_grad=True), torch.randint(0, 100, (8,))
+    with _cuda_ext.emulated() if backend == "cuda" else contextlib.nullcontext():
+        head(x, y)  # imports and caches out of the way
+        files = road(lambda: head(x, y))
+    assert files[0] == "functional.py" and files[-1] == f"ops/margin_ce/{backend}_backend.py", files
+    assert "_plan.py" in files and "backends.py" in files, files
+    assert len(files) == len(set(files)), f"a file visited twice: {' -> '.join(files)}"
+    assert len(climbs(files)) <= 2, f"climbs {climbs(files)} in {' -> '.join(files)}"
+
+
+def test_the_ops_execute_a_plan_and_decide_nothing():
+    """No module of mdkernels/ops/ imports the backend rules or the plan: the backend reaches an op decided."""
+    g = graph()
+    bad = [m for m in MODULES if m.startswith("mdkernels.ops") and {"mdkernels.backends", "mdkernels._plan"} & g[m]]
+    assert not bad, f"ops that decide again: {bad}"

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from mdkernels.cli import main as mdk
-from mdkernels.train import data as D
-from mdkernels.train import evaluate as E
-from mdkernels.train import recordio
-from mdkernels.train.models import build_backbone
+from mdkernels.data import datasets as D
+from mdkernels.data import recordio
+from mdkernels.eval import verification as E
+from mdkernels.models.backbones import build_backbone
 from mdkernels.train.trainer import TrainConfig, load_checkpoint, train
 
 SMALL = dict(identities=12, per_identity=8, heldout_identities=10, pairs=40, size=32)
@@ -232,7 +232,7 @@ def test_ddp_with_two_gloo_processes(rec_data, tmp_path, sharded):
     out = tmp_path / "ddp"
     init = []
     if sharded:  # the head starts from mdk reshard's files, each rank reading its own (lr 0: they stay)
-        from mdkernels.train.insightface import write_mdk_shards
+        from mdkernels.interop.insightface import write_mdk_shards
 
         centers = torch.randn(12, 64, generator=torch.Generator().manual_seed(5))
         write_mdk_shards(centers, tmp_path / "shards", 2)
@@ -390,8 +390,11 @@ def test_margin_family_bad_flags_are_errors(rec_data, tmp_path):
         train(small_cfg(rec_data, tmp_path / "e", method="elasticface", elastic="sphere", max_steps=1))
     with pytest.raises(ValueError, match="h must be in"):
         train(small_cfg(rec_data, tmp_path / "a", method="adaface", h=-1.0, max_steps=1))
-    with pytest.raises(ValueError, match="--sharded covers"):
-        train(small_cfg(rec_data, tmp_path / "s", method="subcenter", sharded=True, max_steps=1))
+    from mdkernels.train.config import FAMILY
+
+    for method in FAMILY:  # docs/which-loss.md: the margin family is not sharded yet, and says so
+        with pytest.raises(ValueError, match=f"--sharded covers .* not --method {method}"):
+            train(small_cfg(rec_data, tmp_path / method, method=method, sharded=True, max_steps=1))
 
 
 def _free_port() -> int:

@@ -145,7 +145,7 @@ class TripletDistillation(nn.Module):
 
 
 class MarginKD(nn.Module):
-    """Hinton KD on margin logits against shared (teacher) centers: SPEC section 6.
+    """Hinton KD on margin logits against shared (teacher) centers: docs/math.md §6.
 
     ``forward(student_embeddings, teacher_embeddings, labels) -> loss``; the centers are a frozen buffer
     (``trainable_centers=True`` makes them a parameter instead).

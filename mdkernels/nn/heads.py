@@ -20,7 +20,7 @@ class CombinedMargin(nn.Module):
     """Margin softmax head ``s*(cos(m1*theta + m2) - m3)`` on the target, ``s*cos`` elsewhere.
 
     Args:
-        embedding_size: D. num_classes: C. s, m1, m2, m3: scale and margins (SPEC section 1).
+        embedding_size: D. num_classes: C. s, m1, m2, m3: scale and margins (docs/math.md §1).
         fallback, grad, interclass_filter, ignore_index, reduction, backend: as
         :func:`mdkernels.margin_cross_entropy`.
     Shapes: ``forward(embeddings: (B, D), labels: (B,)) -> loss``. ``weight: (C, D)``, initialised
@@ -111,8 +111,8 @@ class _PMLMarginLoss(nn.Module):
         nn.init.normal_(self.W)
 
     def _loss(self, embeddings, labels, **margins):
-        # W.t() is a (C, D) view; the op makes it contiguous (one copy of W per call): the price of
-        # keeping pytorch-metric-learning's state-dict layout. Use ArcFace/CosFace to avoid it.
+        # W.t() is a (C, D) view with strides (1, C): the Triton and torch kernels read it in place (no copy of the
+        # centers), and the centers' gradient is written through the same strides.
         return margin_cross_entropy(embeddings, self.W.t(), labels, s=self.scale, backend=self.backend, **margins)
 
 

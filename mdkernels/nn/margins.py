@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.functional import margin_cross_entropy
 from mdkernels.ops._common.margin import elastic_margins, teacher_target_cosine
 

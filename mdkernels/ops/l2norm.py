@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels import _cuda_ext
-from mdkernels._spec import EPS, compute_dtype
+from mdkernels._math import EPS, compute_dtype
 from mdkernels._validate import FLOAT_DTYPES
 
 _ROW_CHUNK = 8192  # rows per torch chunk: bounds temporaries to ~8192*D fp32 elements

@@ -1,4 +1,4 @@
-"""AdaDistill (Boutros, Struc, Damer, ECCV 2024, arXiv 2407.01332), SPEC section 8, in plain eager PyTorch:
+"""AdaDistill (Boutros, Struc, Damer, ECCV 2024, arXiv 2407.01332), docs/math.md §8, in plain eager PyTorch:
 the oracle of :func:`mdkernels.adadistill_loss` and :class:`mdkernels.nn.AdaDistill`.
 
 Transcribes the behaviour of the official head, fdbtrs/AdaDistill ``utils/losses.py`` (``AdaptiveAArcFace``,
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels import _validate as V
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.reference.core import margin_cross_entropy, normalize
 
 MARGINS = {"arcface": 0.45, "cosface": 0.35}  # the official config's ArcFace m and the CosFace class default

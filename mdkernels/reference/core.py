@@ -1,7 +1,7 @@
-"""SPEC sections 1-6 in plain eager PyTorch: the margin CE and the distillation losses (the oracle).
+"""docs/math.md §1-6 in plain eager PyTorch: the margin CE and the distillation losses (the oracle).
 
 Readable first, fast never: these functions materialise the full ``B x C`` cosine matrix (and ``B^3``
-triplet tensors) on purpose. The formulas are those of ``SPEC.md``; names and defaults match the
+triplet tensors) on purpose. The formulas are those of ``docs/math.md``; names and defaults match the
 fused functions in :mod:`mdkernels.functional`.
 
 Half-precision inputs are computed in float32 (as the fused kernels accumulate); losses come back in
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from mdkernels import _validate as V
-from mdkernels._spec import EPS, THETA_CLAMP
-from mdkernels._spec import compute_dtype as _compute_dtype
+from mdkernels._math import EPS, THETA_CLAMP
+from mdkernels._math import compute_dtype as _compute_dtype
 
 
 def normalize(v: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def margin_cross_entropy(
     ignore_index: int = -1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SPEC section 1 (and the options of section 7): ``logsumexp_j(z_ij) - z_iy`` with the margin on the
+    """docs/math.md §1 (and the options of section 7): ``logsumexp_j(z_ij) - z_iy`` with the margin on the
     target logit.
 
     embeddings: (B, D), centers: (C, D) (``(C K, D)`` with sub-centers), labels: (B,) int64
@@ -233,7 +233,7 @@ def margin_distillation_loss(
     ignore_index: int = -1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SPEC section 2 (arXiv 2003.02586): ArcFace on frozen teacher centers with a per-sample margin."""
+    """docs/math.md §2 (arXiv 2003.02586): ArcFace on frozen teacher centers with a per-sample margin."""
     if (teacher_embeddings is None) == (teacher_cos is None):
         raise ValueError("pass exactly one of teacher_embeddings (B, D) or teacher_cos (B,)")
     V.check_margin_range(m_min, m_max)
@@ -271,7 +271,7 @@ def proxyless_kd_loss(
     ignore_index: int = -1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SPEC section 3 (arXiv 2011.00265): margin softmax on the teacher's frozen classifier."""
+    """docs/math.md §3 (arXiv 2011.00265): margin softmax on the teacher's frozen classifier."""
     V.check_proxyless_dims(embeddings, teacher_centers)
     m1, m2, m3 = V.margin_triple(margin, m)
     return margin_cross_entropy(
@@ -302,7 +302,7 @@ def _flatten_features(t: torch.Tensor, per: str) -> torch.Tensor:
 def angular_distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, *, p: float = 2.0, per: str = "sample"
 ) -> torch.Tensor:
-    """SPEC section 4 (ShrinkTeaNet, arXiv 1905.10620): ``mean_i (1 - <n(s_i), n(t_i)>)^p``.
+    """docs/math.md §4 (ShrinkTeaNet, arXiv 1905.10620): ``mean_i (1 - <n(s_i), n(t_i)>)^p``.
 
     student, teacher: (B, D) or (B, C, H, W) of equal shape; the teacher carries no gradient.
     """
@@ -372,7 +372,7 @@ def triplet_distillation_loss(
     m_max: float = 0.5,
     ignore_index: int = -1,
 ) -> torch.Tensor:
-    """SPEC section 5 (arXiv 1905.04457): triplet loss whose margin grows with the teacher's gap.
+    """docs/math.md §5 (arXiv 1905.04457): triplet loss whose margin grows with the teacher's gap.
 
     ``L = mean max(D(a,p) - D(a,n) + F(d), 0)``, ``d = max(T(a,n) - T(a,p), 0)``,
     ``F(d) = (m_max - m_min)/d_max * d + m_min``. No triplet gives 0 (with a zero gradient).
@@ -414,7 +414,7 @@ def margin_kd_loss(
     ignore_index: int = -1,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SPEC section 6: ``(1-a)*CE(z_s, y) + a*T^2*KL(softmax(z_t/T) || softmax(z_s/T))`` per row.
+    """docs/math.md §6: ``(1-a)*CE(z_s, y) + a*T^2*KL(softmax(z_t/T) || softmax(z_s/T))`` per row.
 
     Both logit sets use the same centers and carry the margin on the target. The teacher's logits are
     targets: neither the teacher embeddings nor the centers get a gradient through them (the centers

@@ -1,4 +1,4 @@
-"""SPEC section 7 in plain eager PyTorch: the modern margin family, each as its official code computes it.
+"""docs/math.md §7 in plain eager PyTorch: the modern margin family, each as its official code computes it.
 
 Every loss builds the full ``B x C`` (or ``B x C K``) cosine matrix, as the official heads do, and follows
 their order of operations. The per-batch state (AdaFace's norm statistics, CurricularFace's ``t``) is an
@@ -10,7 +10,7 @@ oracle at the same state. mdkernels' deviations from the official code are named
 * the normalisation is ``v / max(|v|, 1e-12)`` (the official heads divide by the norm, no eps);
 * losses are the mean over valid rows (as ``F.cross_entropy``);
 * ``sqrt(1 - c^2)`` and ``acos(c)`` keep their values but take their derivative at c clamped to
-  ``[-1 + 1e-7, 1 - 1e-7]`` (SPEC's guard; the official code's derivative is infinite at ``|c| = 1`` and
+  ``[-1 + 1e-7, 1 - 1e-7]`` (docs/math.md's guard; the official code's derivative is infinite at ``|c| = 1`` and
   its gradient NaN there).
 
 Sources: mk-minchul/AdaFace ``head.py``; HuangYG123/CurricularFace ``head/metrics.py``;
@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mdkernels._spec import THETA_CLAMP
+from mdkernels._math import THETA_CLAMP
 from mdkernels.reference.core import margin_target, normalize
 
 ADAFACE_EPS = 1e-3  # head.py: the cosine clamp, the theta clip and the std guard

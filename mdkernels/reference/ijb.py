@@ -1,4 +1,4 @@
-"""insightface's IJB-B/C scoring, eagerly and independently of :mod:`mdkernels.train.ijb`: the oracle its tests
+"""insightface's IJB-B/C scoring, eagerly and independently of :mod:`mdkernels.eval.ijb`: the oracle its tests
 compare with. Plain Python loops and float64 throughout; written from insightface's ``eval_ijbc.py`` and
 ``ijb_1n.py`` as they behave, not from the fast module.
 """

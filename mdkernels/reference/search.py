@@ -1,4 +1,4 @@
-"""The cosine top-k, exactly: the oracle of :func:`mdkernels.cosine_topk` (SPEC section 9). It materialises the
+"""The cosine top-k, exactly: the oracle of :func:`mdkernels.cosine_topk` (docs/math.md §9). It materialises the
 ``Q x G`` cosines on purpose."""
 
 from __future__ import annotations

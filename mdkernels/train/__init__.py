@@ -1,2 +1,2 @@
-"""The reference training loop: backbones, data (image folders, insightface RecordIO, generated
-identities), verification evaluation, teacher -> student distillation, the ``mdk`` commands."""
+"""The reference training loop (``mdk train``, ``mdk demo``): the configuration, the loss of each method, teachers
+and their cached data, checkpoints and resume."""

@@ -100,12 +100,57 @@ class TrainConfig:
         return _DEFAULT_M.get(self.method, 0.5)
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+    def from_dict(cls, d: dict, source: str = "the config") -> TrainConfig:
+        """A config from ``{field: value}`` (a JSON file's object, flags, a checkpoint's record). Unknown keys and
+        values of the wrong type are a ValueError naming the key (an int is taken for a float field)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} must be a JSON object of {{field: value}}, got a {type(d).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(known)
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+            raise ValueError(f"{source}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        values = {}
+        for key, value in d.items():
+            values[key] = _typed(key, value, known[key].type, source)
+        cfg = cls(**values)
+        cfg.check_ranges(source)
+        return cfg
+
+    def check_ranges(self, source: str = "the config") -> None:
+        """The numbers that have a range, each a ValueError naming its key (flags: ``--key``)."""
+        import math
+
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{source}: {key} ({flag}) must be {what}, got {getattr(self, key)!r}")
+
+        for key in ("batch_size", "embedding_size", "input_size", "epochs"):
+            need(getattr(self, key) >= 1, key, ">= 1")
+        for key in ("workers", "num_classes", "num_images", "save_every", "eval_every", "max_steps", "crop_pad"):
+            need(getattr(self, key) >= 0, key, ">= 0")
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            need(math.isfinite(getattr(self, key)) and getattr(self, key) >= 0, key, "a finite number >= 0")
+        need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(math.isfinite(self.width) and self.width > 0, "width", "> 0")
+        need(0 < self.sample_rate <= 1, "sample_rate", "in (0, 1]")
+
+
+def _typed(key: str, value, annotation: str, source: str):
+    """``value`` as field ``key`` of type ``annotation`` ("int", "float", "str", "bool", "X | None") takes it."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if "float" in kinds and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if "str" in kinds and isinstance(value, str):
+        return value
+    want = " or ".join("null" if k == "None" else k for k in kinds)
+    raise ValueError(f"{source}: {key} must be {want}, got {value!r}")
 
 
 # ``mdk train --help``: each field's group and one line saying what it does, with its unit or choices.

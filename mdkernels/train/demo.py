@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkernels.train import data as D
+from mdkernels.data import datasets as D
 from mdkernels.train.config import DISTILL, FAMILY
 from mdkernels.train.trainer import TrainConfig, train
 

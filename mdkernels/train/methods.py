@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 import mdkernels
+from mdkernels.data import datasets as D
+from mdkernels.models.checkpoint import backbone_from_checkpoint, load_checkpoint
 from mdkernels.nn.heads import insightface_margin_options
-from mdkernels.train import data as D
-from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint
 from mdkernels.train.config import DISTILL, FAMILY, TrainConfig
 
 # the methods whose centers --sharded splits over the ranks (the others' would be silently replicated)

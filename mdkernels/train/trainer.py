@@ -1,4 +1,4 @@
-"""The reference training loop: ``mdk train`` and ``mdk eval``.
+"""The reference training loop: ``mdk train``.
 
 One loop serves every method. It builds a backbone and the loss of ``--method``, then runs SGD with
 warmup and polynomial decay (insightface's schedule). It logs CSV (and TensorBoard when installed),
@@ -8,8 +8,9 @@ sampler and the augmentation are seeded by (seed, epoch, index). Checkpoints loa
 ``weights_only=True``.
 
 Distillation methods read a teacher checkpoint (``--teacher``). Teacher embeddings are computed once
-per dataset and cached in a memmap next to the output, as the official MarginDistillation pipeline
-precomputes them. The teacher centers are the teacher head's weight.
+per dataset and cached in a memmap in ``teacher_cache/`` beside the teacher checkpoint (keyed by the teacher
+and the data's digests, so every student of that teacher on that data reuses it), as the official
+MarginDistillation pipeline precomputes them. The teacher centers are the teacher head's weight.
 
 DDP: launch with ``torchrun --nproc_per_node=N -m mdkernels.cli train ...`` (gloo on CPU, NCCL on GPU).
 """
@@ -27,13 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mdkernels.train import data as D
-from mdkernels.train import evaluate as E
-from mdkernels.train.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from mdkernels.data import datasets as D
+from mdkernels.eval import verification as E
+from mdkernels.models.backbones import build_backbone
+from mdkernels.models.checkpoint import load_checkpoint, previous_path, save_checkpoint
+from mdkernels.progress import Progress
 from mdkernels.train.config import DISTILL, METHODS, OPTIMIZERS, TrainConfig
 from mdkernels.train.methods import MethodLoss, batch_accuracy, teacher_data
-from mdkernels.train.models import build_backbone
-from mdkernels.train.progress import Progress
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,14 +357,15 @@ def _teacher_checkpoint(cfg: TrainConfig, out: Path, rank: int) -> Path:
     src = Path(cfg.teacher)
     if not src.is_dir():
         return src
-    from mdkernels.train import insightface
+    from mdkernels.interop import insightface
+    from mdkernels.train import teacher
 
     if not cfg.teacher_network:
         raise ValueError(f"--teacher {src} is an arcface_torch run directory: name its network with "
                          f"--teacher-network (one of {insightface.INSIGHTFACE_NETWORKS})")  # fmt: skip
     path = out / "teacher_import.pt"
     if rank == 0:
-        insightface.import_run_cached(src, cfg.teacher_network, path)
+        teacher.import_run_cached(src, cfg.teacher_network, path)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -372,7 +374,7 @@ def _teacher_checkpoint(cfg: TrainConfig, out: Path, rank: int) -> Path:
 def _init_centers(loss_fn, src: str, num_classes: int, dim: int, sharded: bool, rank: int, world: int) -> None:
     """Start the head from saved centers (``--init-centers``): an arcface_torch run directory, a folder of
     ``mdk reshard`` shards (each rank reads its own file when sharded), an mdk checkpoint or a tensor file."""
-    from mdkernels.train import insightface
+    from mdkernels.interop import insightface
 
     head = getattr(loss_fn, "head", None)
     if head is None or getattr(head, "K", 1) != 1:
@@ -394,33 +396,3 @@ def _init_centers(loss_fn, src: str, num_classes: int, dim: int, sharded: bool, 
             head.load_full_weight(full)
         else:
             head.weight.copy_(full)
-
-
-def load_eval_model(checkpoint: str, network: str | None = None) -> tuple[torch.nn.Module, int]:
-    """``(model in eval mode, input size)``: an mdk checkpoint, an exported ``.onnx`` (run with onnxruntime), or
-    an insightface backbone file (``network`` names it)."""
-    if str(checkpoint).endswith(".onnx"):
-        from mdkernels.train.export import OnnxBackbone
-
-        model = OnnxBackbone(checkpoint)
-        return model, model.input_size
-    from mdkernels.train.export import backbone_for_export
-
-    return backbone_for_export(checkpoint, network)
-
-
-def evaluate_checkpoint(checkpoint: str, target: str, *, flip: bool = True, max_pairs: int = 3000,
-                        network: str | None = None) -> dict:  # fmt: skip
-    """``mdk eval`` on a verification ``.bin`` or on pairs drawn from an image folder (see :func:`load_eval_model`
-    for the models it reads)."""
-    model, size = load_eval_model(checkpoint, network)
-    if str(target).endswith(".bin"):
-        images, issame = E.load_bin(target, size)
-        return E.verify(model, images, issame, flip=flip)
-    ds = D.ImageFolderDataset(target, size=size, train=False)
-    pairs, issame = E.folder_pairs(ds.labels, max_pairs)
-    needed = sorted(set(pairs.flatten().tolist()))
-    pos = {k: i for i, k in enumerate(needed)}
-    imgs = torch.stack([ds[k][0] for k in needed])
-    order = torch.tensor([pos[k] for k in pairs.flatten().tolist()])
-    return E.verify(model, imgs[order], issame, flip=flip)

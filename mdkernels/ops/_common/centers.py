@@ -1,11 +1,11 @@
 """Class centers that move by rules rather than by an optimizer: their seeded initialisation (the same rows
-whatever the sharding) and AdaDistill's update toward the teacher (SPEC section 8)."""
+whatever the sharding) and AdaDistill's update toward the teacher (docs/math.md §8)."""
 
 from __future__ import annotations
 
 import torch
 
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.ops.l2norm import row_rnorm
 
 CENTER_BLOCK = 4096  # classes per seeded block of normal_rows
@@ -32,7 +32,7 @@ ADADISTILL_ALPHA_MIN = 1e-6  # the official head's clamps of alpha and of the te
 @torch.no_grad()
 def adadistill_update_(centers: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
                        valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """AdaDistill's center update (SPEC section 8), in place, with every row of the batch, no host sync: each
+    """AdaDistill's center update (docs/math.md §8), in place, with every row of the batch, no host sync: each
     valid row ``i`` (``targets[i]``: its row of ``centers``) moves its center toward the teacher,
     ``W <- alpha_i W + (1 - alpha_i) n(t_i)``, ``alpha_i`` from the centers as they were before the batch, and
     a class's rows compose in batch order (the reference's rule, :func:`mdkernels.reference.adadistill_update`).

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from mdkernels._spec import EPS
+from mdkernels._math import EPS
 from mdkernels.ops._common.env import values_at_hand
 from mdkernels.ops._common.margin import NonTarget
 

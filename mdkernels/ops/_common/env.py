@@ -68,17 +68,7 @@ def _props(index: int) -> tuple[int, int]:
     return p.multi_processor_count, 10 * p.major + p.minor
 
 
-_OPERANDS = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autocast_operands(t: torch.Tensor) -> str:
-    """The dots' operand dtype for ``t`` under ``torch.autocast``, as the custom ops carry it: "bfloat16" or
-    "float16" for fp32 inputs inside an autocast region of their device, else "" (the inputs' own dtype).
-    Read by the public functions, outside the custom op, whose own body runs with autocast off."""
-    if t.dtype != torch.float32 or t.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(t.device.type):
-        return ""
-    dtype = torch.get_autocast_dtype(t.device.type)
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "")
+_OPERANDS = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # as mdkernels._plan names them
 
 
 def operand_dtype(name: str) -> torch.dtype | None:

@@ -8,12 +8,11 @@ torch (O(B) work, any margin family, no ``acos`` inside a kernel), and the kerne
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
 
-from mdkernels._spec import THETA_CLAMP, compute_dtype
+from mdkernels._math import THETA_CLAMP, compute_dtype
 from mdkernels._validate import value_check
 from mdkernels.ops.l2norm import row_rnorm
 
@@ -79,19 +78,6 @@ def curricular_threshold(cos_t: torch.Tensor, m2: torch.Tensor, *, m1: float, m3
     """CurricularFace's per-row threshold ``phi_i = cos(m1*theta_y + m2) - m3``: the margined target cosine
     before any fallback, which the official code compares the non-target cosines against."""
     return torch.cos(m1 * torch.acos(cos_t) + m2) - m3
-
-
-def warn_if_non_monotone(m1: float, m2: float, fallback: bool) -> None:
-    """Warn when the target logit can increase with the angle (margin past pi and no fallback).
-
-    Only for scalar margins; per-row margins (MarginDistillation) document their own behaviour.
-    """
-    if not (fallback and m1 == 1.0) and (m1 > 1.0 or m2 > 0.0):
-        warnings.warn(
-            f"margin (m1={m1}, m2={m2:g}) without the monotonic fallback: the target logit is not monotone "
-            "in the angle for theta > (pi - m2)/m1; pass fallback=True (m1 == 1 only) to avoid it",
-            stacklevel=3,
-        )
 
 
 def distillation_margins(

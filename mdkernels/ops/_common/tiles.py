@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from mdkernels._spec import EPS
+from mdkernels._math import EPS
 from mdkernels.ops._common.env import HAS_TRITON, capability, interpreting
 
 if HAS_TRITON:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels import _cuda_ext
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 
 
 def forward(s, t, p):

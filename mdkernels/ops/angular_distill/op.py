@@ -1,4 +1,4 @@
-"""Angular distillation (ShrinkTeaNet, SPEC section 4): ``mean_i (1 - <n(s_i), n(t_i)>)^p``, fused.
+"""Angular distillation (ShrinkTeaNet, docs/math.md §4): ``mean_i (1 - <n(s_i), n(t_i)>)^p``, fused.
 
 One row kernel per direction: forward reads each student and teacher row once, accumulating
 ``|s|^2``, ``|t|^2`` and ``<s, t>`` in fp32, and writes the row loss plus three ``(R,)`` statistics;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.ops.angular_distill import cuda_backend, torch_backend, triton_backend
 
 IMPLS = {"triton": triton_backend, "cuda": cuda_backend, "torch": torch_backend}

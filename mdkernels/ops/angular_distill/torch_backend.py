@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkernels._spec import EPS, compute_dtype
+from mdkernels._math import EPS, compute_dtype
 
 
 def forward(s, t, p):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
-from mdkernels._spec import EPS, compute_dtype
+from mdkernels._math import EPS, compute_dtype
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, ptr
 
 if HAS_TRITON:

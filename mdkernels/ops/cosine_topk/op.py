@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkernels import backends
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.ops.cosine_topk import torch_backend, triton_backend
 
 BACKENDS = {"triton": triton_backend, "torch": torch_backend}
@@ -28,7 +27,8 @@ COSINE_TOPK_MAX_K_TRITON = 256  # the Triton kernel keeps k in registers; larger
 @torch.library.custom_op("mdkernels::cosine_topk", mutates_args=())
 def cosine_topk_op(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values (Q, k), indices (Q, k))`` with ``k <= G`` already (the public function clamps it)."""
-    backends.require("cosine_topk", backend, queries, large_k=k > COSINE_TOPK_MAX_K_TRITON)
+    if backend not in BACKENDS:  # mdkernels.search chose and checked it: it is not asked again here
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     return BACKENDS[backend].topk(queries, gallery, k)
 
 

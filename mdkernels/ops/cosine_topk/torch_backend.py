@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.ops._common import chunked
 from mdkernels.ops.l2norm import row_rnorm
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, num_sms, ptr
 from mdkernels.ops._common.tiles import triton_flags
 from mdkernels.ops.cosine_topk.torch_backend import merge

@@ -1,4 +1,4 @@
-"""The fused margin-softmax cross-entropy op (SPEC section 1): ``op`` holds the custom ops and their
+"""The fused margin-softmax cross-entropy op (docs/math.md §1): ``op`` holds the custom ops and their
 autograd; ``triton_backend``, ``cuda_backend`` and ``torch_backend`` the kernels and launchers."""
 
 from mdkernels.ops.margin_ce.op import (

@@ -1,4 +1,4 @@
-"""Fused margin-softmax cross-entropy (SPEC section 1) without a ``B x C`` tensor: the custom ops and autograd.
+"""Fused margin-softmax cross-entropy (docs/math.md §1) without a ``B x C`` tensor: the custom ops and autograd.
 
 Design (flash attention with ``K = V = n(W)``). With ``c_ij = <n(x_i), n(w_j)>`` and the margin on the
 target only:
@@ -15,8 +15,9 @@ target only:
   and finishes the normalisation backward of its rows through ``<n(w_j), dW^_j> = sum_i G_ij c_ij``. The
   gradient is written once, in the centers' dtype: no atomics, no fp32 ``C x D`` scratch.
 
-GEMMs per step: 4 with trainable centers (2 forward, 2 backward), 2 with frozen ones, 1 for a forward
-without gradient.
+GEMM work per step, in products of ``B x C x D``: a floor of 4 with trainable centers (2 forward, 2 backward), 2
+with frozen ones, 1 for a forward without gradient; more where D is split over the grid (each column block
+rebuilds the cosines). The count per dtype, D and GPU is one table, docs/design.md's (``tiles.gemm_units``).
 
 The modern margin family needs, beside per-row margins: a per-row ``m3``; an ``m2`` that carries a gradient
 (MagFace's ``m(|x|)``: ``dL/dm2`` comes from the ``(B,)`` statistics, no pass over the classes); a clip of
@@ -32,8 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkernels import backends
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
 from mdkernels.ops._common.env import no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
@@ -115,9 +115,9 @@ def forward_impl(
     sub-center ``(B,)``. ``m2``, ``m3``: ``(B,)``. ``grad`` only selects the backward's target derivative.
     ``op_dtype``: the dots' operand dtype under autocast ("bfloat16", "float16"), "" for the inputs' own. x and
     w are read with their strides (no copy of the centers)."""
-    K = int(subcenters)
-    backends.require("margin_ce", backend, x, subcenters=K, curricular_t=curricular_t is not None,
-                     autocast=bool(op_dtype))  # fmt: skip
+    K = int(subcenters)  # the plan (mdkernels._plan) chose and checked the backend: it is not asked again here
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} (a plan's choice), got {backend!r}")
     if K < 1 or w.shape[0] % K:
         raise ValueError(f"subcenters={K} must be >= 1 and divide the centers' rows ({w.shape[0]})")
     with no_autocast(x):

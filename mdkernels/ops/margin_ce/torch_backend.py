@@ -5,7 +5,8 @@ per row and, when the embeddings need a gradient, ``O_i = sum_j exp(z_ij - m_i) 
 that pass a gradient, rescaled whenever a row's max grows (flash attention's ``O`` with ``K = V = n(W)``).
 The backward then needs no GEMM for ``dx``. Backward, only for trainable centers: each chunk's logits
 again, ``G = dL/dc`` with the target term folded in, and the chunk's rows of ``dW`` finished (normalisation
-backward) and written once. Frozen centers: two GEMMs per step in all.
+backward) and written once. Frozen centers: two GEMMs per step in all (D
+is never split here: the floor of docs/design.md's GEMM table).
 
 :mod:`mdkernels.ops.margin_ce.cpu_epilogue` fuses each chunk's elementwise passes in C++ where the CPU
 module was built; the pure-torch passes below are the fallback and the reference for it.

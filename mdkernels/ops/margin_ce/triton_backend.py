@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget

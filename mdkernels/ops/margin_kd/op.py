@@ -1,4 +1,4 @@
-"""Hinton KD on margin logits (SPEC section 6), fused: no ``B x C`` tensor.
+"""Hinton KD on margin logits (docs/math.md §6), fused: no ``B x C`` tensor.
 
 ``loss_i = (1-a) (lse(z_s) - z_s,y) + a T^2 KL(softmax(z_t/T) || softmax(z_s/T))``; both logit sets are
 against the same centers with the margin on the target, ``z = s*cos`` elsewhere.
@@ -25,8 +25,7 @@ import math
 
 import torch
 
-from mdkernels import backends
-from mdkernels._spec import compute_dtype
+from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
 from mdkernels.ops._common.chunked import target_cos
 from mdkernels.ops._common.env import no_autocast, operand_dtype
@@ -53,7 +52,8 @@ def forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_in
     and ``o_bar``, the non-target ``dL/dn(x_s)`` per unit of upstream gradient, ``(B, D)`` (``(0, D)``
     without ``need_dx``). ``op_dtype``: the dots' operand dtype under autocast, "" for the inputs' own. Any
     strides."""
-    backends.require("margin_kd", backend, xs)
+    if backend not in BACKENDS:  # the plan (mdkernels._plan) chose and checked it: it is not asked again here
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} (a plan's choice), got {backend!r}")
     with no_autocast(xs):
         labels = labels.long()
         labels_k = torch.where(label_mask(labels, w.shape[0], ignore_index), labels, torch.full_like(labels, -1))

@@ -1,4 +1,4 @@
-"""Triplet distillation (Feng et al., SPEC section 5) without a ``B^3`` tensor.
+"""Triplet distillation (Feng et al., docs/math.md §5) without a ``B^3`` tensor.
 
 Student and teacher distances are ``(B, B)`` matrices (the student's through autograd). The loss over
 triplets ``(a, p, n)`` is a reduction over ``B^3`` terms; it is streamed:
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from mdkernels._spec import THETA_CLAMP, compute_dtype
+from mdkernels._math import THETA_CLAMP, compute_dtype
 from mdkernels.ops.l2norm import l2_normalize
 from mdkernels.ops.triplet_distill import torch_backend, triton_backend
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from mdkernels._spec import EPS
+from mdkernels._math import EPS
 
 CHUNK_TERMS = 1 << 20  # triplet terms per torch chunk: 4 MB in fp32
 

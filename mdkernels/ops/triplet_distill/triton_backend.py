@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
-from mdkernels._spec import EPS
+from mdkernels._math import EPS
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting
 
 if HAS_TRITON:

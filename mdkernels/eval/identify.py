@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkernels.train.data import IMG_EXT
+from mdkernels.data.datasets import IMG_EXT
 
 RANKS = (1, 5)
 
@@ -57,7 +57,7 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from mdkernels.train.data import decode_image
+        from mdkernels.data.datasets import decode_image
 
         try:
             return decode_image(self.paths[i].read_bytes(), self.size, str(self.paths[i])), ""
@@ -70,16 +70,17 @@ def embed_paths(model, paths: list[Path], *, size: int = 112, flip: bool = True,
                 workers: int = 0, device="cpu", progress: bool = True, cache_dir=None, model_digest: str | None = None,
                 what: str = "images") -> np.ndarray:  # fmt: skip
     """L2-normalised float32 embeddings of image files (the flipped image's embedding added first)."""
-    from mdkernels.train import embcache
-    from mdkernels.train.progress import Progress
+    from mdkernels.eval import embcache
+    from mdkernels.progress import Progress
 
     model.eval()
 
     def produce(start: int):
-        from mdkernels.train.ijb import loader_context
+        from mdkernels.eval.ijb import loader_context, worker_init
 
         loader = torch.utils.data.DataLoader(_Images(paths[start:], size), batch_size=batch_size,
                                              num_workers=workers, shuffle=False,
+                                             worker_init_fn=worker_init if workers else None,
                                              multiprocessing_context=loader_context(workers))  # fmt: skip
         with Progress(len(paths), f"embedding {what}", "img", enabled=progress) as bar:
             bar.update(start)
@@ -184,15 +185,19 @@ def plot_curve(result: dict, path: str | Path) -> Path:
     ax.set_ylabel("identification rate (%)")
     ax.grid(linestyle="--")
     ax.legend()
-    from mdkernels.train.ijb import save_figure
+    from mdkernels.eval.ijb import save_figure
 
     return save_figure(fig, path)
 
 
 def evaluate_identification(model, probes: str | Path, gallery: str | Path, distractors: str | Path | None = None, *,
-                            size: int = 112, flip: bool = True, batch_size: int = 128, workers: int = 0, device=None,
+                            size: int = 112, flip: bool = True, batch_size: int = 128, workers: int | None = None,
+                            device=None,
                             progress: bool = True, cache_dir=None, model_digest: str | None = None,
                             plot: str | Path | None = None, backend: str = "auto") -> dict:  # fmt: skip
+    from mdkernels.eval.ijb import default_workers
+
+    workers = default_workers() if workers is None else workers
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, torch.nn.Module) and not hasattr(model, "session"):
         model = model.to(device)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkernels.train.data import decode_image
+from mdkernels.data.datasets import ImageFolderDataset, decode_image
 
 
 class _NoGlobals(pickle.Unpickler):
@@ -168,3 +168,33 @@ def folder_pairs(labels: list[int], max_pairs: int = 3000, seed: int = 0) -> tup
         pairs.append((a, b))
         same.append(labels[a] == labels[b])
     return np.asarray(pairs), np.asarray(same)
+
+
+def load_eval_model(checkpoint: str, network: str | None = None) -> tuple[torch.nn.Module, int]:
+    """``(model in eval mode, input size)``: an mdk checkpoint, an exported ``.onnx`` (run with onnxruntime), or
+    an insightface backbone file (``network`` names it)."""
+    if str(checkpoint).endswith(".onnx"):
+        from mdkernels.interop.onnx import OnnxBackbone
+
+        model = OnnxBackbone(checkpoint)
+        return model, model.input_size
+    from mdkernels.interop.onnx import backbone_for_export
+
+    return backbone_for_export(checkpoint, network)
+
+
+def evaluate_checkpoint(checkpoint: str, target: str, *, flip: bool = True, max_pairs: int = 3000,
+                        network: str | None = None) -> dict:  # fmt: skip
+    """``mdk eval`` on a verification ``.bin`` or on pairs drawn from an image folder (see :func:`load_eval_model`
+    for the models it reads)."""
+    model, size = load_eval_model(checkpoint, network)
+    if str(target).endswith(".bin"):
+        images, issame = load_bin(target, size)
+        return verify(model, images, issame, flip=flip)
+    ds = ImageFolderDataset(target, size=size, train=False)
+    pairs, issame = folder_pairs(ds.labels, max_pairs)
+    needed = sorted(set(pairs.flatten().tolist()))
+    pos = {k: i for i, k in enumerate(needed)}
+    imgs = torch.stack([ds[k][0] for k in needed])
+    order = torch.tensor([pos[k] for k in pairs.flatten().tolist()])
+    return verify(model, imgs[order], issame, flip=flip)

@@ -1,6 +1,6 @@
 """Small IJB-B/C folders in insightface's layout, made of textured synthetic faces, for tests and benchmarks.
 
-Each image is a rendered 112 x 112 face (:func:`mdkernels.train.data.render`) placed into a larger "loose crop"
+Each image is a rendered 112 x 112 face (:func:`mdkernels.data.datasets.render`) placed into a larger "loose crop"
 by a known random similarity transform; its five landmarks are that transform applied to the ArcFace template, so
 alignment should recover the rendered face. Subjects own several templates, templates several media, media
 several frames; the pair list mixes genuine and impostor template pairs, and the 1:N lists put one template of
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mdkernels.train import align as A
-from mdkernels.train.data import identity_params, render
+from mdkernels.data.datasets import identity_params, render
+from mdkernels.eval import align as A
 
 
 def random_similarity(rng: np.random.Generator, out_w: int, out_h: int) -> np.ndarray:

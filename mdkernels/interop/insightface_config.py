@@ -19,7 +19,7 @@ import ast
 import operator
 from pathlib import Path
 
-from mdkernels.train.models import INSIGHTFACE_NETWORKS
+from mdkernels.models.backbones import INSIGHTFACE_NETWORKS
 
 # arcface_torch configs/base.py
 BASE_DEFAULTS = {

@@ -32,8 +32,8 @@ def _need(module: str):
 def backbone_for_export(src: str | Path, network: str | None = None) -> tuple[nn.Module, int]:
     """``(backbone in eval mode, input size)`` from an mdk checkpoint, an insightface backbone file
     (``network`` names it) or an arcface_torch run directory."""
-    from mdkernels.train import insightface
-    from mdkernels.train.checkpoint import backbone_from_checkpoint, load_checkpoint
+    from mdkernels.interop import insightface
+    from mdkernels.models.checkpoint import backbone_from_checkpoint, load_checkpoint
 
     src = Path(src)
     if src.is_dir():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mdkernels.train import recordio
+from mdkernels.data import recordio
 
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

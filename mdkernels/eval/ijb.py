@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdkernels.train import align as A
-from mdkernels.train.ijb_meta import IJBMeta, detect_target, is_ijb_folder, read_meta  # noqa: F401 (re-exported)
+from mdkernels.eval import align as A
+from mdkernels.eval.ijb_meta import IJBMeta, detect_target, is_ijb_folder, read_meta  # noqa: F401 (re-exported)
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (1e-2, 1e-1)
@@ -107,6 +107,12 @@ class AlignedFaces(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(out)), i, ""
 
 
+def default_workers() -> int:
+    """DataLoader workers when ``--workers`` is not given: the CPUs less one (the main process runs the model),
+    at most 8."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
 def loader_context(workers: int):
     """Worker processes start from a fresh forkserver, not a fork of this process: a fork inherits OpenCV's thread
     pool without its threads, and the first OpenCV call in the worker then waits forever."""
@@ -117,7 +123,7 @@ def loader_context(workers: int):
     return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
 
 
-def _worker_init(_):
+def worker_init(_):
     try:
         import cv2
 
@@ -137,8 +143,8 @@ def embed_images(model, meta: IJBMeta, *, flip: bool = True, batch_size: int = 1
                  device="cpu", warp: str = "auto", progress: bool = True, cache_dir=None,
                  model_digest: str | None = None) -> np.ndarray:  # fmt: skip
     """(N, 2D) float32 rows ``[embedding(image) | embedding(flipped image)]`` (``flip=False``: (N, D))."""
-    from mdkernels.train import embcache
-    from mdkernels.train.progress import Progress
+    from mdkernels.eval import embcache
+    from mdkernels.progress import Progress
 
     model.eval()
     n = len(meta.names)
@@ -146,7 +152,7 @@ def embed_images(model, meta: IJBMeta, *, flip: bool = True, batch_size: int = 1
     def produce(start: int):
         ds = AlignedFaces(meta, np.arange(start, n), warp)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
-                                             worker_init_fn=_worker_init if workers else None,
+                                             worker_init_fn=worker_init if workers else None,
                                              multiprocessing_context=loader_context(workers),
                                              pin_memory=torch.device(device).type == "cuda")  # fmt: skip
         with Progress(n, f"embedding {meta.target} images", "img", enabled=progress) as bar:
@@ -415,7 +421,7 @@ def evaluate_ijb(model, root: str | Path, *, target: str | None = None, flip: st
     meta = read_meta(root, target)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if workers is None:
-        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+        workers = default_workers()
     if isinstance(model, torch.nn.Module) and not hasattr(model, "session"):
         model = model.to(device)
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdkernels.train.models import build_backbone
+from mdkernels.models.backbones import build_backbone
 
 
 def previous_path(path: Path) -> Path:

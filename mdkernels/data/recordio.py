@@ -92,18 +92,21 @@ class RecordReader:
                 raise FileNotFoundError(f"RecordIO file not found: {p}")
         self.offsets: dict[int, int] = {}
         size = self.rec_path.stat().st_size
-        with open(self.idx_path) as f:
-            for n, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                try:
-                    key, offset = int(parts[0]), int(parts[1])
-                except (ValueError, IndexError):
-                    raise ValueError(f"{self.idx_path}:{n}: expected 'key<TAB>offset', got {line.strip()!r}") from None
-                if not 0 <= offset < size:
-                    raise ValueError(f"{self.idx_path}:{n}: offset {offset} is outside {self.rec_path} ({size} bytes)")
-                self.offsets[key] = offset
+        try:
+            lines = self.idx_path.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.idx_path}: not a RecordIO index (text lines 'key<TAB>offset')") from None
+        for n, line in enumerate(lines, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                key, offset = int(parts[0]), int(parts[1])
+            except (ValueError, IndexError):
+                raise ValueError(f"{self.idx_path}:{n}: expected 'key<TAB>offset', got {line.strip()!r}") from None
+            if not 0 <= offset < size:
+                raise ValueError(f"{self.idx_path}:{n}: offset {offset} is outside {self.rec_path} ({size} bytes)")
+            self.offsets[key] = offset
         self._file = None
         self._pid = None
 

@@ -1,0 +1,1 @@
+"""Training and evaluation images: insightface's RecordIO, image folders, generated identities, augmentation."""

@@ -1,0 +1,2 @@
+"""Evaluation as the papers compute it: verification ``.bin`` sets, IJB-B/IJB-C, identification against
+distractors (``mdk eval``). Never imports the training loop."""
