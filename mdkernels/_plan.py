@@ -32,7 +32,9 @@ def autocast_operands(t) -> str:
     """The dots' operand dtype for ``t`` under ``torch.autocast``, as the custom ops carry it: "bfloat16" or
     "float16" for fp32 inputs inside an autocast region of their device, else "" (the inputs' own dtype). Read
     here, outside the custom op, whose own body runs with autocast off."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type not in ("cuda", "cpu") or not torch.is_autocast_enabled(t.device.type):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type not in ("cuda", "cpu"):
+        return ""
+    if not torch.is_autocast_enabled(t.device.type):
         return ""
     return _AUTOCAST_OPERANDS.get(torch.get_autocast_dtype(t.device.type), "")
 

@@ -227,9 +227,12 @@ CLI_CASES = [
     ("reshard/bad world", ["reshard", "{root}/last.pt", "--world", "0", "--out", "{root}/s"], "--world"),
     ("reshard/missing source", ["reshard", "{root}/nothing", "--world", "2", "--out", "{root}/s"], "nothing"),
     # malformed config files: each names the file and what is wrong, never a TypeError's traceback
-    ("train/config is a list", ["train", "--config", "{root}/list.json", "--data", "{rec}"], "list.json .*JSON object"),
-    ("train/config not JSON", ["train", "--config", "{root}/notjson.json", "--data", "{rec}"], "notjson.json is not valid JSON"),
-    ("train/config wrong type", ["train", "--config", "{root}/type.json", "--data", "{rec}"], "lr must be float, got 'fast'"),
+    ("train/config is a list", ["train", "--config", "{root}/list.json", "--data", "{rec}"],
+     "list.json .*JSON object"),
+    ("train/config not JSON", ["train", "--config", "{root}/notjson.json", "--data", "{rec}"],
+     "notjson.json is not valid JSON"),
+    ("train/config wrong type", ["train", "--config", "{root}/type.json", "--data", "{rec}"],
+     "lr must be float, got 'fast'"),
     ("train/config null int", ["train", "--config", "{root}/null.json", "--data", "{rec}"], "epochs must be int, got None"),
     ("train/config bool for float", ["train", "--config", "{root}/bool.json", "--data", "{rec}"], "s must be float"),
     ("train/config missing", ["train", "--config", "{root}/nope.json", "--data", "{rec}"], "nope.json"),
@@ -250,8 +253,8 @@ CLI_CASES = [
 def cli_files(files):
     root, data = files
     (root / "bad.json").write_text('{"learning_rate": 0.1}')
-    for name, text in (("list", "[1, 2]"), ("notjson", "{oops"), ("type", '{"lr": "fast"}'), ("null", '{"epochs": null}'),
-                       ("bool", '{"s": true}'), ("momentum", '{"momentum": 1.0}')):  # fmt: skip
+    for name, text in (("list", "[1, 2]"), ("notjson", "{oops"), ("type", '{"lr": "fast"}'),
+                       ("null", '{"epochs": null}'), ("bool", '{"s": true}'), ("momentum", '{"momentum": 1.0}')):
         (root / f"{name}.json").write_text(text)
     (root / "garbage.rec").write_bytes(bytes(range(256)) * 8)
     (root / "garbage.idx").write_bytes(bytes(range(128, 256)))
