@@ -233,7 +233,8 @@ CLI_CASES = [
      "notjson.json is not valid JSON"),
     ("train/config wrong type", ["train", "--config", "{root}/type.json", "--data", "{rec}"],
      "lr must be float, got 'fast'"),
-    ("train/config null int", ["train", "--config", "{root}/null.json", "--data", "{rec}"], "epochs must be int, got None"),
+    ("train/config null int", ["train", "--config", "{root}/null.json", "--data", "{rec}"],
+     "epochs must be int, got None"),
     ("train/config bool for float", ["train", "--config", "{root}/bool.json", "--data", "{rec}"], "s must be float"),
     ("train/config missing", ["train", "--config", "{root}/nope.json", "--data", "{rec}"], "nope.json"),
     # arguments out of range, from flags or a file
