@@ -7,8 +7,9 @@
 :func:`mdkernels.eval.identify.identification_curve` over all of them: the search alone, the part that grows with
 the distractors (embedding is once per model, then cached); its row goes to bench/results/<device>.csv as op
 ``cosine_topk``, variant ``identify``. ``ijb`` times :func:`mdkernels.eval.ijb.evaluate_ijb` on a generated folder
-with an insightface network (random weights: speed only) and extrapolates to IJB-C's 469,375 images (printed, not
-a CSV row: it is no op of the registry).
+with an insightface network (random weights: speed only) and extrapolates to IJB-C's 469,375 images. Both write a
+record (the figures, the device, versions, commit, date) to bench/results/<device>_eval.jsonl; the IJB rate is no op
+of the registry, so it has no CSV row.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def run_identify(probes: int, identities: int, distractors: int, d: int, device:
           f"{res['search_seconds']:.1f} s (writing the .npy: {made:.1f} s)")  # fmt: skip
     for c in res["curve"]:
         print(f"  {c['distractors']:>9,} distractors: rank-1 {100 * c['rank1']:.2f}%  rank-5 {100 * c['rank5']:.2f}%")
+    record = {"what": "identify", "probes": probes, "identities": identities, "distractors": distractors, "D": d,
+              "search_seconds": round(res["search_seconds"], 2), "npy_write_seconds": round(made, 1),
+              "rank1": res["curve"][-1]["rank1"], "rank5": res["curve"][-1]["rank5"]}  # fmt: skip
     row = harness.base_row("cosine_topk", device, "identify")
+    row["record"] = record
     row.update(provider="mdk", mode="identify", B=probes, D=d, C=distractors, dtype="float32",
                ms_median=1e3 * res["search_seconds"], ms_p20="", ms_p80="", peak_mem_bytes="",
                tflops=round(2 * probes * distractors * d / res["search_seconds"] / 1e12, 3))  # fmt: skip
@@ -75,7 +80,9 @@ def run_ijb(network: str, images: int, batch: int, workers: int, device: str, wo
     hours = IJBC_IMAGES / rate / 3600
     print(f"ijb: {network}, {truth['images']} images, batch {batch}, {workers} workers on {device}: {rate:.1f} images/s"
           f" (image and flip) -> IJB-C's {IJBC_IMAGES:,} images in {hours:.1f} h")  # fmt: skip
-    return None
+    return {"record": {"what": "ijb", "network": network, "images": truth["images"], "batch": batch,
+                       "workers": workers, "images_per_s": round(rate, 2), "ijbc_images": IJBC_IMAGES,
+                       "ijbc_hours": round(hours, 1)}}  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -103,8 +110,11 @@ def main(argv=None) -> None:
             row = run_identify(args.probes, args.identities, args.distractors, args.D, args.device, work)
         else:
             row = run_ijb(args.network, args.images, args.batch, args.workers, args.device, work)
-    if row is not None and not args.no_save:
-        print("appended to", harness.append_rows([row], args.device))
+    if not args.no_save:
+        record = row.pop("record")
+        print("appended to", harness.append_record(record, args.device, "eval"))
+        if "op" in row:
+            print("appended to", harness.append_rows([row], args.device))
 
 
 if __name__ == "__main__":

@@ -71,14 +71,13 @@ def slug(name: str) -> str:
 
 
 def commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when the package's sources differ from it (results/ aside)."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent,  # noqa: E731
+                                        check=True).stdout.strip()  # fmt: skip
+        head = run("rev-parse", "--short", "HEAD")
+        dirty = run("status", "--porcelain", "--", ":/mdkernels", ":/csrc", ":/bench", ":!:/bench/results")
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -207,6 +206,19 @@ def append_rows(rows: list[dict], device: str) -> Path:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    return path
+
+
+def append_record(record: dict, device: str, name: str) -> Path:
+    """One JSON line with the device, versions, commit and date into ``bench/results/<device>_<name>.jsonl``: the
+    figures that are no op's CSV row (an application's rate, an extrapolation)."""
+    import json
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{slug(device_name(device))}_{name}.jsonl"
+    full = {**{k: v for k, v in base_row("", device).items() if k not in ("op", "variant")}, **record}
+    with path.open("a") as f:
+        f.write(json.dumps(full, sort_keys=True) + "\n")
     return path
 
 

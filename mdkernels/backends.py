@@ -95,8 +95,6 @@ def _refusal(op: str, backend: str, t: torch.Tensor, on: list[str]) -> str | Non
     if backend == "triton" and not t.is_cuda and not INTERPRETER:
         return ("backend='triton' runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before "
                 "importing mdkernels; use backend='torch' on the CPU")  # fmt: skip
-    if backend == "cuda" and t.dtype == torch.float64:
-        return "backend='cuda' needs fp32/bf16/fp16 tensors (fp64 runs on 'torch' or 'triton')"
     if backend not in ("triton", "cuda", "torch"):
         return f"unknown fused backend {backend!r}"
     return None

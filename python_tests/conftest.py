@@ -27,6 +27,9 @@ try:  # hypothesis profiles (test_fuzz.py): "ci" by default, --hypothesis-profil
     settings.register_profile("ci", derandomize=True, max_examples=12, deadline=None, print_blob=True,
                               suppress_health_check=_quiet)  # fmt: skip
     settings.register_profile("long", max_examples=1000, deadline=None, print_blob=True, suppress_health_check=_quiet)
+    # scripts/soak.py: MDK_SOAK_EXAMPLES base examples (x the per-backend factor of test_fuzz.py), random draws
+    settings.register_profile("soak", max_examples=int(os.environ.get("MDK_SOAK_EXAMPLES", "100")), deadline=None,
+                              print_blob=True, suppress_health_check=_quiet, database=None)  # fmt: skip
     settings.load_profile("ci")
 except ImportError:  # hypothesis is in the test extra; without it test_fuzz.py skips
     pass

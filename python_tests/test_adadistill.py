@@ -89,6 +89,7 @@ def _steps(fn, x0, t, w0, y, steps=3, lr=0.5):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("margin", ["arcface", "cosface"])
@@ -199,6 +200,7 @@ def _rank(rank, world, init, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_applies_the_global_batch():
     """Two gloo ranks: the replicated module's copies stay identical and equal one process's centers after the
     same two global batches (in rank order); the sharded head's shards, gathered, equal them too, and its loss

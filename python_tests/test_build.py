@@ -52,6 +52,7 @@ def test_cuda_module_was_built():
     assert _cuda_emu.kernels == _cuda.kernels and _cuda_emu.emulated and not _cuda.emulated
 
 
+@pytest.mark.slow
 def test_cli_info_and_demo(capsys, tmp_path):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
@@ -162,6 +163,7 @@ def test_child_processes_import_the_package_under_test():
     assert res.stdout.strip() == mdkernels.__file__, res.stdout + res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_demo_methods_adds_margin_family_students(capsys, tmp_path):
     out = tmp_path / "demo"
     argv = ["demo", "--preset", "tiny", "--out", str(out), "--no-progress", "--methods", "adaface,subcenter"]

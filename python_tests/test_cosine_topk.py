@@ -88,6 +88,7 @@ def test_triton_half_precision(dtype):
     assert v.dtype == torch.float32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_no_query_by_gallery_tensor(backend):
     """The extra memory is one chunk or tile of scores: nothing of Q x G (or a quarter of it) is allocated."""
@@ -109,6 +110,7 @@ def test_strided_rows_and_large_k(backend):
     _check(v, i, q, g, 300)
 
 
+@pytest.mark.slow
 def test_custom_op_and_compile():
     q, g = _inputs(9, 40, 70, torch.float32)
     torch.library.opcheck(torch.ops.mdkernels.cosine_topk, (q, g, 5, "torch"))

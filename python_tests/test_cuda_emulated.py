@@ -233,6 +233,7 @@ def test_margin_target_row_kernel(dtype, margin, grad):
 SHAPE = (67, 500, 1017)  # two row tiles (BM = 64), D not a multiple of BK = 32, C not of BN = 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_margin_ce_fp32_all_margins(config):
     """fp32: the SIMT tile, against the reference in fp32 (the suite's fp32 tolerance)."""
@@ -244,6 +245,7 @@ def test_margin_ce_fp32_all_margins(config):
         assert_close(a, b, torch.float32, f"emulated cuda {config} {name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_margin_ce_d1024_split_over_the_grid(dtype):
     """D = 1024: each block accumulates 256 columns of D in shared memory (O forward, dW^ backward), so the
@@ -268,6 +270,7 @@ def close_to_truth(fast, plain, truth, what):
     assert_close_to_truth(fast.double() / scale, plain.double() / scale, truth / scale, what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("config", ["arcface", "filter"])
 @pytest.mark.parametrize("shape", [(1, 500, 1017), SHAPE, (40, 128, 300)], ids=lambda s: "x".join(map(str, s)))
@@ -316,6 +319,7 @@ def test_margin_ce_scalar_tile_loads(dtype, D, offset):
         close_to_truth(f, p, t, f"{dtype} {name}")
 
 
+@pytest.mark.slow
 def test_margin_ce_fp16_zero_rows_keep_other_gradients():
     with _cuda_ext.emulated():
         check_zero_rows_fp16("cuda", "cpu")
@@ -326,6 +330,7 @@ def test_margin_ce_fp16_backward_keeps_tiny_terms():
         check_tiny_gradient_terms("cuda", "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["reverse", "shuffle"])
 def test_margin_ce_under_other_thread_orders(schedule):
     """A missing barrier in the tiles would give different values under another order of the threads

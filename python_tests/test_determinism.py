@@ -76,6 +76,7 @@ def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_repeated_calls_under_load_give_identical_bits(backend, monkeypatch):
     monkeypatch.setattr(mdkernels.ops.cosine_topk.torch_backend, "CHUNK_ELEMENTS", 53 * 700)  # many chunks
@@ -112,6 +113,7 @@ sys.stdout.write(v.numpy().tobytes().hex() + " " + i.numpy().tobytes().hex())
 """
 
 
+@pytest.mark.slow
 def test_no_result_depends_on_what_a_clock_says():
     """The same search in two fresh processes whose clocks favour the first-timed and the last-timed of any
     choice: a choice made by timing (cosine top-k's CPU GEMM once was) flips between them. numpy's BLAS, the

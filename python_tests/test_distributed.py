@@ -16,6 +16,8 @@ import mdkernels
 from mdkernels import distributed as mdist
 from mdkernels import reference as R
 
+pytestmark = pytest.mark.slow  # gloo ranks in spawned processes: not in the quick tier (docs/testing.md)
+
 C, D, B_LOCAL = 1001, 64, 5  # C divisible by neither 2 nor 3
 
 CASES = {

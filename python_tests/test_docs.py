@@ -44,6 +44,7 @@ def test_every_page_has_been_found():
     assert len(PAGES) >= 13 or not (REPO / "docs").is_dir()
 
 
+@pytest.mark.slow
 @needs_tree
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_python_blocks_run(page):

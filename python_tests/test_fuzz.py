@@ -26,6 +26,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+pytestmark = pytest.mark.slow  # property-based fuzzing: docs/testing.md's quick tier (-m "not slow") leaves them out
+
 BACKENDS = ["torch"] + (["triton"] if TRITON_RUNS else []) + (["cuda"] if _cuda_ext.emu is not None else [])
 F64 = (1e-8, 1e-9)  # fused fp64 against the fp64 reference (rtol, atol x the largest value)
 # The emulated CUDA kernels run in fp32: the normalisation backward leaves |dL/dn(x)| eps / |x| in a row,

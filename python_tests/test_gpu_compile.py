@@ -15,6 +15,7 @@ import pytest
 
 from mdkernels.ops._common.env import HAS_TRITON
 
+pytestmark = pytest.mark.slow  # compile sweeps: docs/testing.md's quick tier (-m "not slow") leaves them out
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_all_kernels_compile_for_sm80_and_sm90():
@@ -48,6 +49,7 @@ import torch
 from mdkernels.ops._common import tiles
 from mdkernels.ops.margin_ce import triton_backend as tb
 from mdkernels.tools import gpu_compile as G
+
 tiles._TILES[("forward", "half", "ampere")]["full_d"] = 512
 real = tiles.tile_config
 def resident(*a, **k):

@@ -83,6 +83,7 @@ def test_call_makes_the_tensors_gpu_current(monkeypatch):
 
 
 # ---- shared memory: per device, and the 99 KiB GPUs ---------------------------------------------------------
+@pytest.mark.slow
 @needs_emulator
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_margin_kernels_on_a_99_kib_gpu_and_on_two_devices(dtype):
@@ -329,6 +330,7 @@ def test_strided_embeddings_and_centers(backend):
 
 
 # ---- 16-bit Triton kernels and split-C, on the CPU --------------------------------------------------------------
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", ["arcface", "cosface", "filter"])
@@ -363,6 +365,7 @@ def test_split_c_forward(monkeypatch, splits):
 
 
 # ---- the GEMM count, as the README states it ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_readme_states_the_true_gemm_count():
     """The D split makes every column-block program rebuild the cosines over all of D: the README's table is
     the one :func:`tiles.gemm_units` computes from the default tiles."""
@@ -388,6 +391,7 @@ print("ok")
     assert res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_design_states_the_true_resident_d():
     """docs/design.md's table of the largest D each Triton kernel keeps resident, and the split width above it, is
     what :func:`tiles.tile_config` chooses (B = 1024, sm_80 and sm_90)."""
@@ -415,6 +419,7 @@ print("ok")
 
 
 # ---- bench/gpu_check.sh, dry ------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.skipif(not (REPO / "bench" / "gpu_check.sh").exists(), reason="needs the source tree")
 @needs_emulator
 def test_gpu_check_dry_run(tmp_path):

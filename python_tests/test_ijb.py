@@ -259,6 +259,7 @@ def test_pipeline_equals_the_reference_on_a_generated_folder(folder):
     assert res["tar@far=1e-1"] >= 0.9 and res["1:N"]["top1"] >= 0.9
 
 
+@pytest.mark.slow
 def test_test_modes_and_workers(folder):
     root, _ = folder
     base = ijb.evaluate_ijb(Pixels(), root, workers=2, progress=False)
@@ -345,6 +346,7 @@ def _insightface_model(path, seed=0):
     return m
 
 
+@pytest.mark.slow
 def test_mdk_eval_ijb_json_and_plot(folder, tmp_path, capsys):
     from mdkernels.cli import main
 
@@ -361,6 +363,7 @@ def test_mdk_eval_ijb_json_and_plot(folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["tar@far=1e-6"] == got["tar@far=1e-6"]
 
 
+@pytest.mark.slow
 def test_mdk_eval_ijb_on_the_exported_onnx(folder, tmp_path):
     pytest.importorskip("onnxruntime")
     from mdkernels.cli import main
@@ -388,6 +391,7 @@ def _edit_line(path, lineno, fn):
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_meta", "unknown_template", "unreadable_image", "landmarks_outside",
                                   "short_line", "names_differ", "missing_1n"])  # fmt: skip
 def test_bad_folders_give_one_line_naming_file_and_line(folder, tmp_path, case, capsys):
@@ -497,6 +501,7 @@ def test_identification_curve_matches_brute_force():
         I.identification_curve(probe, glab[who] + 100, gallery, glab)
 
 
+@pytest.mark.slow
 def test_mdk_eval_identify_with_folder_and_npy_distractors(people, tmp_path):
     from mdkernels.cli import main
     from mdkernels.eval.verification import load_eval_model

@@ -178,6 +178,7 @@ def _run_data(tmp_path, classes=C):
                               size=112, fmt="rec", seed=0)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_teacher_run_dir_and_init_centers_in_training(tmp_path):
     from mdkernels.train.trainer import train
 
@@ -304,6 +305,7 @@ def test_config_values_mdk_cannot_honour_are_errors(tmp_path, over, match):
         to_train_config(load_insightface_config(tmp_path / "job.py"))
 
 
+@pytest.mark.slow
 def test_cli_insightface_config_with_overriding_flags(tmp_path, capsys):
     from mdkernels.cli import run
 
@@ -396,6 +398,7 @@ def _insightface_checker(path):
     assert all(i.data_type == onnx.TensorProto.FLOAT for i in m.graph.initializer if len(i.dims) > 1)
 
 
+@pytest.mark.slow
 def test_export_insightface_model_pt_and_eval_the_onnx(tmp_path):
     from mdkernels.cli import main
     from mdkernels.eval.verification import evaluate_checkpoint
@@ -412,6 +415,7 @@ def test_export_insightface_model_pt_and_eval_the_onnx(tmp_path):
     assert abs(a["accuracy"] - b["accuracy"]) < 1e-9 and abs(a["threshold"] - b["threshold"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_export_mdk_checkpoint_and_nothing_partial(tmp_path):
     from mdkernels.interop.onnx import export_onnx
     from mdkernels.models.checkpoint import save_checkpoint

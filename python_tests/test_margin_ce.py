@@ -145,6 +145,7 @@ def test_frozen_centers_run_no_gemm_in_the_backward(backend, monkeypatch):
     assert_close(gx, torch.autograd.grad(ref, x)[0], torch.float64, "dx with frozen centers")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("resident", [None, 128], ids=["d1024", "d500-split"])
 def test_d_split_over_the_grid(backend, resident, monkeypatch):
@@ -246,6 +247,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(p.grad, g)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("need_dw", [True, False])
 def test_no_batch_by_classes_allocation(backend, need_dw):
@@ -275,6 +277,7 @@ class _LargeAllocations(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_backward_allocates_no_center_sized_scratch(backend, dtype):
@@ -523,6 +526,7 @@ needs_cpu_ext = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_cpu_ext
 def test_cpu_epilogue_default_target_build():
     """The default-target build of the C++ epilogues (what a CPU without AVX2 runs), forced with

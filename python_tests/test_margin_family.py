@@ -168,6 +168,7 @@ def test_head_matches_reference(backend, dtype, name):
     assert bool(ref_buffers) == name.startswith(("adaface", "curricular"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2]], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", ["adaface", "curricularface", "magface_fallback", "elastic_arcface_plus",
@@ -348,6 +349,7 @@ def test_elastic_margins_are_reproducible_and_ordered():
 
 
 # ---- memory: no B x C (no B x C K) ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("name", ["adaface", "curricularface", "magface", "magface_fallback", "elastic_arcface_plus",
                                   "elastic_cosface_plus", "subcenter"])  # fmt: skip

@@ -51,6 +51,7 @@ def test_margin_kd_reductions_frozen_centers_and_module(backend):
     assert_close(gx, torch.autograd.grad(R.margin_kd_loss(x, t, w.detach(), y), x)[0], torch.float64, "module dx")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_margin_kd_allocates_no_batch_by_classes(backend):
     B, D, C = 64, 16, 50_000 if backend == "torch" else 8_000
@@ -104,6 +105,7 @@ def test_cuda_backend_has_no_kernel_an_error_not_a_fallback():
         mdkernels.margin_kd_loss(s, t, w, y, backend="cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_margin_kd_d1024_split_over_the_grid(backend):
     """D = 1024 is beyond the resident tiles: the Triton kernels split D over the grid."""

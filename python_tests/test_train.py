@@ -22,6 +22,8 @@ from mdkernels.eval import verification as E
 from mdkernels.models.backbones import build_backbone
 from mdkernels.train.trainer import TrainConfig, load_checkpoint, train
 
+pytestmark = pytest.mark.slow  # training runs, kills and torchrun: not in the quick tier (docs/testing.md)
+
 SMALL = dict(identities=12, per_identity=8, heldout_identities=10, pairs=40, size=32)
 
 

@@ -31,6 +31,7 @@ def triplet_data(B, D, dtype, dev, classes=5, seed=0):
     return s, t, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_triplet_all_with_large_and_singleton_classes(backend):
     """Classes larger than a tile of positives (the Triton path walks each anchor's sorted range of
@@ -78,6 +79,7 @@ def test_triplet_explicit_and_degenerate(backend):
         mdkernels.triplet_distillation_loss(s, t, backend=backend)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_triplet_all_allocates_no_cube(backend):
     B = 512 if backend == "torch" else 96
