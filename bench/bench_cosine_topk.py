@@ -110,19 +110,31 @@ def run(Q, G, D, k, device, reps, only, threads):
     calls = {n: c for n, c in providers(device, queries, gallery, k).items() if not only or n in only}
     truth = mdkernels.cosine_topk(queries, gallery, k, backend="torch")
     measured = harness.time_cpu_interleaved(calls, reps=reps) if device == "cpu" else {}
-    rows = []
+    rows, versus = [], {}
     for name, call in calls.items():
         spec = dict(provider=name, Q=Q, G=G, D=D, k=k)
         med, p20, p80, peak = harness.measure(call, device, "bench_cosine_topk", spec, measured.get(name))
-        vals = call()[0]
+        vals, idx = call()
         agree = float(torch.as_tensor(vals).to(truth[0].device, truth[0].dtype).sub(truth[0]).abs().max())
+        same_idx = float((torch.as_tensor(idx).to(truth[1].device).long() == truth[1]).float().mean())
+        versus[name] = {"ms": round(med, 1), "extra_mib": round(int(peak) / 2**20, 1), "max_value_diff": agree,
+                        "same_indices": same_idx}  # fmt: skip
         row = harness.base_row("cosine_topk", device)
         row.update(provider=name, mode="search", B=Q, D=D, C=G, dtype="float32", ms_median=med, ms_p20=p20,
                    ms_p80=p80, peak_mem_bytes=peak, tflops=round(2 * Q * G * D / (med * 1e-3) / 1e12, 3))  # fmt: skip
         rows.append(row)
         print(f"{name:>14} {med:10.1f} ms  extra {int(peak) / 2**20:9.1f} MiB  (Q x G scores: "
-              f"{Q * G * 4 / 2**20:.0f} MiB)  max |value - mdk| {agree:.1e}", flush=True)  # fmt: skip
-    return rows
+              f"{Q * G * 4 / 2**20:.0f} MiB)  max |value - mdk| {agree:.1e}, same indices {same_idx:.4f}",
+              flush=True)  # fmt: skip
+    try:
+        import faiss
+
+        faiss_version = faiss.__version__
+    except ImportError:
+        faiss_version = None
+    record = {"what": "cosine_topk", "Q": Q, "G": G, "D": D, "k": k, "threads": threads, "faiss": faiss_version,
+              "against": "mdk torch backend", "providers": versus}  # fmt: skip
+    return rows, record
 
 
 def main(argv=None) -> None:
@@ -140,9 +152,10 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="*", help="providers to run")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
-    rows = run(args.Q, args.G, args.D, args.k, args.device, args.reps, args.only, args.threads)
+    rows, record = run(args.Q, args.G, args.D, args.k, args.device, args.reps, args.only, args.threads)
     if not args.no_save:
         print("appended to", harness.append_rows(rows, args.device))
+        print("appended to", harness.append_record(record, args.device, "search"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 FACTORS = {"torch": 10, "triton": 4, "cuda": 3}  # test_fuzz.py's EXAMPLES
 
 
+def _cpu() -> str:
+    """The CPU's model name (as bench/harness.py names the machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=30, help="base examples per test (x 10 torch, 4 Triton, 3 CUDA)")
@@ -42,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join([
         f"soak of python_tests/test_fuzz.py: {args.examples} base examples per test ({cases} cases per loss), "
         f"hypothesis seed {args.seed}",
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+        f"machine: {_cpu()}, {os.cpu_count()} cores; Python "
         f"{platform.python_version()}, torch {torch.__version__}; mdkernels commit {commit.strip()}",
         f"exit code {run.returncode}, {seconds / 60:.1f} min",
         "",
