@@ -73,10 +73,11 @@ def slug(name: str) -> str:
 def commit() -> str:
     """HEAD's short hash, with ``+dirty`` when the package's sources differ from it (results/ aside)."""
     try:
-        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent,  # noqa: E731
+        root = Path(__file__).resolve().parents[1]
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=root,  # noqa: E731
                                         check=True).stdout.strip()  # fmt: skip
         head = run("rev-parse", "--short", "HEAD")
-        dirty = run("status", "--porcelain", "--", ":/mdkernels", ":/csrc", ":/bench", ":!:/bench/results")
+        dirty = run("status", "--porcelain", "--", "mdkernels", "csrc", "bench", ":(exclude)bench/results")
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="distil a teacher into students on generated identities (CPU)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer epochs (about a third of the full run)")
     p.add_argument("--preset", default="full", choices=["full", "quick", "tiny"],
-                   help="full (3 seeds, about 5 min on 2 cores), quick (--quick) or tiny (a smoke test)")
+                   help="full (3 seeds, 3 to 5 min on 2 cores), quick (--quick) or tiny (a smoke test)")
     p.add_argument("--out", default="mdk_demo", help="output folder (default: mdk_demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--methods", default="", help="extra students of the margin family, comma-separated, e.g. "

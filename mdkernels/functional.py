@@ -89,7 +89,8 @@ def margin_cross_entropy(
     CurricularFace's modulation of the hard non-targets. ``easy_margin`` (MagFace), ``theta_clip`` and
     ``cos_clamp`` (AdaFace): see docs/math.md §7. ``grad="straight_through"`` passes ``s`` as the target
     derivative (insightface arcface_torch). Returns the loss (float32; float64 for float64 inputs); with
-    ``return_stats=True`` also :class:`MarginCEStats`. No ``B x C`` tensor is allocated by the fused backends.
+    ``return_stats=True`` also :class:`MarginCEStats`. Nothing the fused backends allocate grows with ``B x C``
+    (docs/design.md, "Memory").
     """
     plan = _plan.margin_ce(embeddings, centers, labels, s=s, m1=m1, m2=m2, m3=m3, fallback=fallback, grad=grad,
                            subcenters=subcenters, curricular_t=curricular_t, easy_margin=easy_margin,

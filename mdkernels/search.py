@@ -13,7 +13,8 @@ from mdkernels.ops import cosine_topk
 def cosine_topk_search(
     queries: torch.Tensor, gallery: torch.Tensor, k: int, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest cosines of each query against the gallery, streamed: no ``Q x G`` tensor.
+    """The ``k`` largest cosines of each query against the gallery, streamed: memory independent of
+    ``G`` (docs/design.md, "Memory").
 
     queries: (Q, D); gallery: (G, D), any scale (rows are normalised here; a zero row has cosine 0 with every
     row). Returns ``(values (Q, k'), indices (Q, k'))`` with ``k' = min(k, G)``: the cosines ``<n(q_i), n(g_j)>``

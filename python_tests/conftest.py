@@ -138,18 +138,22 @@ def teacher_of(x, w, y, scale=0.5, seed=1):
     return (R.normalize(w.detach()[y.clamp_min(0)]) + scale * R.normalize(noise)).to(x.dtype)
 
 
-def check_gpu_half_precision(fn, backend: str, dtype: torch.dtype, tol: float) -> None:
+def check_gpu_half_precision(fn, backend: str, dtype: torch.dtype, tol: float,
+                             centers_grad: bool = False) -> None:  # fmt: skip
     """``fn(module, x, w, **kw)`` in a 16-bit dtype on the GPU against the fp64 reference: the loss within
-    ``tol`` and the embedding gradient within ``tol`` relative (for the distillation losses)."""
+    ``tol`` and each gradient (the embeddings'; the centers' too with ``centers_grad``) within ``tol`` relative."""
     from mdkernels import reference as R
 
     x, w, y = make(67, 500, 4099, dtype, "cuda")
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double()
-    truth = grads(fn(R, xd, wd, y), xd)
-    fast = grads(fn(mdkernels, x, w.detach(), y, backend=backend), x)
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_(centers_grad)
+    wf = w.detach().requires_grad_(centers_grad)
+    truth = grads(fn(R, xd, wd, y), xd, *([wd] if centers_grad else []))
+    fast = grads(fn(mdkernels, x, wf, y, backend=backend), x, *([wf] if centers_grad else []))
     assert abs(fast[0].item() - truth[0].item()) <= tol * max(1.0, abs(truth[0].item()))
-    rel = ((fast[1].double() - truth[1].double()).norm() / truth[1].double().norm().clamp_min(1e-30)).item()
-    assert rel <= tol
+    for a, b in zip(fast[1:], truth[1:], strict=True):
+        rel = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+        assert rel <= tol
 
 
 def pytest_collection_modifyitems(config, items):
@@ -170,3 +174,20 @@ def _outside_the_tree(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(here)
+
+
+def _global_flags() -> tuple:
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+            torch.get_default_dtype())  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _independent_of_order():
+    """No test depends on the order tests run in: each starts from the same global RNG state, and none may leave
+    a global flag (TF32, deterministic mode, threads, the default dtype) changed for the next."""
+    torch.manual_seed(20261207)
+    before = _global_flags()
+    yield
+    after = _global_flags()
+    assert after == before, f"the test changed a global flag and did not restore it: {before} -> {after}"

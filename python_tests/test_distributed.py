@@ -144,7 +144,10 @@ def _run_cases(rank, world):
     local = torch.where((y >= start) & (y < start + n), y - start, torch.full_like(y, -1))
     keep = mdist.sample_size(n, 0.3, len(y))  # every positive kept without counting them
     kept = mdist._sample_classes(local, n, keep, torch.Generator().manual_seed(1234 + rank)) + start
-    out["sampling"] = (losses, kept)
+    xl, wl = x[sl].clone().requires_grad_(), w[start : start + n].clone().requires_grad_()
+    mdist.sharded_margin_cross_entropy(xl, wl, y[sl], class_start=start, num_classes=C, sample_rate=0.3,
+                                       generator=torch.Generator().manual_seed(1234 + rank)).backward()  # fmt: skip
+    out["sampling"] = (losses, kept, xl.grad, wl.grad, start, n)
     # MarginDistillation and ProxylessKD with frozen sharded teacher centers
     t = teacher_embeddings(x, w, y)
     xl = x[sl].clone().requires_grad_()
@@ -228,6 +231,8 @@ def test_reduction_none_gradients(sharded_run):
 
 
 def test_sampling_is_reproducible_and_exact_on_the_kept_classes(sharded_run):
+    """Partial FC's negative sampling: the loss and both gradients equal the unsharded op over the kept classes;
+    the kept centers train (their gradient is the reference's), the others get a zero gradient."""
     world, results = sharded_run
     x, w, y = global_inputs(world, torch.float64)
     kept = torch.cat([r["sampling"][1] for r in results])
@@ -236,11 +241,20 @@ def test_sampling_is_reproducible_and_exact_on_the_kept_classes(sharded_run):
     assert torch.isin(y[valid], kept).all()  # every positive class is kept
     remap = torch.full((C,), -1, dtype=torch.long)
     remap[kept] = torch.arange(kept.numel())
-    ref = R.margin_cross_entropy(x, w[kept], torch.where(valid, remap[y.clamp_min(0)], y)).item()
-    for r in results:
-        a, b = r["sampling"][0]
+    xr, wk = x.clone().requires_grad_(), w[kept].clone().requires_grad_()
+    ref = R.margin_cross_entropy(xr, wk, torch.where(valid, remap[y.clamp_min(0)], y))
+    gx, gk = torch.autograd.grad(ref, (xr, wk))
+    gw = torch.zeros_like(w)
+    gw[kept] = gk
+    for rank, r in enumerate(results):
+        (a, b), _, dx, dw, start, n = r["sampling"]
         assert a == b  # the same seed gives the same sample
-        assert a == pytest.approx(ref, rel=1e-10)
+        assert a == pytest.approx(ref.item(), rel=1e-10)
+        sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+        torch.testing.assert_close(dx, gx[sl], rtol=1e-9, atol=1e-12)
+        assert dw is not None, "the sampled centers got no gradient"
+        torch.testing.assert_close(dw, gw[start : start + n], rtol=1e-9, atol=1e-12)
+        assert dw[(gw[start : start + n] != 0).any(1)].abs().sum() > 0
 
 
 def test_sharded_distillation(sharded_run):
@@ -288,22 +302,19 @@ def test_bad_arguments_on_one_rank_fail_every_rank(tmp_path):
         assert "backend='cuda' needs CUDA" in r["cuda_error"]
     assert "rank 1: sample_rate must be in (0, 1]" in results[1]["meta_error"]
     assert "rank(s) [1] rejected their arguments" in results[0]["meta_error"]
-    assert max(r["seconds"] for r in results) < 10
 
 
 def test_a_dead_rank_does_not_hang_the_others(tmp_path):
     init_file = tmp_path / "init_crash"
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, 2, str(init_file), str(tmp_path), "crash")) for r in range(2)]
-    t0 = time.time()
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=120)
+        p.join(timeout=120)  # a guard against a hang, not a speed check: gloo's own timeout is 10 s
     assert all(not p.is_alive() for p in procs), "a rank hung"
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert r0.get("error") or r0.get("crash"), r0
-    assert time.time() - t0 < 120
 
 
 def test_shard_range_and_not_initialised():

@@ -28,14 +28,16 @@ def _data(B=12, D=32, C=57, seed=0):
 )
 def test_heads_equal_the_reference(cls, kw, margins):
     x, y = _data()
+    x = x.detach().requires_grad_()
     head = cls(32, 57, backend="torch", **kw).double()
     assert head.weight.shape == (57, 32)
     loss = head(x, y)
     ref = R.margin_cross_entropy(x, head.weight, y, s=64.0, **margins)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
-    (g,) = torch.autograd.grad(loss, head.weight)
-    (gr,) = torch.autograd.grad(ref, head.weight)
-    torch.testing.assert_close(g, gr, rtol=1e-9, atol=1e-12)
+    gx, gw = torch.autograd.grad(loss, (x, head.weight))
+    rx, rw = torch.autograd.grad(ref, (x, head.weight))
+    torch.testing.assert_close(gx, rx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["arcface", "cosface"])

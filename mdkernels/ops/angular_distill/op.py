@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._math import compute_dtype
+from mdkernels.ops._common import probe
 from mdkernels.ops.angular_distill import cuda_backend, torch_backend, triton_backend
 
 IMPLS = {"triton": triton_backend, "cuda": cuda_backend, "torch": torch_backend}
@@ -25,7 +26,8 @@ def angular_distill_forward(
     s: torch.Tensor, t: torch.Tensor, p: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row losses ``(1 - cos)^p`` and the statistics ``(|s|, |t|, cos)``, all ``(R,)``."""
-    return IMPLS[backend].forward(s.contiguous(), t.contiguous(), p)
+    with probe.inside():
+        return IMPLS[backend].forward(s.contiguous(), t.contiguous(), p)
 
 
 @angular_distill_forward.register_fake
@@ -40,8 +42,9 @@ def angular_distill_backward(
     p: float, backend: str,
 ) -> torch.Tensor:  # fmt: skip
     """``d loss / d s`` from the forward's statistics; the teacher gets no gradient."""
-    s, t, g = s.contiguous(), t.contiguous(), g.contiguous().to(ns.dtype)
-    return IMPLS[backend].backward(g, s, t, ns, nt, cos, p)
+    with probe.inside():
+        s, t, g = s.contiguous(), t.contiguous(), g.contiguous().to(ns.dtype)
+        return IMPLS[backend].backward(g, s, t, ns, nt, cos, p)
 
 
 @angular_distill_backward.register_fake

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from mdkernels._math import compute_dtype
+from mdkernels.ops._common import probe
 from mdkernels.ops.cosine_topk import torch_backend, triton_backend
 
 BACKENDS = {"triton": triton_backend, "torch": torch_backend}
@@ -29,7 +30,8 @@ def cosine_topk_op(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend
     """``(values (Q, k), indices (Q, k))`` with ``k <= G`` already (the public function clamps it)."""
     if backend not in BACKENDS:  # mdkernels.search chose and checked it: it is not asked again here
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    return BACKENDS[backend].topk(queries, gallery, k)
+    with probe.inside():
+        return BACKENDS[backend].topk(queries, gallery, k)
 
 
 @cosine_topk_op.register_fake

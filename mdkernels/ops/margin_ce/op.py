@@ -35,6 +35,7 @@ import torch
 
 from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
+from mdkernels.ops._common import probe
 from mdkernels.ops._common.env import no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import NonTarget, curricular_threshold, margin_target_and_slope
@@ -153,8 +154,10 @@ def margin_ce_forward(
     need_dx: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused forward as a torch.library op (see :func:`forward_impl`)."""
-    return forward_impl(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip, cos_clamp,
-                        interclass_filter, subcenters, ignore_index, need_dx, backend, op_dtype)  # fmt: skip
+    with probe.inside():
+        return forward_impl(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip,
+                            cos_clamp, interclass_filter, subcenters, ignore_index, need_dx, backend,
+                            op_dtype)  # fmt: skip
 
 
 @margin_ce_forward.register_fake
@@ -243,9 +246,10 @@ def margin_ce_backward(
     need_dx: bool, need_dw: bool, need_dm2: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused backward as a torch.library op (see :func:`backward_impl`)."""
-    return backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad,
-                         easy_margin, theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index, need_dx,
-                         need_dw, need_dm2, backend, op_dtype)  # fmt: skip
+    with probe.inside():
+        return backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback,
+                             grad, easy_margin, theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index,
+                             need_dx, need_dw, need_dm2, backend, op_dtype)  # fmt: skip
 
 
 @margin_ce_backward.register_fake

@@ -27,6 +27,7 @@ import torch
 
 from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
+from mdkernels.ops._common import probe
 from mdkernels.ops._common.chunked import target_cos
 from mdkernels.ops._common.env import no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
@@ -127,7 +128,9 @@ def margin_kd_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:  # fmt: skip
     """The fused KD forward as a torch.library op (see :func:`forward_impl`)."""
-    return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend, op_dtype)
+    with probe.inside():
+        return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend,
+                            op_dtype)  # fmt: skip
 
 
 @margin_kd_forward.register_fake
@@ -145,8 +148,9 @@ def margin_kd_backward(
     fallback: bool, ignore_index: int, need_dx: bool, need_dw: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused KD backward as a torch.library op (see :func:`backward_impl`)."""
-    return backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s, m1,
-                         m2, m3, fallback, ignore_index, need_dx, need_dw, backend, op_dtype)  # fmt: skip
+    with probe.inside():
+        return backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s,
+                             m1, m2, m3, fallback, ignore_index, need_dx, need_dw, backend, op_dtype)  # fmt: skip
 
 
 @margin_kd_backward.register_fake
