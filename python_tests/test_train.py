@@ -113,6 +113,25 @@ def test_kfold_accuracy_and_tar_on_constructed_pairs():
     assert far[0] == 0 and tar[-1] == 1 and np.all(np.diff(far) >= 0)
 
 
+def test_kfold_picks_each_threshold_on_the_other_folds():
+    """LFW's protocol: fold k's threshold is the best on the nine other folds, never on fold k itself. Each fold
+    here is separable at its own threshold (0.5 + k/40), so a threshold chosen with the test fold in view would
+    fit it perfectly; the protocol's cannot, and it must equal a brute-force best over the other folds."""
+    rng = np.random.default_rng(0)
+    n, folds = 400, 10
+    issame = rng.random(n) < 0.5
+    level = 0.5 + np.repeat(np.arange(folds), n // folds) / 40  # contiguous folds, as insightface's KFold
+    scores = np.where(issame, level + rng.uniform(0.01, 0.3, n), level - rng.uniform(0.01, 0.3, n))
+    acc, _, ths = E.kfold_accuracy(scores, issame, folds)
+    for k, chunk in enumerate(np.array_split(np.arange(n), folds)):
+        train = np.ones(n, dtype=bool)
+        train[chunk] = False
+        cand = np.unique(scores[train])
+        best = cand[int(np.argmax([((scores[train] >= t) == issame[train]).mean() for t in cand]))]
+        assert ths[k] == pytest.approx(best), k
+    assert acc < 1.0  # the folds' own thresholds would have been perfect
+
+
 def test_bin_loader_reads_sets_and_refuses_malicious_pickles(rec_data, tmp_path):
     images, issame = E.load_bin(rec_data["val"], 32)
     assert images.shape == (80, 3, 32, 32) and issame.shape == (40,) and issame.sum() == 20
