@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="mutant names to run (default: all)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per mutant's tests")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "mutants.txt"),
+                   help="where the report goes (with the machine, versions and commit); '' for none")  # fmt: skip
     args = p.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     if args.list:
@@ -207,16 +209,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     package = package_dir()
     print(f"{len(chosen)} mutants of {package}", flush=True)
+    import platform
+
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""  # fmt: skip
+    report = [f"scripts/mutants.py at commit {commit.strip()}: {cpu}, {os.cpu_count()} cores, Python "
+              f"{platform.python_version()}, torch {torch.__version__}", ""]  # fmt: skip
     bad, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for m in chosen:
             outcome, seconds, tail = run_mutant(m, package, Path(tmp), args.timeout)
-            print(f"{outcome:8s} {seconds:6.1f}s  {m.name:22s} {m.what}", flush=True)
-            print("    " + tail.replace("\n", "\n    "), flush=True)  # the test that caught it, or why not
+            lines = [f"{outcome:8s} {seconds:6.1f}s  {m.name:22s} {m.what}", "    " + tail.replace("\n", "\n    ")]
+            print("\n".join(lines), flush=True)  # the test that caught it, or why not
+            report += lines
             if outcome != "killed":
                 bad.append(m.name)
-    print(f"{len(chosen) - len(bad)} of {len(chosen)} killed in {(time.perf_counter() - t0) / 60:.1f} min"
-          + (f"; not killed: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    summary = (f"{len(chosen) - len(bad)} of {len(chosen)} killed in {(time.perf_counter() - t0) / 60:.1f} min"
+               + (f"; not killed: {', '.join(bad)}" if bad else ""))  # fmt: skip
+    print(summary)
+    if args.out and not args.only:
+        Path(args.out).write_text("\n".join(report + ["", summary]) + "\n")
     return 1 if bad else 0
 
 
