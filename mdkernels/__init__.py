@@ -7,6 +7,7 @@ from mdkernels import _floor
 _floor.check(_torch.__version__, _floor.installed_triton())  # older torch or Triton: an ImportError naming the floor
 
 from mdkernels import nn, reference  # noqa: E402
+from mdkernels._validate import check_values  # noqa: E402
 from mdkernels.functional import (  # noqa: E402
     MarginCEStats,
     adadistill_loss,
@@ -29,6 +30,7 @@ __all__ = [
     "MarginCEStats",
     "__version__",
     "adadistill_loss",
+    "check_values",
     "angular_distillation_loss",
     "cosine_topk",
     "cosine_topk_search",

@@ -79,11 +79,12 @@ def margin_ce(embeddings, centers, labels, *, s, m1, m2, m3, fallback, grad, sub
     if isinstance(curricular_t, torch.Tensor):
         t = curricular_t.detach().to(device=embeddings.device, dtype=cd).reshape(())
     elif curricular_t is not None:  # a float: in the compute dtype directly (through fp32 it would lose digits)
-        t = torch.tensor(float(curricular_t), dtype=cd, device=embeddings.device)
+        t = torch.full((), float(curricular_t), dtype=cd, device=embeddings.device)  # a fill: no host-to-device copy
     # 4. the backend
     shape = (B, centers.shape[0] // subcenters, D)
     chosen = backends.resolve("margin_ce", backend, embeddings, shape, subcenters=subcenters,
-                              curricular_t=curricular_t is not None, autocast=bool(op_dtype))  # fmt: skip
+                              curricular_t=curricular_t is not None, autocast=bool(op_dtype),
+                              strided_centers=centers.stride(1) != 1)  # fmt: skip
     need_dx = torch.is_grad_enabled() and embeddings.requires_grad
     return MarginCEPlan(chosen, op_dtype, shape, m2_rows, m3_rows, t, need_dx)
 

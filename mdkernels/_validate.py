@@ -8,7 +8,10 @@ make a training step wait on the GPU: see :func:`value_check`.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -75,53 +78,127 @@ DEFER_ON_CPU = False  # tests: CPU tensors take the GPU's deferred path, so a CP
 
 @dataclass
 class _Pending:
+    seq: int  # the order the checks were made in
     flag: torch.Tensor  # host memory (pinned on a GPU): nonzero when the step's values were bad
-    event: object  # a CUDA event recorded after the copy (None on the CPU: ready at once)
+    event: object  # a CUDA event recorded on the flag's stream after the copy (None on the CPU: ready at once)
     message: str
 
 
 _PENDING: list[_Pending] = []
+_LOCK = threading.Lock()  # DataParallel runs replicas in threads: the list is shared
+_SEQ = [0]
+_FREE_FLAGS: list[torch.Tensor] = []  # pinned one-element buffers whose copies have landed, reused
+_LOCAL = threading.local()  # .ranks: inside a sharded call, where only the ranks' agreed point may raise
+
+
+@contextlib.contextmanager
+def across_ranks():
+    """Within this block (a sharded call) a check raises an earlier flag only through ``raise_pending(upto=...)``
+    at the point every rank agreed on, never at a point one rank reached alone."""
+    before = getattr(_LOCAL, "ranks", False)
+    _LOCAL.ranks = True
+    try:
+        yield
+    finally:
+        _LOCAL.ranks = before
 
 
 def _deferred(t: torch.Tensor) -> bool:
     return t.is_cuda or (DEFER_ON_CPU and t.device.type == "cpu")
 
 
-def raise_pending(wait: bool = False) -> None:
-    """Raise the ValueError of an earlier step's bad values whose flag has reached the host (no waiting).
-    ``wait``: wait for every earlier flag (the sharded head, so that all ranks raise at the same call; the CPU
-    then runs at most one call ahead of the GPU, not a stall of the current step)."""
-    for p in list(_PENDING):
-        if p.event is not None and not (wait or p.event.query()):
-            continue  # the GPU has not got there yet: look again at the next call
-        if p.event is not None and wait:
-            p.event.synchronize()
-        _PENDING.remove(p)
-        if p.flag.numpy().any():  # host memory: no device sync
+def capturing() -> bool:
+    """True while the current CUDA stream is captured into a graph: no event may be queried or waited on then."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _ready(p: _Pending) -> bool:
+    return p.event is None or p.event.query()  # a poll, never a wait
+
+
+def pending_ready_upto() -> int:
+    """The largest sequence number up to which every pending check's flag has reached the host (polled, no wait);
+    the sharded head exchanges it so that every rank raises at the same call."""
+    if capturing():
+        return 0
+    with _LOCK:
+        waiting = [p.seq for p in _PENDING if not _ready(p)]
+        return (min(waiting) - 1) if waiting else _SEQ[0]
+
+
+def raise_pending(upto: int | None = None, wait: bool = False) -> None:
+    """Raise the ValueError of an earlier call's bad values whose flag has reached the host: never waiting, never
+    during CUDA-graph capture (an event query is illegal there; the next eager call looks). ``upto``: only the
+    checks up to that sequence number (all of them ready: see :func:`pending_ready_upto`). ``wait``: wait for
+    every flag first (:func:`check_values`, once, at the end of a run; never per step)."""
+    if capturing() or (upto is None and not wait and getattr(_LOCAL, "ranks", False)):
+        return
+    with _LOCK:
+        done = []
+        for p in list(_PENDING):
+            if upto is not None and p.seq > upto:
+                continue
+            if wait and p.event is not None:
+                p.event.synchronize()
+            elif not _ready(p):
+                continue  # the GPU has not got there yet: look again at the next call
+            _PENDING.remove(p)
+            done.append(p)
+        bad = next((p for p in done if p.flag.numpy().any()), None)  # host memory: no device sync
+        _FREE_FLAGS.extend(p.flag for p in done if p.flag.is_pinned())
+        if bad is not None:
             _PENDING.clear()
-            raise ValueError(p.message + " (a check on the device, reported at the first check after its flag "
-                             "reached the host: it never stalls a step; the call it came from ran with the bad "
-                             "rows ignored)")  # fmt: skip
+    if bad is not None:
+        raise ValueError(bad.message + " (a check on the device, reported at the first check after its flag "
+                         "reached the host: it never stalls a step; the call it came from ran with the bad "
+                         "rows ignored)")  # fmt: skip
+
+
+def check_values() -> None:
+    """Wait for every deferred value check of earlier calls (bad labels, triplet indices, Dmax on a GPU) and raise
+    its ValueError now. The fused ops never wait for these flags in a step; call this at the end of a run (the
+    trainer does), or in a test. At interpreter exit the flags still pending are reported on stderr."""
+    raise_pending(wait=True)
+
+
+def _report_at_exit() -> None:  # the last steps' bad values must not vanish with the process
+    try:
+        check_values()
+    except ValueError as err:
+        import sys
+
+        print(f"mdkernels: {err}", file=sys.stderr)
+    except Exception:  # noqa: BLE001 (the CUDA context may already be gone at exit: nothing to report then)
+        pass
+
+
+atexit.register(_report_at_exit)
 
 
 def value_check(bad_any: torch.Tensor, message: str) -> None:
     """``bad_any``: a one-element bool tensor, True when the values were bad. CPU tensors: raise now. GPU
-    tensors: flag it for :func:`raise_pending` (see above), never waiting."""
+    tensors: flag it for :func:`raise_pending` (see above), never waiting: the flag is copied to pinned host
+    memory on the stream of ``bad_any``'s device, and an event recorded there says when it has landed."""
     raise_pending()
     if not _deferred(bad_any):
         if bool(bad_any):
             raise ValueError(message)
         return
-    if bad_any.is_cuda and torch.cuda.is_current_stream_capturing():
+    if bad_any.is_cuda and capturing():
         return  # a graph replays without this Python: bad values stay harmless, unreported
     if bad_any.is_cuda:
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(bad_any.reshape(()), non_blocking=True)
+        with _LOCK:
+            flag = _FREE_FLAGS.pop() if _FREE_FLAGS else torch.empty((), dtype=torch.bool, pin_memory=True)
+        stream = torch.cuda.current_stream(bad_any.device)
+        with torch.cuda.stream(stream):
+            flag.copy_(bad_any.reshape(()), non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
     else:
         flag, event = bad_any.detach().reshape(()).clone(), None
-    _PENDING.append(_Pending(flag, event, message))
+    with _LOCK:
+        _SEQ[0] += 1
+        _PENDING.append(_Pending(_SEQ[0], flag, event, message))
 
 
 def label_mask(labels: torch.Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> torch.Tensor:

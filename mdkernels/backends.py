@@ -62,6 +62,8 @@ def _measured_winner(op: str, t: torch.Tensor, B: int, C: int, D: int, on: list[
     kop = OPS[op].built_on or op
     if not ROWS or "cuda" not in OPS[kop].backends or any(n in dict(OPS[op].lacks).get("cuda", ()) for n in on):
         return "triton"
+    if "strided_centers" in on:  # a (D, C) parameter's view: the CUDA kernels' loads of W would not coalesce
+        return "triton"
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return choose(kop, _device_name(index), t.dtype, B, C, D, ROWS) or "triton"
 
@@ -78,6 +80,7 @@ def _active(options: dict) -> list[str]:
 
 
 def _refusal(op: str, backend: str, t: torch.Tensor, on: list[str]) -> str | None:
+    on = [n for n in on if n != "strided_centers"]  # a preference of auto's, never a refusal
     """Why ``backend`` cannot run ``op`` with the options ``on`` on tensor ``t``, from the registry and the tensor
     (the CUDA module's own limits are asked separately, once), or None."""
     spec = OPS[op]

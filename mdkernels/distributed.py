@@ -23,13 +23,15 @@ Labels are remapped, and it is reproducible with a ``generator``.
 Any rank whose arguments are bad raises a ``ValueError``, and so does every other rank: before the heavy
 collectives the ranks exchange an error flag and their batch size in one all-reduce of a few integers on the
 host (a gloo group: no GPU work, no device sync; :func:`collective_check`). Label values are checked on the
-device from the gathered batch, so every rank sees the same bad label: the next call raises on every rank (it
-waits for the previous call's flag, so the ranks raise together). A step makes no host sync. A crashed rank
+device from the gathered batch, so every rank sees the same bad label: a later call raises on every rank, the
+first call at which every rank's flag has landed (the ranks agree on it in the same host handshake: no rank waits
+for its GPU). A step makes no host sync. A crashed rank
 makes the others fail after the process group's timeout rather than hang.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,7 +41,9 @@ from torch import nn
 from mdkernels import _validate as V
 from mdkernels import backends
 from mdkernels._math import compute_dtype, margin_rows
+from mdkernels._plan import autocast_operands
 from mdkernels.ops import margin_ce
+from mdkernels.ops._common.env import ieee_fp32_matmul, no_autocast, operand_dtype
 from mdkernels.ops._common.margin import NonTarget, distillation_margins, margin_target_and_slope
 from mdkernels.ops.l2norm import l2_normalize, normalize_backward, row_rnorm
 
@@ -66,13 +70,15 @@ def host_group(group=None):
     return _HOST_GROUPS[key]
 
 
-def collective_check(error: str | None, group=None, batch: int = 0) -> None:
+def collective_check(error: str | None, group=None, batch: int = 0, ready: int = 0) -> int:
     """Raise on every rank when any rank found a problem (instead of leaving the others in a collective), and
-    when the ranks' local batch sizes differ. One all-reduce of ``world + 2`` integers on the host (gloo, see
-    :func:`host_group`): no GPU work and no device sync, cheap enough to run on every call."""
+    when the ranks' local batch sizes differ. One all-reduce of ``world + 3`` integers on the host (gloo, see
+    :func:`host_group`): no GPU work and no device sync, cheap enough to run on every call. ``ready``: this rank's
+    :func:`mdkernels._validate.pending_ready_upto`; returns the smallest over the ranks, the deferred checks every
+    rank has seen land (so that every rank raises a bad label at the same call, without waiting for the GPU)."""
     rank, world = _world(group)
-    notes = torch.zeros(world + 2, dtype=torch.int64)  # an error flag per rank, the largest and smallest batch
-    notes[rank], notes[world], notes[world + 1] = int(error is not None), batch, -batch
+    notes = torch.zeros(world + 3, dtype=torch.int64)  # an error flag per rank, the largest and smallest batch
+    notes[rank], notes[world], notes[world + 1], notes[world + 2] = int(error is not None), batch, -batch, -ready
     dist.all_reduce(notes, op=dist.ReduceOp.MAX, group=host_group(group))
     seen = notes.numpy().tolist()  # a CPU tensor, always: reading it waits for no GPU
     if error is not None:
@@ -83,6 +89,7 @@ def collective_check(error: str | None, group=None, batch: int = 0) -> None:
     if seen[world] != -seen[world + 1]:
         raise ValueError(f"every rank must pass the same local batch size; got sizes from {-seen[world + 1]} to "
                          f"{seen[world]} (this rank {rank}: {batch})")
+    return -seen[world + 2]
 
 
 def shard_range(num_classes: int, rank: int, world: int, sizes: list[int] | None = None) -> tuple[int, int]:
@@ -130,7 +137,14 @@ class _ShardedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local,
-                need_dx):  # fmt: skip
+                need_dx, op_dtype=""):  # fmt: skip
+        with no_autocast(x), ieee_fp32_matmul(x):  # the op's own precision: autocast's 16-bit operands, or fp32
+            return _ShardedMarginCE._forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau,
+                                             backend, group, rows_local, need_dx, op_dtype)  # fmt: skip
+
+    @staticmethod
+    def _forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local,
+                 need_dx, op_dtype):  # fmt: skip
         cd = compute_dtype(x)
         rx, rw = row_rnorm(x, use_cuda=backend == "cuda"), row_rnorm(w, use_cuda=backend == "cuda")
         here = local_target >= 0
@@ -147,7 +161,8 @@ class _ShardedMarginCE(torch.autograd.Function):
         # local non-target logsumexp (and accumulator), then the global ones: max, then sum
         if w.shape[0]:
             nt = NonTarget(tau)
-            lse_local, o_local = margin_ce.BACKENDS[backend].forward(x, w, local_target, rx, rw, s, nt, need_dx)
+            lse_local, o_local = margin_ce.BACKENDS[backend].forward(x, w, local_target, rx, rw, s, nt, need_dx,
+                                                                     op_dtype=operand_dtype(op_dtype))  # fmt: skip
         else:
             lse_local = torch.full_like(cos_t, -math.inf)
             o_local = torch.zeros_like(x, dtype=cd) if need_dx else None
@@ -167,14 +182,19 @@ class _ShardedMarginCE(torch.autograd.Function):
             dist.all_reduce(both, group=group)
             o_bar, w_y = both.split(x.shape[1], dim=1)
         ctx.save_for_backward(x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw, o_bar, w_y)
-        ctx.args = (s, m1, m3, fallback, grad, tau, backend)
+        ctx.args = (s, m1, m3, fallback, grad, tau, backend, op_dtype)
         ctx.group, ctx.rows_local = group, rows_local
         return loss_rows
 
     @staticmethod
     def backward(ctx, grad_rows):
+        with no_autocast(grad_rows), ieee_fp32_matmul(ctx.saved_tensors[0]):
+            return _ShardedMarginCE._backward(ctx, grad_rows)
+
+    @staticmethod
+    def _backward(ctx, grad_rows):
         x, w, local_target, valid, m2, lse, cos_t, raw_t, rx, rw, o_bar, w_y = ctx.saved_tensors
-        s, m1, m3, fallback, grad, tau, backend = ctx.args
+        s, m1, m3, fallback, grad, tau, backend, op_dtype = ctx.args
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.rows_local:  # reduction="none": each rank back-propagates only its own rows; share them
             grad_rows = grad_rows.contiguous().clone()
@@ -189,10 +209,11 @@ class _ShardedMarginCE(torch.autograd.Function):
         if need_dw:
             if w.shape[0]:  # the target term goes to the rows of this shard only (local_target >= 0)
                 dw = margin_ce.BACKENDS[backend].center_grad(x, w, local_target, rx, rw, lse, gr, coef, raw_t, s,
-                                                             NonTarget(tau))  # fmt: skip
+                                                             NonTarget(tau),
+                                                             op_dtype=operand_dtype(op_dtype))  # fmt: skip
             else:
                 dw = torch.zeros_like(w)
-        return dx, dw, *(None,) * 13
+        return dx, dw, *(None,) * 14
 
 
 def sample_size(num_local: int, sample_rate: float, global_batch: int) -> int:
@@ -212,6 +233,20 @@ def _sample_classes(local: torch.Tensor, num_local: int, keep: int, generator):
     return torch.topk(score, keep).indices.sort().values
 
 
+def _across_ranks(fn):
+    """A sharded call: a deferred check raises an earlier call's bad values only at the point the ranks agreed on
+    (:func:`collective_check`'s ``ready``), never where one rank got first
+    (:func:`mdkernels._validate.across_ranks`)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with V.across_ranks():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@_across_ranks
 def sharded_margin_cross_entropy(
     embeddings: torch.Tensor,
     local_centers: torch.Tensor,
@@ -242,7 +277,7 @@ def sharded_margin_cross_entropy(
     (identical on every rank). Other arguments as :func:`mdkernels.margin_cross_entropy`.
     """
     rank, world = _world(group)
-    V.raise_pending(wait=True)  # an earlier call's bad labels: every rank saw the same ones, every rank raises now
+    op_dtype = autocast_operands(embeddings)  # under torch.autocast: the single head's 16-bit operands, here too
     error = None
     try:
         V.check_margin_ce_args(embeddings, local_centers, labels, s=s, m1=m1, m2=m2, grad=grad, reduction=reduction,
@@ -259,10 +294,15 @@ def sharded_margin_cross_entropy(
                              "pass torch.Generator(device=embeddings.device) (no per-step host-to-device copy)")
         # the sharded path is always fused ('reference' means the unsharded oracle); 'cuda' with CPU tensors
         # is an error here, before any collective or launch
-        backend = backends.resolve("margin_ce", "torch" if backend == "reference" else backend, embeddings)
+        backend = backends.resolve("margin_ce", "torch" if backend == "reference" else backend, embeddings,
+                                   autocast=bool(op_dtype))  # fmt: skip
     except (ValueError, TypeError, RuntimeError) as err:
         error = str(err)
-    collective_check(error, group, embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0)
+    ready = collective_check(error, group, embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0,
+                             V.pending_ready_upto())  # fmt: skip
+    # an earlier call's bad labels: every rank flagged the same ones (checked on the gathered batch), and raises
+    # them at this same call, once every rank's flag has landed: no rank waits for its GPU
+    V.raise_pending(upto=ready)
     m2_rows = margin_rows(m2, embeddings)
     x = _GatherRows.apply(embeddings, group, float(embedding_grad_scale))
     y = _gather_plain(labels.long(), group)
@@ -281,13 +321,15 @@ def sharded_margin_cross_entropy(
     tau = None if interclass_filter is None else float(interclass_filter)
     need_dx = torch.is_grad_enabled() and embeddings.requires_grad
     loss_rows = _ShardedMarginCE.apply(x, w, local, valid, m2_all, float(s), float(m1), float(m3), bool(fallback),
-                                       grad, tau, backend, group, reduction == "none", need_dx)  # fmt: skip
+                                       grad, tau, backend, group, reduction == "none", need_dx,
+                                       op_dtype)  # fmt: skip
     if reduction == "none":
         return loss_rows[rank * embeddings.shape[0] : (rank + 1) * embeddings.shape[0]]
     total = loss_rows.sum()
     return total if reduction == "sum" else total / valid.sum().clamp_min(1).to(total.dtype)
 
 
+@_across_ranks
 def sharded_margin_distillation_loss(
     embeddings: torch.Tensor,
     local_teacher_centers: torch.Tensor,

@@ -191,3 +191,16 @@ def _independent_of_order():
     yield
     after = _global_flags()
     assert after == before, f"the test changed a global flag and did not restore it: {before} -> {after}"
+
+
+@pytest.fixture
+def tf32():
+    """``tf32(flag)`` sets ``torch.backends.cuda.matmul.allow_tf32`` for the test and restores it after
+    (monkeypatch cannot: the flag is a property of torch's cuBLAS module, not an attribute it can put back)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+
+    def set_flag(flag: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = flag
+
+    yield set_flag
+    torch.backends.cuda.matmul.allow_tf32 = before

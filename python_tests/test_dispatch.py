@@ -39,10 +39,33 @@ def test_cpu_tensors_never_consult_the_table():
     assert dispatch.gpu_backend("margin_ce", x, 4, 10, 8) == "triton"  # not usable by the CUDA module
 
 
+def _malformed(rows: list[dict]) -> list[str]:
+    """Why each row of a dispatch table is unusable (an op without CUDA kernels, an unknown dtype, a size or a time
+    that is not positive, a missing key)."""
+    keys = {"op", "device", "dtype", "B", "C", "D", "ms_triton", "ms_cuda"}
+    bad = []
+    for row in rows:
+        if set(row) != keys:
+            bad.append(f"{row}: keys {sorted(set(row) ^ keys)}")
+        elif row["op"] not in OPS or "cuda" not in OPS[row["op"]].backends:
+            bad.append(f"{row}: op without CUDA kernels")
+        elif row["dtype"] not in ("float32", "bfloat16", "float16"):
+            bad.append(f"{row}: dtype")
+        elif min(row["B"], row["C"], row["D"]) <= 0 or min(row["ms_triton"], row["ms_cuda"]) <= 0:
+            bad.append(f"{row}: a size or time that is not positive")
+    return bad
+
+
 def test_the_shipped_table_is_well_formed():
-    for row in ROWS:
-        assert "cuda" in OPS[row["op"]].backends and row["dtype"] in ("float32", "bfloat16", "float16")
-        assert min(row["B"], row["C"], row["D"]) > 0 and row["ms_triton"] > 0 and row["ms_cuda"] > 0
+    """The table mdkernels ships (empty until a GPU session measures it: then ``auto`` means Triton on CUDA), and
+    the checker itself: this file's constructed table passes it, malformed rows do not."""
+    assert isinstance(ROWS, list) and _malformed(ROWS) == []
+    assert _malformed(TABLE) == []
+    broken = [dict(TABLE[0], op="triplet_distill"), dict(TABLE[0], dtype="int8"), dict(TABLE[0], ms_cuda=0.0),
+              {k: v for k, v in TABLE[0].items() if k != "D"}]  # fmt: skip
+    assert len(_malformed(broken)) == len(broken)
+    if not ROWS:  # then auto picks Triton on any GPU: nothing can send it to the CUDA kernels
+        assert dispatch.choose("margin_ce", H100, torch.bfloat16, 128, 10_000, 512, ROWS) is None
 
 
 @pytest.mark.gpu
@@ -99,3 +122,27 @@ def test_tune_dispatch_turns_a_benchmark_csv_into_the_table(tmp_path, monkeypatc
         dict(op="margin_ce", device=H100, dtype="bfloat16", B=1024, C=85742, D=512, ms_triton=5.0, ms_cuda=4.0),
     ]
     assert dispatch.choose("margin_ce", H100, torch.bfloat16, 1024, 100_000, 512, table["ROWS"]) == "cuda"
+
+
+def test_auto_never_picks_the_cuda_kernels_for_a_d_by_c_layout(monkeypatch):
+    """The CUDA C++ kernels load W row by row; a pytorch-metric-learning ``(D, C)`` parameter's ``(C, D)`` view has
+    stride C along D, so their loads would not coalesce: ``auto`` keeps Triton for it even where the table says
+    CUDA was faster (an explicit ``backend="cuda"`` still runs it, correctly). The plan tells the rule."""
+    from types import SimpleNamespace
+
+    import mdkernels.dispatch_table as table
+    from mdkernels import _plan
+
+    t = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    monkeypatch.setattr(table, "ROWS", [dict(TABLE[0])])
+    monkeypatch.setattr(dispatch, "_device_name", lambda index: H100)
+    row = TABLE[0]
+    assert dispatch._measured_winner("margin_ce", t, row["B"], row["C"], row["D"], []) == "cuda"
+    assert dispatch._measured_winner("margin_ce", t, row["B"], row["C"], row["D"], ["strided_centers"]) == "triton"
+    seen = {}
+    monkeypatch.setattr(_plan.backends, "resolve", lambda *a, **k: seen.update(k) or "torch")
+    W = torch.randn(8, 50)  # (D, C): the drop-in's parameter
+    mdkernels.margin_cross_entropy(torch.randn(4, 8), W.t(), torch.tensor([0, 1, 2, 3]))
+    assert seen["strided_centers"] is True
+    mdkernels.margin_cross_entropy(torch.randn(4, 8), W.t().contiguous(), torch.tensor([0, 1, 2, 3]))
+    assert seen["strided_centers"] is False

@@ -252,12 +252,12 @@ def test_autocast_choices():
 
 
 # ---- fp32 precision -------------------------------------------------------------------------------------------
-def test_fp32_dots_are_tf32x3_whatever_allow_tf32_says(monkeypatch):
+def test_fp32_dots_are_tf32x3_whatever_allow_tf32_says(tf32):
     if not mdkernels.info()["triton_available"]:
         pytest.skip("needs triton")
     for allow in (False, True):
         if torch.backends.cuda.is_built():  # a CPU build of torch has no such switch to set
-            monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow)
+            tf32(allow)
         assert tiles.triton_flags(torch.float32, on_cuda=True)["PRECISION"] == "tf32x3"
     assert tiles.triton_flags(torch.float64, on_cuda=True)["PRECISION"] == "ieee"
 
@@ -516,12 +516,91 @@ def test_gpu_tensors_on_the_second_gpu(backend):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_is_near_fp32_with_tf32_allowed(monkeypatch):
+def test_gpu_fp32_is_near_fp32_with_tf32_allowed(tf32):
     """tf32x3: the fp32 path keeps about 1e-6 on a cosine even with allow_tf32 set (TF32: 1e-3, 0.06 at s=64)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32(True)
     x, w, y = make(256, 512, 20_011, torch.float32, "cuda")
     truth = run(R.margin_cross_entropy, x.detach().double().requires_grad_(), w.detach().double().requires_grad_(), y)
     fast = run(mdkernels.margin_cross_entropy, x, w, y, backend="triton")
     for name, f, t in zip(("loss", "dx", "dw"), fast, truth, strict=True):
         rel = ((f.double() - t).norm() / t.norm()).item()
         assert rel < 2e-5, f"{name}: {rel:.2e}"
+
+
+@needs_triton
+def test_the_sharded_head_takes_the_single_heads_16_bit_operands_under_autocast(tmp_path):
+    """Under torch.autocast the sharded (Partial FC) head runs the same 16-bit dot operands as the single head,
+    not fp32: on one gloo rank its loss and gradients equal the single fused head's under autocast, and differ
+    from the fp32 ones."""
+    import torch.distributed as dist
+
+    from mdkernels import distributed as mdist
+
+    x, w, y = make(37, 128, 1017, torch.float32, "cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        sharded = mdist.ShardedMarginHead(128, 1017, backend="triton")
+        single = mdkernels.nn.ArcFace(128, 1017, backend="triton")
+        with torch.no_grad():
+            sharded.weight.copy_(w)
+            single.weight.copy_(w)
+
+        def step(head, amp):
+            xa = x.detach().clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = head(xa, y)
+            gx, gw = torch.autograd.grad(loss, (xa, head.weight))
+            return loss.detach(), gx, gw
+
+        for a, b, c, what in zip(step(sharded, True), step(single, True), step(single, False), ("loss", "dx", "dW"),
+                                 strict=True):  # fmt: skip
+            assert a.dtype == torch.float32, what
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, what=what: f"{what}: {m}")
+            assert not torch.allclose(a, c, rtol=1e-5, atol=0), f"{what}: the sharded head ignored autocast"
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- one precision policy, whatever torch's flags say ---------------------------------------------------------------
+_GEMMS = ("aten.mm", "aten.bmm", "aten.addmm", "aten.baddbmm", "aten.matmul", "aten._scaled_mm")
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["margin_ce", "margin_kd", "margin_distillation"])
+def test_the_triton_path_runs_no_torch_gemm(op):
+    """Around the Triton kernels (fp32 dots in tf32x3, 16-bit ones exact to their operands) the torch side works on
+    (B,) vectors with elementwise products and sums, never a GEMM that ``allow_tf32`` would turn into TF32: the
+    probe sees every aten op inside the custom ops."""
+    x, w, y = make(37, 64, 301, torch.float32, "cpu")
+    t = (x.detach() + 0.1).requires_grad_(False)
+    calls = {
+        "margin_ce": lambda: mdkernels.margin_cross_entropy(x, w, y, backend="triton"),
+        "margin_kd": lambda: mdkernels.margin_kd_loss(x, t, w, y, backend="triton"),
+        "margin_distillation": lambda: mdkernels.margin_distillation_loss(x, w.detach(), y, teacher_embeddings=t,
+                                                                          backend="triton"),
+    }  # fmt: skip
+    with probe.watch() as seen:
+        calls[op]().backward()
+    gemms = [c for c in seen.created if c[0].startswith(_GEMMS)]
+    assert seen.created and not gemms, gemms
+
+
+def test_the_torch_paths_gemms_are_full_fp32_whatever_allow_tf32_says(tf32):
+    """The torch backend's chunk GEMMs on a GPU run with TF32 off for their duration (restored after): a fake CUDA
+    fp32 tensor stands in (the context reads the tensor's device and dtype only); CPU and 16-bit tensors leave
+    the flag alone."""
+    from types import SimpleNamespace
+
+    from mdkernels.ops._common.env import ieee_fp32_matmul
+
+    tf32(True)
+    with ieee_fp32_matmul(SimpleNamespace(is_cuda=True, dtype=torch.float32)):
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    for other in (SimpleNamespace(is_cuda=False, dtype=torch.float32), SimpleNamespace(is_cuda=True,
+                                                                                        dtype=torch.bfloat16)):  # fmt: skip
+        with ieee_fp32_matmul(other):
+            assert torch.backends.cuda.matmul.allow_tf32 is True
+    with pytest.raises(RuntimeError), ieee_fp32_matmul(SimpleNamespace(is_cuda=True, dtype=torch.float32)):
+        raise RuntimeError("a failing GEMM")
+    assert torch.backends.cuda.matmul.allow_tf32 is True  # restored on the way out of an error too

@@ -417,8 +417,8 @@ def test_gpu_fp16_zero_rows_keep_other_gradients(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if mdkernels.info()["cuda_extension"] else []))
-def test_gpu_fp16_backward_keeps_tiny_gradient_terms(backend, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_gpu_fp16_backward_keeps_tiny_gradient_terms(backend, tf32):
+    tf32(False)
     check_tiny_gradient_terms(backend, "cuda")
 
 
@@ -457,8 +457,8 @@ def test_large_margin_does_not_overflow_into_nan(backend):
 @pytest.mark.skipif(not mdkernels.info()["cuda_extension"], reason="CUDA module not built in this install")
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cuda_backend_fp32_matches_reference(config, shape, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_cuda_backend_fp32_matches_reference(config, shape, tf32):
+    tf32(False)
     x, w, y = make(*shape, torch.float32, "cuda")
     ref = run(R.margin_cross_entropy, x, w, y, **CONFIGS[config])
     out = run(mdkernels.margin_cross_entropy, x, w, y, backend="cuda", **CONFIGS[config])

@@ -15,6 +15,8 @@ sync: the number of triplets sets the work (the ``gpu`` tests run the same steps
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import pytest
 import torch
@@ -27,40 +29,65 @@ from mdkernels import nn as mnn
 
 _SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "is_nonzero", "equal")
 _READS = ("item", "__bool__", "__float__", "__int__", "tolist")
+# host-made tensors (a host-to-device copy from pageable memory on a GPU), and waits for a stream or an event
+_MADE = ("tensor", "as_tensor", "from_numpy")
+_WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Event, "wait"),
+          (torch.cuda.Stream, "synchronize"), (torch.cuda.Stream, "wait_event"), (torch.cuda.Stream, "wait_stream"))
+_PACKAGE = os.path.dirname(mdkernels.__file__)
+
+
+def _from_a_step(depth: int = 2) -> bool:
+    """The caller is mdkernels code of a training step (not a dataset's item, read in the loader's workers)."""
+    frame = sys._getframe(depth)
+    name = frame.f_code.co_filename
+    return name.startswith(_PACKAGE) and "/data/" not in name and frame.f_code.co_name != "__getitem__"
 
 
 class HostSyncs(TorchDispatchMode):
-    """Counts the calls that would wait for a GPU: Python reads of a tensor's value and syncing aten ops."""
+    """Counts the calls that would make a GPU step wait or copy from pageable host memory: Python reads of a
+    tensor's value (and device-to-host copies), syncing aten ops, tensors made from host data inside mdkernels'
+    step code, and waits for a CUDA stream or event."""
 
-    def __init__(self):
+    def __init__(self, reads_from_step_only: bool = False):
         super().__init__()
         self.calls: list[str] = []
-        self._saved = {}
+        self._saved = []
         self._reading = False
+        # a whole training loop: host-side reads of the loader (its sampler's CPU tensors) are no GPU sync
+        self._step_only = reads_from_step_only
+
+    def _patch(self, owner, name, label, only_from_step=False):
+        original = getattr(owner, name)
+        self._saved.append((owner, name, original))
+
+        def counted(*a, **k):
+            if not only_from_step or _from_a_step():
+                self.calls.append(label)
+            self._reading = True  # the aten read under it is the same sync: count it once
+            try:
+                return original(*a, **k)
+            finally:
+                self._reading = False
+
+        setattr(owner, name, counted)
 
     def __enter__(self):
         for name in _READS:
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def counted(t, *a, _name=name, _original=original, **k):
-                self.calls.append(f"Tensor.{_name}")
-                self._reading = True  # the aten read under it is the same sync: count it once
-                try:
-                    return _original(t, *a, **k)
-                finally:
-                    self._reading = False
-
-            setattr(torch.Tensor, name, counted)
+            self._patch(torch.Tensor, name, f"Tensor.{name}", only_from_step=self._step_only)
+        self._patch(torch.Tensor, "cpu", "Tensor.cpu", only_from_step=True)  # a device-to-host copy in a step
+        for name in _MADE:
+            self._patch(torch, name, f"torch.{name}", only_from_step=True)
+        for owner, name in _WAITS:
+            self._patch(owner, name, f"{owner.__name__}.{name}")
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(word in func.__name__ for word in _SYNCING) and not self._reading:
+        if any(word in func.__name__ for word in _SYNCING) and not self._reading and not self._step_only:
             self.calls.append(f"aten.{func.__name__}")
         return func(*args, **(kwargs or {}))
 
@@ -101,6 +128,20 @@ def test_the_counter_sees_a_sync():
     assert _step(lambda: mdkernels.margin_cross_entropy(x, w, y, backend="torch"))
 
 
+def test_the_counter_sees_host_copies_and_waits():
+    """Positive controls: a tensor made from host data by step code (a pageable host-to-device copy on a GPU), a
+    ``.cpu()`` there, and a wait for a CUDA event, each counted."""
+    step_file = os.path.join(os.path.dirname(mdkernels.__file__), "functional.py")
+    with HostSyncs() as counter:
+        exec(compile("import torch\ntorch.tensor([1.0]); torch.zeros(2).cpu()", step_file, "exec"))  # noqa: S102
+        torch.tensor([2.0])  # from the test itself: not a step's
+    assert counter.calls == ["torch.tensor", "Tensor.cpu"], counter.calls
+    if torch.cuda.is_available():
+        with HostSyncs() as counter:
+            torch.cuda.synchronize()
+        assert counter.calls == ["cuda.synchronize"] or counter.calls[0].endswith("synchronize")
+
+
 LOSSES = {
     "arcface": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, backend=b),
     "cosface+filter": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, m2=0.0, m3=0.35,
@@ -111,6 +152,7 @@ LOSSES = {
                                                                            cos_clamp=1 - 1e-3, backend=b),
     "curricular": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, curricular_t=torch.tensor(0.2),
                                                                       backend=b),
+    "curricular float": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w, y, curricular_t=0.2, backend=b),
     "subcenters": lambda x, w, y, t, b: mdkernels.margin_cross_entropy(x, w[:201], y.clamp(max=66), subcenters=3,
                                                                       backend=b),
     "margin_distillation": lambda x, w, y, t, b: mdkernels.margin_distillation_loss(x, w, y, teacher_embeddings=t,
@@ -224,3 +266,133 @@ def test_sharded_head_makes_no_host_sync(gpu_path, tmp_path):
         md = lambda: mdist.sharded_margin_distillation_loss(x, w.detach(), y, class_start=0, num_classes=C,
                                                             teacher_embeddings=t, backend="torch")  # fmt: skip
         assert _step(md) == []
+
+
+# ---- the deferred checks themselves: capture, streams, threads, the last step --------------------------------------
+class _FakeEvent:
+    """A CUDA event that fails the test if it is polled or waited on while ``capturing`` says a graph records."""
+
+    capturing = False
+    recorded_on: list = []
+
+    def __init__(self):
+        self.ready = False
+
+    def record(self, stream=None):
+        _FakeEvent.recorded_on.append(stream)
+
+    def query(self):
+        assert not _FakeEvent.capturing, "an event was polled during CUDA-graph capture (error 900 on a GPU)"
+        return self.ready
+
+    def synchronize(self):
+        assert not _FakeEvent.capturing, "an event was waited on during CUDA-graph capture"
+        self.ready = True
+
+
+def test_no_event_is_touched_during_capture(gpu_path, monkeypatch):
+    """After eager steps left flags pending, a step captured into a CUDA graph neither polls nor waits on their
+    events (``mdkernels._validate.capturing``), and the next eager call raises the bad label."""
+    events = [_FakeEvent(), _FakeEvent()]
+    _validate._PENDING.extend([_validate._Pending(1, torch.tensor(False), events[0], "old ok"),
+                               _validate._Pending(2, torch.tensor(True), events[1], "labels were bad")])  # fmt: skip
+    monkeypatch.setattr(_validate, "capturing", lambda: _FakeEvent.capturing)
+    _FakeEvent.capturing = True
+    try:
+        x, w, y, _ = _inputs()
+        mdkernels.margin_cross_entropy(x, w, y, backend="torch").backward()  # a "captured" step: no event touched
+        assert _validate.pending_ready_upto() == 0
+    finally:
+        _FakeEvent.capturing = False
+    events[1].ready = events[0].ready = True
+    with pytest.raises(ValueError, match="labels were bad"):
+        mdkernels.margin_cross_entropy(x, w, y, backend="torch")
+
+
+def test_the_flag_is_copied_on_the_stream_of_its_device(monkeypatch):
+    """With tensors on cuda:1 while cuda:0 is current, the copy and its event go to cuda:1's current stream (the
+    current device's stream would not order after the kernels that wrote the flag). Fakes stand in for CUDA."""
+    streams = {}
+
+    class FakeStream:
+        def __init__(self, device):
+            self.device = device
+
+    def current_stream(device=None):
+        return streams.setdefault(str(device), FakeStream(str(device)))
+
+    class FakeFlag:
+        is_cuda, device = True, torch.device("cuda", 1)
+
+        def reshape(self, *shape):
+            return self
+
+    copied_on = []
+
+    class PinnedBuffer:
+        def copy_(self, src, non_blocking=False):
+            copied_on.append((torch.cuda.current_stream_for_test, non_blocking))
+
+        def is_pinned(self):
+            return True
+
+    @contextlib.contextmanager
+    def stream_ctx(s):
+        torch.cuda.current_stream_for_test = s
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream_for_test", None, raising=False)
+    monkeypatch.setattr(_validate, "capturing", lambda: False)
+    monkeypatch.setattr(_validate, "_FREE_FLAGS", [PinnedBuffer()])
+    _FakeEvent.recorded_on = []
+    _validate._PENDING.clear()
+    try:
+        _validate.value_check(FakeFlag(), "labels of cuda:1 were bad")
+        assert copied_on == [(streams["cuda:1"], True)]  # the device's own stream, without blocking
+        assert _FakeEvent.recorded_on == [streams["cuda:1"]]
+        (pending,) = _validate._PENDING
+        assert _validate.pending_ready_upto() == pending.seq - 1  # not landed yet: the ranks would not raise it
+    finally:
+        _validate._PENDING.clear()
+
+
+def test_checks_from_threads_are_all_kept(gpu_path):
+    """DataParallel runs replicas in threads: pending checks from many threads are all recorded and each bad one
+    is raised once (the list is guarded by a lock)."""
+    import threading
+
+    def worker(k):
+        for i in range(50):
+            _validate.value_check(torch.tensor(k == 3 and i == 49), f"bad from thread {k}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with pytest.raises(ValueError, match="bad from thread 3"):
+        mdkernels.check_values()
+    assert _validate._PENDING == []
+
+
+def test_the_last_steps_bad_values_are_reported(gpu_path):
+    """A bad label in the last step still surfaces: ``mdkernels.check_values()`` raises it (the trainer calls it
+    at the end), and a process that exits without calling it prints it on stderr."""
+    x, w, y, _ = _inputs()
+    bad = y.clone()
+    bad[0] = C + 7
+    mdkernels.margin_cross_entropy(x, w, bad, backend="torch")
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 203\)"):
+        mdkernels.check_values()
+    import subprocess
+    import tempfile
+
+    code = ("import torch, mdkernels\nfrom mdkernels import _validate\n_validate.DEFER_ON_CPU = True\n"
+            "x = torch.randn(4, 8); w = torch.randn(5, 8)\n"
+            "mdkernels.margin_cross_entropy(x, w, torch.tensor([0, 1, 9, 2]), backend='torch')\n")  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0 and "mdkernels: labels must be in [0, 5)" in res.stderr, res.stderr[-2000:]

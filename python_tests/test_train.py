@@ -301,18 +301,60 @@ def test_bin_loader_refuses_non_data_opcodes(tmp_path):
         E.load_bin(tmp_path / "build.bin")
 
 
+@pytest.mark.parametrize("method", ["arcface", "margindistill"])
+def test_a_training_step_makes_no_host_sync_outside_logging(rec_data, tmp_path, monkeypatch, method):
+    """The loop on the GPU's path (value checks deferred): host syncs, host-made tensors and waits happen only at
+    the logging steps (every 10th and an epoch's last), at checkpoints and at the end, never in the other steps
+    (the teacher rows come with the batch: no read of the batch's indices)."""
+    from test_sync_free import HostSyncs
+
+    from mdkernels import _validate
+    from mdkernels.train import trainer
+
+    teacher = None
+    if method == "margindistill":
+        teacher = train(small_cfg(rec_data, tmp_path / "t", max_steps=2))["checkpoint"]
+    monkeypatch.setattr(_validate, "DEFER_ON_CPU", True)
+    real, steps = trainer.MethodLoss.forward, {"n": 0}
+    by_step: dict[int, list[str]] = {}
+    with HostSyncs(reads_from_step_only=True) as counter:
+        seen = 0
+
+        def tag():  # the calls since the last forward belong to that step (its backward, update, logging)
+            nonlocal seen
+            for call in counter.calls[seen:]:
+                by_step.setdefault(steps["n"], []).append(call)
+            seen = len(counter.calls)
+
+        def counted(self, *a, **k):
+            tag()
+            steps["n"] += 1
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(trainer.MethodLoss, "forward", counted)
+        res = train(small_cfg(rec_data, tmp_path / method, max_steps=14, epochs=4, method=method, teacher=teacher,
+                              eval_every=0))  # fmt: skip
+        tag()
+    per_epoch = len(rec_data["labels"]) // 16 if "labels" in rec_data else 6  # steps of an epoch at batch 16
+    loud = {s for s in range(1, 15) if s % 10 == 0 or s % per_epoch == 0} | {14}  # logging, checkpoints, the end
+    noisy = {s: calls for s, calls in by_step.items() if s and s not in loud and calls}  # 0: the setup, no step
+    assert res["step"] == 14 and not noisy, noisy
+    assert any(by_step.get(s) for s in loud), "the counter saw not even the logging steps' reads"
+    _validate._PENDING.clear()
+
+
 def test_non_finite_loss_keeps_the_last_good_checkpoint(rec_data, tmp_path, monkeypatch):
     from mdkernels.train import trainer
 
     real, calls = trainer.MethodLoss.forward, {"n": 0}
 
-    def poisoned(self, emb, labels, index):
+    def poisoned(self, emb, labels, teacher_rows=None):
         calls["n"] += 1
-        loss = real(self, emb, labels, index)
+        loss = real(self, emb, labels, teacher_rows)
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(trainer.MethodLoss, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite at step 3"):
+    with pytest.raises(FloatingPointError, match="non-finite at step 3 .*nothing after step 2 was saved"):
         train(small_cfg(rec_data, tmp_path / "nan", save_every=2))
     ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert ckpt["step"] == 2

@@ -62,7 +62,7 @@ def normalize_backward(
         oc = out[r0 : r0 + _ROW_CHUNK]
         norm = torch.linalg.vector_norm(xc, dim=1, keepdim=True)
         inv = norm.clamp_min(eps).reciprocal()
-        dot = torch.bmm(xc.unsqueeze(1), gc.unsqueeze(2)).squeeze(2)  # <x, dy> without an (R, D) temporary
+        dot = (xc * gc).sum(1, keepdim=True)  # <x, dy>: elementwise, never TF32 (a bmm would follow torch's flags)
         proj = torch.where(norm < eps, torch.zeros_like(norm), dot * inv * inv)
         if oc.dtype == cd:  # in place when out aliases dy: each element is read before it is written
             torch.addcmul(gc, xc, proj, value=-1.0, out=oc).mul_(inv)

@@ -135,16 +135,17 @@ class MethodLoss(nn.Module):
             return self.head.weight
         return self.loss.teacher_centers if hasattr(self.loss, "teacher_centers") else self.loss.centers
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor,
+                teacher_rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The loss of a batch. ``teacher_rows``: the batch's cached teacher embeddings ``(B, Dt)``, already on
+        the device (the trainer's loader reads them with the images: :class:`WithTeacherRows`)."""
         emb = emb.float()
         method, cfg = self.method, self.cfg
         t = None
         if self.teacher_emb is not None:
-            idx = index.cpu().numpy()
-            order = np.argsort(idx)
-            rows = np.empty((len(idx), self.teacher_emb.shape[1]), dtype=np.float32)
-            rows[order] = self.teacher_emb[idx[order]]  # read the memmap in file order
-            t = torch.from_numpy(rows).to(emb.device)
+            if teacher_rows is None:
+                raise ValueError(f"--method {method} needs the batch's teacher embeddings (WithTeacherRows)")
+            t = teacher_rows.to(device=emb.device, dtype=torch.float32)
         if method in ("arcface", "cosface", "sphereface", *FAMILY):
             return self.head(emb, labels)
         if method == "margindistill":
@@ -162,6 +163,36 @@ class MethodLoss(nn.Module):
             extra = mdkernels.triplet_distillation_loss(student, t, labels=labels, mining=cfg.mining,
                                                         distance=cfg.distance, backend=cfg.backend)  # fmt: skip
         return self.head(emb, labels) + cfg.distill_weight * extra
+
+
+class WithTeacherRows(torch.utils.data.Dataset):
+    """The training set, each item with its cached teacher embedding: ``(image, label, index, teacher row)``. The
+    row is read from the cache's memmap in the DataLoader's workers (the file opened once per process, never
+    pickled), so it is pinned with the batch and reaches the GPU in a non-blocking copy: no host read of the
+    batch's indices on the training step's path."""
+
+    def __init__(self, dataset, path: str) -> None:
+        self.dataset, self.path, self._emb = dataset, str(path), None
+
+    def __getattr__(self, name):  # set_epoch, labels, num_classes ... of the wrapped dataset
+        if name in ("dataset", "path", "_emb"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        img, label, index = self.dataset[i]
+        if self._emb is None:
+            self._emb = np.load(self.path, mmap_mode="r")
+        return img, label, index, torch.from_numpy(np.array(self._emb[index], dtype=np.float32))
+
+    def __getstate__(self):
+        return {"dataset": self.dataset, "path": self.path, "_emb": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
 
 @torch.no_grad()

@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import mdkernels
 from mdkernels.data import datasets as D
 from mdkernels.eval import verification as E
 from mdkernels.models.backbones import build_backbone
 from mdkernels.models.checkpoint import load_checkpoint, previous_path, save_checkpoint
 from mdkernels.progress import Progress
 from mdkernels.train.config import DISTILL, METHODS, OPTIMIZERS, TrainConfig
-from mdkernels.train.methods import MethodLoss, batch_accuracy, teacher_data
+from mdkernels.train.methods import MethodLoss, WithTeacherRows, batch_accuracy, teacher_data
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
         teacher = teacher_data(str(teacher_path), cfg.data, teacher_path.parent / "teacher_cache", device)
     if teacher is not None:
         teacher["centers"] = teacher["centers"].to(device)
+        dataset = WithTeacherRows(dataset, teacher["path"])  # each batch brings its teacher rows
     # the model's initial weights from the seed alone: a teacher pass (or its cache) above must not move them
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.backbone, width=cfg.width, embedding_size=cfg.embedding_size,
@@ -233,9 +235,28 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
 
     last_saved: list = [None]  # the (step, epoch, batch) last written: the same state is not written twice
 
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # the first step whose loss was not finite
+
+    def stop_if_not_finite() -> None:
+        """Raise when a step since the last look had a non-finite loss (one read of a device flag, on every rank;
+        called at logging steps and before each checkpoint, never per step)."""
+        flag = first_bad.clone()
+        if world > 1:  # every rank stops together, naming the first bad step any rank saw
+            flag = torch.where(flag.eq(0), torch.iinfo(torch.int64).max, flag)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            flag = torch.where(flag.eq(torch.iinfo(torch.int64).max), 0, flag)
+        bad_step = int(flag)
+        if bad_step:
+            raise FloatingPointError(
+                f"loss became non-finite at step {bad_step} (seen at step {step}); nothing after step "
+                f"{bad_step - 1} was saved: the last checkpoint {ckpt_path} is kept as it was (lower --lr, check "
+                "the data)"
+            )
+
     def checkpoint() -> None:
         if last_saved[0] == (step, epoch, batch_in_epoch):
             return  # every rank returns alike: no collective is skipped on one rank only
+        stop_if_not_finite()  # never a checkpoint of weights after a non-finite step
         last_saved[0] = (step, epoch, batch_in_epoch)
         centers = loss_fn.centers().detach()
         if sharded and hasattr(loss_fn, "head"):
@@ -270,24 +291,22 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
             generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch),  # not the global RNG: exact resume
         )
         t0, seen = time.perf_counter(), 0
-        for imgs, labels, index in loader:
+        for batch in loader:
             if cfg.max_steps and step >= cfg.max_steps:
                 done = True
                 break
-            imgs, labels, index = imgs.to(device), labels.to(device), index.to(device)
+            # pinned batches (the loader's pin_memory on a GPU), copied without blocking; the teacher rows, when
+            # the method has them, come with the batch (WithTeacherRows): the step reads nothing back
+            imgs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            teacher_rows = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
             # the head inside autocast too: the fused ops then run 16-bit GEMM operands on the fp32 centers
             # (cast in registers, fp32 accumulation, fp32 gradients), as insightface's PartialFC_V2 under amp
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 emb = model(imgs)
-                loss = loss_fn(emb, labels, index)
-            bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=device)
-            if world > 1:
-                dist.all_reduce(bad)  # every rank stops together
-            if bad.item():
-                raise FloatingPointError(
-                    f"loss became non-finite at step {step + 1} (value {loss.item()} on rank {rank}); weights left "
-                    f"unchanged and the last checkpoint {ckpt_path} kept as it was (lower --lr, check the data)"
-                )
+                loss = loss_fn(emb, labels, teacher_rows)
+            # a non-finite loss is noted on the device (the first such step), read at the next logging step or
+            # checkpoint: no host sync per step; nothing after it is ever saved
+            first_bad = torch.where(first_bad.eq(0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # loss parameters are replicated, not in DDP: average them (a sharded head is exact)
@@ -300,6 +319,8 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
             step += 1
             batch_in_epoch += 1
             seen += imgs.shape[0] * world
+            if step % 10 == 0 or batch_in_epoch == steps_per_epoch:
+                stop_if_not_finite()  # every rank at the same steps: the flag's all-reduce is a collective
             if rank == 0 and (step % 10 == 0 or batch_in_epoch == steps_per_epoch):
                 acc = (
                     batch_accuracy(loss_fn.monitored(emb.detach()), loss_fn.centers().detach(), labels,
@@ -331,6 +352,7 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
         checkpoint()
     if bar is not None:
         bar.close()
+    mdkernels.check_values()  # the last steps' deferred checks (a bad label on a GPU): reported, not lost
     if val is not None and rank == 0 and (not metrics or done):
         metrics = _eval(backbone, val, device)
     return {"checkpoint": str(ckpt_path), "metrics": metrics, "log": str(out / "log.csv"), "step": step,

@@ -3,6 +3,7 @@ GPU's SMs and compute capability, and the options every Triton launch passes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -74,6 +75,21 @@ _OPERANDS = {"": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # 
 def operand_dtype(name: str) -> torch.dtype | None:
     """The custom ops carry the dots' operand dtype as a string ("" = the inputs' own)."""
     return _OPERANDS[name]
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul(t: torch.Tensor):
+    """The torch-side fp32 GEMMs of a fused call (the ``torch`` backend's chunks) in full fp32 on a GPU, whatever
+    ``torch.backends.cuda.matmul.allow_tf32`` says: one precision policy for the fused paths (docs/design.md,
+    "Precision"; Triton's fp32 dots are tf32x3). Restored on the way out."""
+    if not (t.is_cuda and t.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32):
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def no_autocast(t: torch.Tensor):

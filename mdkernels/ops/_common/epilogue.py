@@ -18,7 +18,7 @@ def merge_splits(m: torch.Tensor, l: torch.Tensor, o: torch.Tensor | None, s: fl
     lse_nt = m_max + torch.log(total)
     if o is None:
         return lse_nt, None
-    o = torch.einsum("sbd,sb->bd", o, scale)
+    o = (o * scale[:, :, None]).sum(0)  # elementwise, not a GEMM: no TF32 whatever torch's flags say
     return lse_nt, o * torch.where(total > 0, s / total, torch.zeros_like(total))[:, None]
 
 

@@ -19,6 +19,7 @@ import torch
 
 from mdkernels._math import compute_dtype
 from mdkernels.ops._common import probe
+from mdkernels.ops._common.env import ieee_fp32_matmul
 from mdkernels.ops.cosine_topk import torch_backend, triton_backend
 
 BACKENDS = {"triton": triton_backend, "torch": torch_backend}
@@ -30,7 +31,7 @@ def cosine_topk_op(queries: torch.Tensor, gallery: torch.Tensor, k: int, backend
     """``(values (Q, k), indices (Q, k))`` with ``k <= G`` already (the public function clamps it)."""
     if backend not in BACKENDS:  # mdkernels.search chose and checked it: it is not asked again here
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    with probe.inside():
+    with probe.inside(), ieee_fp32_matmul(queries):
         return BACKENDS[backend].topk(queries, gallery, k)
 
 

@@ -36,7 +36,7 @@ import torch
 from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
 from mdkernels.ops._common import probe
-from mdkernels.ops._common.env import no_autocast, operand_dtype
+from mdkernels.ops._common.env import ieee_fp32_matmul, no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import NonTarget, curricular_threshold, margin_target_and_slope
 from mdkernels.ops.l2norm import row_rnorm
@@ -51,7 +51,9 @@ def target_cosine(x, w, labels_k, rx, rw, K):
     safe = labels_k.clamp_min(0)
     cd = rx.dtype
     rows = safe[:, None] * K + torch.arange(K, device=x.device)  # (B, K) weight rows of each target class
-    dots = torch.bmm(w[rows].to(cd), x.to(cd)[:, :, None]).squeeze(2) * rw[rows] * rx[:, None]
+    # an elementwise product and a sum, not a batched GEMM: fp32 here never goes through TF32 (docs/design.md,
+    # "Precision"), whatever torch's flags say
+    dots = (w[rows].to(cd) * x.to(cd)[:, None, :]).sum(2) * rw[rows] * rx[:, None]
     raw_t, kt = dots.max(1)
     valid = labels_k >= 0
     return torch.where(valid, raw_t, torch.zeros_like(raw_t)), torch.where(valid, kt, torch.zeros_like(kt))
@@ -154,7 +156,7 @@ def margin_ce_forward(
     need_dx: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused forward as a torch.library op (see :func:`forward_impl`)."""
-    with probe.inside():
+    with probe.inside(), ieee_fp32_matmul(x):
         return forward_impl(x, w, labels, m2, m3, curricular_t, s, m1, fallback, grad, easy_margin, theta_clip,
                             cos_clamp, interclass_filter, subcenters, ignore_index, need_dx, backend,
                             op_dtype)  # fmt: skip
@@ -246,7 +248,7 @@ def margin_ce_backward(
     need_dx: bool, need_dw: bool, need_dm2: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused backward as a torch.library op (see :func:`backward_impl`)."""
-    with probe.inside():
+    with probe.inside(), ieee_fp32_matmul(x):
         return backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback,
                              grad, easy_margin, theta_clip, cos_clamp, interclass_filter, subcenters, ignore_index,
                              need_dx, need_dw, need_dm2, backend, op_dtype)  # fmt: skip

@@ -29,7 +29,7 @@ from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
 from mdkernels.ops._common import probe
 from mdkernels.ops._common.chunked import target_cos
-from mdkernels.ops._common.env import no_autocast, operand_dtype
+from mdkernels.ops._common.env import ieee_fp32_matmul, no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import margin_target_and_slope
 from mdkernels.ops.l2norm import row_rnorm
@@ -128,7 +128,7 @@ def margin_kd_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:  # fmt: skip
     """The fused KD forward as a torch.library op (see :func:`forward_impl`)."""
-    with probe.inside():
+    with probe.inside(), ieee_fp32_matmul(xs):
         return forward_impl(xs, xt, w, labels, T, alpha, s, m1, m2, m3, fallback, ignore_index, need_dx, backend,
                             op_dtype)  # fmt: skip
 
@@ -148,7 +148,7 @@ def margin_kd_backward(
     fallback: bool, ignore_index: int, need_dx: bool, need_dw: bool, backend: str, op_dtype: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The fused KD backward as a torch.library op (see :func:`backward_impl`)."""
-    with probe.inside():
+    with probe.inside(), ieee_fp32_matmul(xs):
         return backward_impl(grad_rows, xs, xt, w, labels, lse_s, lse_sT, lse_tT, rxs, rxt, rw, o_bar, T, alpha, s,
                              m1, m2, m3, fallback, ignore_index, need_dx, need_dw, backend, op_dtype)  # fmt: skip
 

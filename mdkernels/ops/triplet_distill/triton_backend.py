@@ -111,7 +111,8 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
     dt32 = dt.to(acc)[perm][:, perm].contiguous()
     flags = dict(tile_config(), ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32)
     bp, bn = flags["BLOCK_P"], flags["BLOCK_N"]
-    params = torch.tensor([0.0, m_min, m_max], dtype=acc, device=ds.device)
+    params = torch.full((3,), float(m_min), dtype=acc, device=ds.device)  # a fill on the device, no host copy
+    params[0], params[2] = 0.0, float(m_max)
     gmax = torch.zeros(B, B, dtype=acc, device=ds.device)  # only (anchor, positive) entries are written
     gcnt = torch.zeros_like(gmax)
     grid_p = (B, max(1, triton.cdiv(largest, bp)))  # tiles of the largest class's positives
