@@ -332,9 +332,11 @@ def check_triplets(triplets: torch.Tensor, batch: int, deferred: bool = False) -
 
 
 def check_subcenters(subcenters, centers: torch.Tensor, name: str = "centers") -> None:
-    """K sub-centers per class: an int >= 1 that divides the centers' rows (layout ``c*K + k``)."""
-    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or subcenters < 1:
-        raise ValueError(f"subcenters must be an int >= 1 (K sub-centers per class), got {subcenters!r}")
+    """K sub-centers per class: an int in [1, 16] that divides the centers' rows (layout ``c*K + k``). 16 is the
+    kernels' limit (each compiles once per next_pow2(K), and the compile check covers up to 16); Sub-center ArcFace
+    uses K = 3 (the reference functions take any K)."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int) or not 1 <= subcenters <= 16:
+        raise ValueError(f"subcenters must be an int in [1, 16] (K sub-centers per class), got {subcenters!r}")
     if centers.shape[0] % subcenters:
         raise ValueError(
             f"subcenters={subcenters} must divide the rows of {name} ({centers.shape[0]}): the layout is (C*K, D), "

@@ -80,9 +80,9 @@ def _active(options: dict) -> list[str]:
 
 
 def _refusal(op: str, backend: str, t: torch.Tensor, on: list[str]) -> str | None:
-    on = [n for n in on if n != "strided_centers"]  # a preference of auto's, never a refusal
     """Why ``backend`` cannot run ``op`` with the options ``on`` on tensor ``t``, from the registry and the tensor
     (the CUDA module's own limits are asked separately, once), or None."""
+    on = [n for n in on if n != "strided_centers"]  # a preference of auto's, never a refusal
     spec = OPS[op]
     lacking = [name for name in on if name in dict(spec.lacks).get(backend, ())]
     if lacking:

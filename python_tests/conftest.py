@@ -5,6 +5,7 @@ TRITON_INTERPRET must be set before any Triton kernel is decorated, i.e. before 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -138,13 +139,14 @@ def teacher_of(x, w, y, scale=0.5, seed=1):
     return (R.normalize(w.detach()[y.clamp_min(0)]) + scale * R.normalize(noise)).to(x.dtype)
 
 
-def check_gpu_half_precision(fn, backend: str, dtype: torch.dtype, tol: float,
-                             centers_grad: bool = False) -> None:  # fmt: skip
-    """``fn(module, x, w, **kw)`` in a 16-bit dtype on the GPU against the fp64 reference: the loss within
-    ``tol`` and each gradient (the embeddings'; the centers' too with ``centers_grad``) within ``tol`` relative."""
+def check_gpu_half_precision(fn, backend: str, dtype: torch.dtype, tol: float, centers_grad: bool = False,
+                             device: str = "cuda") -> None:  # fmt: skip
+    """``fn(module, x, w, **kw)`` in a 16-bit dtype on the GPU (the ``gpu`` fixture's device) against the fp64
+    reference: the loss within ``tol`` and each gradient (the embeddings'; the centers' too with ``centers_grad``)
+    within ``tol`` relative."""
     from mdkernels import reference as R
 
-    x, w, y = make(67, 500, 4099, dtype, "cuda")
+    x, w, y = make(67, 500, gpu_classes(4099), dtype, device)
     xd = x.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_(centers_grad)
     wf = w.detach().requires_grad_(centers_grad)
@@ -156,13 +158,62 @@ def check_gpu_half_precision(fn, backend: str, dtype: torch.dtype, tol: float,
         assert rel <= tol
 
 
+# ---- GPU tests, and the simulated GPU that runs them on the CPU -------------------------------------------------
+# ``gpu``: the tests bench/gpu_check.sh runs on a lent GPU (-m gpu). On the CPU each runs on a simulated H100
+# (the ``gpu`` fixture), unless it is also marked ``needs_cuda``: its assertion needs CUDA itself (graph replay,
+# events, sync debug mode, a second GPU), and a CPU-side test of its logic stands beside it. A gpu test that
+# takes neither road is a collection error (UNROUTED, checked by test_gpu_readiness.py).
+SIMULATED = os.environ.get("MDK_SIMULATE_GPU", "") != ""  # bench/gpu_check.sh --dry-run: the whole process
+UNROUTED: list[str] = []
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    needs_cuda = pytest.mark.skip(reason="needs a CUDA device (a CPU-side test checks its logic)")
+    only_simulated = pytest.mark.skip(reason="on the CPU, GPU tests run on the simulated H100 of the dry run: "
+                                             "MDK_SIMULATE_GPU=h100 pytest -m gpu (docs/testing.md)")  # fmt: skip
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" not in item.keywords:
+            continue
+        if "needs_cuda" not in item.keywords and "gpu" not in getattr(item, "fixturenames", ()):
+            UNROUTED.append(item.nodeid)
+        if HAS_CUDA:
+            continue
+        if "needs_cuda" in item.keywords:
+            item.add_marker(needs_cuda)
+        elif not SIMULATED:
+            item.add_marker(only_simulated)
+
+
+@pytest.fixture
+def gpu():
+    """The device of a ``gpu`` test: "cuda" on a GPU; on the CPU "cpu", under a simulated H100
+    (:func:`mdkernels.ops._common.env.simulate_gpu`: its 132 SMs size the split-C grids, its sm_90 tiles run in the
+    Triton interpreter, the CUDA emulator gets its 227 KiB of shared memory and runs ``backend="cuda"``)."""
+    if HAS_CUDA:
+        yield "cuda"
+        return
+    from mdkernels import _cuda_ext
+    from mdkernels.ops._common.env import simulate_gpu
+
+    if not TRITON_RUNS:
+        pytest.skip("needs Triton (the interpreter) to simulate a GPU")
+    with simulate_gpu("h100"), (_cuda_ext.emulated() if _cuda_ext.emu is not None else contextlib.nullcontext()):
+        yield "cpu"
+
+
+def gpu_classes(C: int) -> int:
+    """A GPU test's class count: ``C`` on a GPU; on the simulated one at most 301 (the interpreter runs each program
+    in Python, a minute per call at 4,099 classes). The paths stay the GPU's: with 132 SMs every class tile is its
+    own split-C program at either size, and D and B, which pick the tiles, are unchanged."""
+    return C if HAS_CUDA else min(C, 301)
+
+
+def gpu_backends(*names: str) -> list[str]:
+    """``names`` with "cuda" kept only where the CUDA module (on a GPU) or its emulator (on the CPU) is built."""
+    from mdkernels import _cuda_ext
+
+    have_cuda = _cuda_ext.built() if HAS_CUDA else _cuda_ext.emu is not None
+    return [n for n in names if n != "cuda" or have_cuda]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -64,26 +64,26 @@ def test_angular_module_adapters_and_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-def test_gpu_half_precision(backend, dtype, tol):
+def test_gpu_half_precision(backend, dtype, tol, gpu):
     """Angular distillation in bf16/fp16 on the GPU against the fp64 reference."""
     check_gpu_half_precision(
         lambda m, x, w, y, **kw: m.angular_distillation_loss(x, teacher_of(x, w, y).to(x.dtype), **kw),
         backend,
         dtype,
-        tol,
-    )
+        tol, device=gpu)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not mdkernels.info()["cuda_extension"], reason="CUDA module not built in this install")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,per", [((67, 500), "sample"), ((3, 64, 7, 9), "sample"), ((3, 64, 7, 9), "position")])
-def test_cuda_angular_kernels_against_truth(dtype, shape, per):
-    from conftest import assert_close_to_truth
+def test_cuda_angular_kernels_against_truth(dtype, shape, per, gpu):
+    from conftest import assert_close_to_truth, gpu_backends
 
+    if not gpu_backends("cuda"):
+        pytest.skip("CUDA module (or, on the CPU, its emulator) not built in this install")
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(*shape, generator=g).to("cuda", dtype).requires_grad_()
-    t = torch.randn(*shape, generator=g).to("cuda", dtype)
+    s = torch.randn(*shape, generator=g).to(gpu, dtype).requires_grad_()
+    t = torch.randn(*shape, generator=g).to(gpu, dtype)
     sd = s.detach().double().requires_grad_()
     truth = grads(R.angular_distillation_loss(sd, t.double(), per=per), sd)
     plain = grads(R.angular_distillation_loss(s, t, per=per), s)

@@ -17,7 +17,7 @@ import torch
 import mdkernels
 from mdkernels import nn as mnn
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.needs_cuda]  # graph capture and replay: CUDA itself
 
 B, D, C = 64, 128, 4099
 

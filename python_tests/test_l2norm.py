@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HAS_CUDA, assert_close_to_truth
+from conftest import HAS_CUDA, assert_close_to_truth, gpu_backends
 
 import mdkernels
 from mdkernels import _cuda_ext
@@ -53,10 +53,12 @@ def test_opcheck_and_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _cuda_ext.built(), reason="CUDA module not built in this install")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_kernel_against_truth(dtype):
-    x = torch.randn(1017, 500, device="cuda", dtype=dtype, requires_grad=True)
+def test_cuda_kernel_against_truth(dtype, gpu):
+    if not gpu_backends("cuda"):
+        pytest.skip("CUDA module (or, on the CPU, its emulator) not built in this install")
+    assert _cuda_ext.usable(torch.empty(1, device=gpu, dtype=dtype)), "the CUDA kernel is what runs here"
+    x = torch.randn(1017, 500, device=gpu, dtype=dtype, requires_grad=True)
     dy = torch.randn_like(x)
     y = mdkernels.l2_normalize(x)
     (gx,) = torch.autograd.grad(y, x, dy)

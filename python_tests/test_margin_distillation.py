@@ -54,7 +54,7 @@ def test_margin_distillation_module_and_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-def test_gpu_half_precision(backend, dtype, tol):
+def test_gpu_half_precision(backend, dtype, tol, gpu):
     """MarginDistillation in bf16/fp16 on the GPU against the fp64 reference."""
     check_gpu_half_precision(
         lambda m, x, w, y, **kw: m.margin_distillation_loss(
@@ -62,5 +62,4 @@ def test_gpu_half_precision(backend, dtype, tol):
         ),
         backend,
         dtype,
-        tol,
-    )
+        tol, device=gpu)

@@ -94,12 +94,11 @@ def test_margin_kd_bad_input_opcheck_and_compile():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-def test_gpu_half_precision(backend, dtype, tol):
+def test_gpu_half_precision(backend, dtype, tol, gpu):
     """Margin KD in bf16/fp16 on the GPU against the fp64 reference."""
     check_gpu_half_precision(
         lambda m, x, w, y, **kw: m.margin_kd_loss(x, teacher_of(x.detach(), w.detach(), y).to(x.dtype), w, y, **kw),
-        backend, dtype, tol, centers_grad=True,
-    )  # fmt: skip
+        backend, dtype, tol, centers_grad=True, device=gpu)  # fmt: skip
 
 
 def test_cuda_backend_has_no_kernel_an_error_not_a_fallback():

@@ -34,6 +34,7 @@ def test_proxyless_module_projection_and_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-def test_gpu_half_precision(backend, dtype, tol):
+def test_gpu_half_precision(backend, dtype, tol, gpu):
     """ProxylessKD in bf16/fp16 on the GPU against the fp64 reference."""
-    check_gpu_half_precision(lambda m, x, w, y, **kw: m.proxyless_kd_loss(x, w, y, **kw), backend, dtype, tol)
+    check_gpu_half_precision(lambda m, x, w, y, **kw: m.proxyless_kd_loss(x, w, y, **kw), backend, dtype, tol,
+                             device=gpu)

@@ -94,14 +94,13 @@ def test_triplet_all_allocates_no_cube(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-def test_gpu_half_precision(backend, dtype, tol):
+def test_gpu_half_precision(backend, dtype, tol, gpu):
     """Triplet distillation in bf16/fp16 on the GPU against the fp64 reference."""
     check_gpu_half_precision(
         lambda m, x, w, y, **kw: m.triplet_distillation_loss(x, teacher_of(x, w, y).to(x.dtype), labels=y % 13, **kw),
         backend,
         dtype,
-        tol,
-    )
+        tol, device=gpu)
 
 
 def test_cuda_backend_has_no_kernel_an_error_not_a_fallback():

@@ -216,8 +216,8 @@ class SubCenterArcFace(_MarginHead):
 
     def __init__(self, embedding_size: int, num_classes: int, K: int = 3, s: float = 64.0, m: float = 0.5,
                  fallback: bool = True, *, ignore_index: int = -1, backend: str = "auto") -> None:  # fmt: skip
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise ValueError(f"K (sub-centers per class) must be an int >= 1, got {K!r}")
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= 16:
+            raise ValueError(f"K (sub-centers per class) must be an int in [1, 16], got {K!r}")
         super().__init__(embedding_size, num_classes, K, s, backend, ignore_index)
         _check_range("m", m, 0.0, math.pi / 2, "the margin, radians")
         self.K, self.m, self.fallback = K, float(m), bool(fallback)

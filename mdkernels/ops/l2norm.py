@@ -46,8 +46,7 @@ def normalize_backward(
         out = torch.empty_like(x)
     if (
         use_cuda
-        and _cuda_ext.usable(x, out)
-        and dy.is_cuda
+        and _cuda_ext.usable(x, out, dy)
         and dy.dtype in (torch.float32, x.dtype)
         and (x.stride(1) == 1 and dy.stride(1) == 1 and out.stride(1) == 1)
     ):

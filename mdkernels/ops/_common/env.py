@@ -4,6 +4,7 @@ GPU's SMs and compute capability, and the options every Triton launch passes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -18,8 +19,10 @@ except ImportError:  # CPU-only installs may not have Triton
 
 # Every Triton launch passes these. Fused multiply-add contraction on: fewer roundings, the numerics every
 # Triton up to 3.9 defaulted to (3.10 turns it off by default) and that nvcc's --fmad=true gives the CUDA
-# kernels. Set explicitly so that a Triton upgrade does not change mdkernels' results.
-LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+# kernels. Set explicitly so that a Triton upgrade does not change mdkernels' results. maxnreg 255: ptxas may
+# otherwise cap an 8-warp kernel at 128 registers (two blocks per SM) and spill; the compile check holds every
+# kernel to no spill at this setting.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True, "maxnreg": 255}
 
 NEG_BIG = -1e30  # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) free of NaN
 
@@ -50,17 +53,87 @@ def ptr(dtype: torch.dtype) -> str:
     return _PTR[dtype]
 
 
+@dataclasses.dataclass(frozen=True)
+class SimulatedGPU:
+    """What the launchers read of a GPU, for running their GPU choices on the CPU (:func:`simulate_gpu`)."""
+
+    name: str
+    sms: int
+    capability: int  # 10 * major + minor
+    smem_optin: int  # bytes of opt-in shared memory per block
+
+
+# The GPUs the CPU suite can stand in for (nvidia.com data sheets: SMs, compute capability, opt-in shared memory)
+SIMULATED_GPUS = {
+    "h100": SimulatedGPU("NVIDIA H100 80GB HBM3 (simulated)", 132, 90, 227 * 1024),
+    "a100": SimulatedGPU("NVIDIA A100-SXM4-80GB (simulated)", 108, 80, 163 * 1024),
+    "l4": SimulatedGPU("NVIDIA L4 (simulated)", 58, 89, 99 * 1024),
+}
+_SIMULATED: list[SimulatedGPU] = []
+
+
+def _from_environment() -> SimulatedGPU | None:
+    name = os.environ.get("MDK_SIMULATE_GPU", "").strip().lower()
+    if not name:
+        return None
+    if name not in SIMULATED_GPUS:
+        raise ValueError(f"MDK_SIMULATE_GPU={name!r}: one of {sorted(SIMULATED_GPUS)}, or unset")
+    return SIMULATED_GPUS[name]
+
+
+def simulated() -> SimulatedGPU | None:
+    """The GPU that CPU tensors stand in for (:func:`simulate_gpu`, or ``MDK_SIMULATE_GPU``), else None."""
+    return _SIMULATED[-1] if _SIMULATED else _from_environment()
+
+
+@contextlib.contextmanager
+def simulate_gpu(gpu: str | SimulatedGPU = "h100"):
+    """CPU tensors take a GPU's launch decisions: its SM count sizes the split-C grids, its compute capability
+    picks the Triton tiles (the GPU's own tiles, run by the interpreter) and the CUDA emulator's device 0 gets its
+    opt-in shared memory. The numerics stay the interpreter's (16-bit operands rounded exactly, IEEE fp32 dots).
+    ``MDK_SIMULATE_GPU=h100`` does the same for a whole process (``bench/gpu_check.sh --dry-run``)."""
+    spec = SIMULATED_GPUS[gpu] if isinstance(gpu, str) else gpu
+    from mdkernels import _cuda_ext
+
+    _SIMULATED.append(spec)
+    if _cuda_ext.emu is not None:
+        _cuda_ext.emu.set_device(0, spec.smem_optin)
+    try:
+        yield spec
+    finally:
+        _SIMULATED.remove(spec)
+        if _cuda_ext.emu is not None:
+            _cuda_ext.emu.reset_devices()
+
+
+def gpu_like(t: torch.Tensor) -> bool:
+    """True when ``t``'s launches take a GPU's decisions: a CUDA tensor, or any tensor under :func:`simulate_gpu`."""
+    return t.is_cuda or simulated() is not None
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (1 off the GPU): sizes the split-C grids."""
-    return _props(device.index if device.index is not None else torch.cuda.current_device())[0] if device.type == "cuda" else 1
+    """Streaming multiprocessors of ``device`` (1 off the GPU, the simulated GPU's under :func:`simulate_gpu`):
+    sizes the split-C grids."""
+    if device.type == "cuda":
+        return _props(device.index if device.index is not None else torch.cuda.current_device())[0]
+    sim = simulated()
+    return sim.sms if sim is not None else 1
 
 
 def capability(device: torch.device) -> int | None:
     """The compute capability of a CUDA ``device`` as ``10 * major + minor`` (90 for an H100), None off the
-    GPU: the Triton tile configurations depend on it (wgmma from sm_90 on)."""
+    GPU (the simulated GPU's under :func:`simulate_gpu`): the Triton tile configurations depend on it (wgmma from
+    sm_90 on)."""
     if device.type != "cuda":
-        return None
+        sim = simulated()
+        return sim.capability if sim is not None else None
     return _props(device.index if device.index is not None else torch.cuda.current_device())[1]
+
+
+def gpu_tiles() -> bool:
+    """True when the launchers take a GPU's tiles: on a GPU, or under :func:`simulate_gpu`; False in the plain
+    interpreter (few large tiles: each interpreted program iteration costs about a millisecond)."""
+    return not interpreting() or simulated() is not None
 
 
 @functools.cache

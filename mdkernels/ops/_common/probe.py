@@ -36,6 +36,21 @@ class Seen:
         """The created tensors of ``numel`` elements or more."""
         return [c for c in self.created if c[1] >= numel]
 
+    def holding(self, *dims: int) -> list[tuple]:
+        """The created tensors with a dimension of each size in ``dims`` (each its own dimension, in any order):
+        ``holding(C, D)`` finds a copy of the centers in any layout, ``holding(B, C)`` a logits matrix, and
+        neither is fooled by a buffer that is merely large (split-C's ``(splits, B, D)`` partials)."""
+
+        def has(shape):
+            rest = list(shape)
+            for d in dims:
+                if d not in rest:
+                    return False
+                rest.remove(d)
+            return True
+
+        return [c for c in self.created if has(c[2])]
+
     def shaped(self, *shapes: tuple[int, ...]) -> list[tuple]:
         """The created tensors of exactly one of ``shapes`` (in any order of dimensions)."""
         want = {tuple(sorted(s)) for s in shapes}

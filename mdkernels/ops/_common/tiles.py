@@ -20,7 +20,7 @@ import os
 import torch
 
 from mdkernels._math import EPS
-from mdkernels.ops._common.env import HAS_TRITON, capability, interpreting
+from mdkernels.ops._common.env import HAS_TRITON, capability, gpu_tiles, interpreting
 
 if HAS_TRITON:
     import triton
@@ -104,7 +104,7 @@ if HAS_TRITON:
         return tl.where(live, c * s, float("-inf")), keep, slope
 
     @triton.jit
-    def subcenter_tile(raw, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    def subcenter_tile(raw, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, K, KP: tl.constexpr):
         """Raw cosines of ``BLOCK_C * KP`` weight rows (class-major, ``KP`` the padded K) to ``(BLOCK_B,
         BLOCK_C)`` class cosines, the max over each class's K sub-centers, and the argmax (first of ties)."""
         r3 = tl.reshape(raw, (BLOCK_B, BLOCK_C, KP))
@@ -115,7 +115,7 @@ if HAS_TRITON:
         return best, kidx
 
     @triton.jit
-    def subcenter_tile_cm(raw, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    def subcenter_tile_cm(raw, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr, K, KP: tl.constexpr):
         """:func:`subcenter_tile` for a class-major tile: ``(BLOCK_C * KP, BLOCK_B)`` to ``(BLOCK_C, BLOCK_B)``."""
         r3 = tl.reshape(raw, (BLOCK_C, KP, BLOCK_B))
         ks = tl.arange(0, KP)[None, :, None]
@@ -183,36 +183,53 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.f
 # Hopper whatever B. Untuned without a GPU: chosen to compile without register spills, within each
 # family's shared memory, with wgmma in the sm_90 16-bit kernels (test_gpu_compile asserts all three).
 _TILES = {
-    ("forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256),
-    ("forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
-    ("forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256, split_do=256),
+    ("forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256,
+                                        odd=dict(full_d=256, split_do=128)),
+    ("forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=256,
+                                        odd=dict(full_d=64, split_do=128)),
+    # 64 classes spilled 64-160 B at D = 128 and 256 with the filter and CurricularFace on (Triton 3.9): 32 (wgmma N = 32)
+    ("forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256,
+                                        odd=dict(full_d=64, split_do=128)),
     # fp32 on Hopper: Triton 3.6 spilled the 32-class forward tile and the 64-class wgmma center-gradient tile
     # (tf32x3's split operands), Triton 3.8 a 16 x 16 one with 128 columns per program; the 16-class forward
     # keeps wgmma, the center gradient runs the mma.sync tile of sm_80
-    ("forward", "fp32", "hopper"): dict(BLOCK_B=64, BLOCK_C=16, num_warps=8, num_stages=2, full_d=128, split_do=128),
-    ("center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256,
-                                            split_do=256),
-    ("center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
-                                            split_do=256),
-    ("center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256,
-                                            split_do=256),
-    ("center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
-                                            split_do=256),
+    ("forward", "fp32", "hopper"): dict(BLOCK_B=64, BLOCK_C=16, num_warps=8, num_stages=2, full_d=64, split_do=128,
+                                        odd=dict(BLOCK_B=16, BLOCK_C=32, full_d=64, split_do=128)),
+    # the center gradient holds a (classes x BLOCK_DO) fp32 accumulator and, resident, the class tile over D: at most
+    # 128 columns resident (256 spilled 0.8-1 KB on sm_90 with the filter and CurricularFace on, Triton 3.9)
+    ("center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128,
+                                            split_do=256, odd=dict(full_d=64, split_do=128)),
+    ("center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=64,
+                                            split_do=128, odd=dict(full_d=64, split_do=64)),
+    ("center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=128,
+                                            split_do=256, odd=dict(full_d=64, split_do=128)),
+    ("center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=64,
+                                            split_do=128, odd=dict(full_d=64, split_do=64)),
     # 16-bit margin KD on sm_80/sm_120: D = 512 resident spilled (Triton 3.8), so D above 256 is split
-    ("kd_forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256),
-    ("kd_forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
-    ("kd_forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=128),
+    ("kd_forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256,
+                                           odd=dict(full_d=128, split_do=128)),
+    ("kd_forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=64, split_do=128,
+                                           odd=dict(full_d=64, split_do=64)),
+    ("kd_forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=64, split_do=128,
+                                           odd=dict(full_d=64, split_do=64)),
     # fp32 margin KD on Hopper: two cosine tiles, three accumulators and tf32x3's split operands spill at any
     # 64-row wgmma tile; the mma.sync tiles of sm_80 compile clean
-    ("kd_forward", "fp32", "hopper"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=128),
-    ("kd_center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256,
-                                               split_do=256),
-    ("kd_center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
-                                               split_do=128),
-    ("kd_center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=256,
-                                               split_do=256),
-    ("kd_center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=256,
-                                               split_do=128),
+    ("kd_forward", "fp32", "hopper"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=64, split_do=128,
+                                           odd=dict(full_d=64, split_do=64)),
+    ("kd_center_grad", "half", "ampere"): dict(BLOCK_B=32, BLOCK_C=32, num_warps=8, num_stages=2, full_d=64,
+                                               split_do=256, odd=dict(full_d=64, split_do=128)),
+    ("kd_center_grad", "fp32", "ampere"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=64,
+                                               split_do=128, odd=dict(full_d=64, split_do=64)),
+    ("kd_center_grad", "half", "hopper"): dict(BLOCK_B=32, BLOCK_C=64, num_warps=8, num_stages=2, full_d=64,
+                                               split_do=256, odd=dict(full_d=64, split_do=128)),
+    ("kd_center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=64,
+                                               split_do=128, odd=dict(full_d=64, split_do=64)),
+    # fp64 (any arch: IEEE fp64 MMA, no wgmma): small tiles, twice the registers per element
+    ("forward", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=128, split_do=64),
+    ("center_grad", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=128, split_do=64),
+    ("kd_forward", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64,
+                                       block_d=32),
+    ("kd_center_grad", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64),
 }  # fmt: skip
 # The interpreter: few, large tiles (each program iteration costs ~ms); D up to 512 resident.
 _INTERPRET = dict(BLOCK_C=128, num_warps=4, num_stages=1, full_d=512, split_do=256)
@@ -225,33 +242,82 @@ def arch_class(arch: int | None) -> str:
 
 
 def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int = 1, arch: int | None = 80,
-                op_dtype: torch.dtype | None = None) -> dict:  # fmt: skip
+                op_dtype: torch.dtype | None = None, aligned: bool | None = None) -> dict:  # fmt: skip
     """The tile of ``kernel`` ("forward", "center_grad", "kd_forward", "kd_center_grad") for ``dtype`` inputs
     with ``op_dtype`` dot operands (default: the input dtype), D and the GPU's compute capability ``arch``
     (``10 * major + minor``): BLOCK_B, BLOCK_C, BLOCK_D (the step of a D loop), BLOCK_DO (the columns of D one
     program owns), FULL_D (D resident in one BLOCK_DO), num_warps, num_stages. Above the resident size, D is
     split over the grid in BLOCK_DO columns; each of those programs builds the cosines over all of D in steps.
-    With ``subcenters`` K, a class tile spans BLOCK_C * next_pow2(K) weight rows: BLOCK_C shrinks to match."""
+    With ``subcenters`` K, a class tile spans BLOCK_C * next_pow2(K) weight rows: BLOCK_C shrinks to match.
+    ``aligned`` (default: D a multiple of 16, the hint a launch gives D and the row strides): an odd D loads element
+    by element, one address per element in registers, so it takes the entry's ``odd`` tile (less of D resident,
+    narrower splits, or a smaller tile)."""
     op = op_dtype if op_dtype is not None else dtype
-    if interpreting():
+    if not gpu_tiles():
         cfg = dict(_INTERPRET, BLOCK_B=max(16, min(64, triton.next_power_of_2(max(B, 1)))))
     else:
         klass = arch_class(arch)
         if klass == "hopper" and kernel in ("forward", "kd_forward") and B < HOPPER_MIN_ROWS:
             klass = "ampere"  # a 64-row tile would be mostly padding: mma.sync on a 16-row tile
-        cfg = dict(_TILES[(kernel, "half" if op in (torch.float16, torch.bfloat16) else "fp32", klass)])
-        if op != dtype:  # autocast: fp32 tiles in flight for 16-bit operands; D = 512 resident needs 146 KiB
-            cfg["full_d"] = min(cfg["full_d"], 256)
+        dclass = "half" if op in (torch.float16, torch.bfloat16) else "fp64" if op == torch.float64 else "fp32"
+        cfg = dict(_TILES[(kernel, dclass, "any" if dclass == "fp64" else klass)])
+        if op != dtype:  # autocast: fp32 tiles in flight for 16-bit operands, twice the registers of a 16-bit load
+            cfg["full_d"], cfg["split_do"] = min(cfg["full_d"], 128), min(cfg["split_do"], 128)
+            # odd D: one address per element on top (margin KD's two cosine tiles spilled 40-760 B, Triton 3.9)
+            odd = dict(cfg.get("odd", {}), split_do=64)
+            if kernel == "kd_forward" and klass == "hopper":
+                odd.update(BLOCK_B=16)  # the mma.sync row tile
+            cfg["odd"] = odd
     cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // triton.next_power_of_2(subcenters))
-    if subcenters > 1 and not interpreting():  # the (B, C, K) max tile: 4 warps spill on sm_80
+    if subcenters > 1 and gpu_tiles() and op != torch.float64:  # the (B, C, K) max tile: 4 warps spill on sm_80
         cfg["num_warps"] = 8
         if op == torch.float32:  # and two stages of fp32 spilled on Hopper and sm_100 (Triton 3.7, 3.8)
             cfg["num_stages"] = 1
-    full_d, split_do = cfg.pop("full_d"), cfg.pop("split_do")
+    odd = cfg.pop("odd", {})
+    if not (D % 16 == 0 if aligned is None else aligned):
+        cfg.update(odd)
+    full_d, split_do, block_d = cfg.pop("full_d"), cfg.pop("split_do"), cfg.pop("block_d", 64)
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:
         return dict(cfg, BLOCK_D=d_pad, BLOCK_DO=d_pad, FULL_D=True)
-    return dict(cfg, BLOCK_D=64, BLOCK_DO=split_do, FULL_D=False)
+    return dict(cfg, BLOCK_D=block_d, BLOCK_DO=split_do, FULL_D=False)
+
+
+# ---- the launch space: every tile a GPU launch can get, for the compile check (mdkernels.tools.gpu_compile) ----------
+# The (input dtype, dot operand dtype) paths of a GPU launch: 16-bit, fp32 (tf32x3), fp32 under autocast, fp64 (IEEE
+# dots on small tiles: a checking mode, the suite's exact dtype)
+GPU_DTYPE_PATHS = ((torch.bfloat16, None), (torch.float16, None), (torch.float32, None),
+                   (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.float64, None))  # fmt: skip
+GPU_ARCHS = (80, 86, 89, 90, 100, 120)  # A100; RTX 30xx, A10, A40; RTX 40xx, L4, L40S; H100, H200; B200; RTX 50xx
+MAX_SUBCENTERS = 16  # K: the fused ops' limit (mdkernels._validate), so that KP = next_pow2(K) <= 16
+SPACE_B = (1, 8192)  # the batch sizes and embedding sizes the compile check stands for
+SPACE_D = (64, 1024)
+# One K per KP = next_pow2(K): K is a runtime integer of the kernels, which compile once per KP
+SUBCENTER_REPRESENTATIVES = (1, 2, 3, 5, 9)
+
+
+def shape_representatives(small_rows: int = HOPPER_MIN_ROWS) -> list[tuple[int, int, str]]:
+    """``(B, D, specialisation)`` standing for every B in :data:`SPACE_B` and D in :data:`SPACE_D`: the tiles depend on
+    B only through ``B < small_rows`` and on D only through ``next_pow2(D)`` and ``D % 16`` (test_gpu_compile walks
+    every B and D to show it), and a launch specialises D and the strides (B, C and K never: the kernels' ``do_not_specialize``):
+    "aligned" (D a multiple of 16, the vector loads' hint), "odd" (D = next_pow2 - 12: no hint)."""
+    out = []
+    d = SPACE_D[0]
+    while d <= SPACE_D[1]:
+        odd_d = d - 12 if d - 12 >= max(SPACE_D[0], d // 2 + 1) else None  # same next_pow2, not a multiple of 16
+        for rows in (small_rows // 2, 1024):
+            out.append((rows, d, "aligned"))
+            if odd_d is not None:
+                out.append((rows, odd_d, "odd"))
+        d *= 2
+    return out
+
+
+def tile_representative(B: int, D: int, small_rows: int = HOPPER_MIN_ROWS) -> tuple[int, int]:
+    """The representative of (B, D) in :func:`shape_representatives` with the same tiles: B = 32 or 1024; D =
+    next_pow2(D) when D is a multiple of 16, else next_pow2(D) - 12."""
+    d_pad = triton.next_power_of_2(max(D, 16))
+    return (small_rows // 2 if B < small_rows else 1024), (d_pad if D % 16 == 0 else d_pad - 12)
 
 
 def gemm_units(dtype: torch.dtype, D: int, arch: int, trainable: bool = True, B: int = 1024, kd: bool = False) -> int:
@@ -274,7 +340,7 @@ def candidate_configs(kernel: str, dtype: torch.dtype, B: int, D: int, **options
     base = tile_config(kernel, dtype, B, D, **options)
     out = [base]
     other = dict(options, arch=80 if arch_class(options.get("arch")) == "hopper" else 90)
-    if not interpreting() and tile_config(kernel, dtype, B, D, **other) not in out:
+    if gpu_tiles() and tile_config(kernel, dtype, B, D, **other) not in out:
         out.append(tile_config(kernel, dtype, B, D, **other))
     for bb, bc, warps in ((base["BLOCK_B"] * 2, base["BLOCK_C"], 8), (base["BLOCK_B"], base["BLOCK_C"] * 2, 8),
                           (base["BLOCK_B"], base["BLOCK_C"], 4), (base["BLOCK_B"] // 2 or 16, base["BLOCK_C"], 4)):  # fmt: skip

@@ -6,7 +6,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._math import EPS, compute_dtype
-from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, gpu_tiles, ptr
 
 if HAS_TRITON:
     import triton
@@ -14,7 +14,7 @@ if HAS_TRITON:
 
     _EPS = tl.constexpr(EPS)  # globals read inside @triton.jit must be constexpr
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("R",))  # the row count bounds masks only
     def _angular_forward_kernel(
         S, T, LOSS, NS, NT, COS, R, D, stride_s, stride_t, p,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -42,7 +42,7 @@ if HAS_TRITON:
         tl.store(NT + rows, nt, mask=row_mask)
         tl.store(COS + rows, cos, mask=row_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("R",))
     def _angular_backward_kernel(
         S, T, G, NS, NT, COS, DS, R, D, stride_s, stride_t, p,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -70,27 +70,31 @@ if HAS_TRITON:
 
 def _config(D: int, dtype: torch.dtype) -> dict:
     wide = 128 if dtype in (torch.float32, torch.float64) else 256  # fp32's 256-column step spilled (Triton 3.7)
-    block_d = min(1024 if interpreting() else wide, triton.next_power_of_2(max(D, 16)))
-    return dict(BLOCK_R=64 if interpreting() else 8, BLOCK_D=block_d)
+    block_d = min(wide if gpu_tiles() else 1024, triton.next_power_of_2(max(D, 16)))
+    return dict(BLOCK_R=8 if gpu_tiles() else 64, BLOCK_D=block_d)
 
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def compile_specs(dtype: torch.dtype, arch: int = 90, D: int = 512) -> list:
-    """The row kernels as the GPU launcher compiles them (see :mod:`mdkernels.tools.gpu_compile`); the same
-    tiles on every arch."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    cfg = _config(D, dtype)
-    rows = {"R": "i32", "D": "i32", "stride_s": "i32", "stride_t": "i32", "p": "fp32"}
-    fwd = {"S": ptr(dtype), "T": ptr(dtype), "LOSS": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc), **rows}
-    bwd = {"S": ptr(dtype), "T": ptr(dtype), "G": ptr(acc), "NS": ptr(acc), "NT": ptr(acc), "COS": ptr(acc),
-           "DS": ptr(dtype), **rows}  # fmt: skip
-    const = {**cfg, "ACC_DTYPE": _acc(dtype)}
-    divisible = {"R", "D", "stride_s", "stride_t"}
-    return [("angular_forward", _angular_forward_kernel, fwd, const, {}, divisible),
-            ("angular_backward", _angular_backward_kernel, bwd, const, {}, divisible)]  # fmt: skip
+def launch_specs(arch: int) -> list:
+    """Every kernel a GPU launch can compile (see :mod:`mdkernels.tools.gpu_compile`): fp16, bf16, fp32 and fp64,
+    each column step D can give (16 up to the dtype's widest), aligned and odd. The same tiles on every arch."""
+    specs = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        acc = ptr(torch.float64 if dtype == torch.float64 else torch.float32)
+        rows = {"R": "i32", "D": "i32", "stride_s": "i32", "stride_t": "i32", "p": "fp32"}
+        fwd = {"S": ptr(dtype), "T": ptr(dtype), "LOSS": acc, "NS": acc, "NT": acc, "COS": acc, **rows}
+        bwd = {"S": ptr(dtype), "T": ptr(dtype), "G": acc, "NS": acc, "NT": acc, "COS": acc, "DS": ptr(dtype), **rows}
+        for d, kind in ((16, "aligned"), (32, "aligned"), (27, "odd"), (64, "aligned"), (63, "odd"), (128, "aligned"),
+                        (100, "odd"), (256, "aligned"), (250, "odd"), (4032, "aligned"), (4033, "odd")):  # fmt: skip
+            const = {**_config(d, dtype), "ACC_DTYPE": _acc(dtype)}
+            ints = {"D": d, "stride_s": d, "stride_t": d}
+            name = f"{str(dtype).removeprefix('torch.')} D={d} {kind}"
+            specs += [(f"angular_forward {name}", _angular_forward_kernel, fwd, const, {}, ints),
+                      (f"angular_backward {name}", _angular_backward_kernel, bwd, const, {}, ints)]  # fmt: skip
+    return specs
 
 
 @guard_device

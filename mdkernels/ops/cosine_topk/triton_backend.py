@@ -14,7 +14,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._math import compute_dtype
-from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting, num_sms, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, gpu_like, gpu_tiles, num_sms, ptr
 from mdkernels.ops._common.tiles import triton_flags
 from mdkernels.ops.cosine_topk.torch_backend import merge
 
@@ -24,14 +24,15 @@ if HAS_TRITON:
 
     from mdkernels.ops._common.tiles import cos_tile, load_tile, normalised
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("Qn", "Gn", "per_split", "K"))  # loop bounds and masks: any value, one kernel
     def _cosine_topk_kernel(
-        QP, GP, RQ, RG, VALS, IDX, Qn, Gn, D, stride_q, stride_qc, stride_g, stride_gc, per_split,
-        K: tl.constexpr, KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
+        QP, GP, RQ, RG, VALS, IDX, Qn, Gn, D, stride_q, stride_qc, stride_g, stride_gc, per_split, K,
+        KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr,
         BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """VALS/IDX[split, row, 0:K]: the split's K best cosines of each query row, descending."""
+        """VALS/IDX[split, row, 0:K]: the split's K best cosines of each query row, descending. ``K`` is a runtime
+        integer (one compiled kernel per ``KP = next_pow2(K)``, not one per k): the merge loop is not unrolled."""
         pid_q = tl.program_id(0)
         pid_s = tl.program_id(1)
         rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -93,7 +94,7 @@ def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) 
     tile shrinks as k grows (64-row wgmma tiles for 16-bit on sm_90 for k up to 16); the D loop above 256 columns.
     Chosen to compile without spills on sm_80/sm_90 (test_gpu_compile)."""
     d_pad = triton.next_power_of_2(max(D, 16))
-    if interpreting():
+    if not gpu_tiles():
         return dict(BLOCK_Q=32, BLOCK_G=128, BLOCK_D=d_pad if d_pad <= 512 else 128, FULL_D=d_pad <= 512,
                     num_warps=4)  # fmt: skip
     kp = triton.next_power_of_2(max(k, 1))
@@ -107,6 +108,8 @@ def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) 
     # 16-bit at 8 warps spills on sm_80; from sm_100 on, ptxas capped the 4-warp tile at 128 registers and spilled
     warps = 4 if half and kp <= 16 and arch < 100 else 8
     block_d = d_pad if full else (32 if not half and kp <= 16 else 64)  # fp32, k <= 16: 64 spilled (Triton 3.8)
+    if dtype == torch.float64:  # twice the registers per element: half the query rows, D steps of 32
+        block_q, block_d, full = 16, d_pad if d_pad <= 128 else 32, d_pad <= 128
     return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=block_d, FULL_D=full, num_warps=warps)
 
 
@@ -127,7 +130,7 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Te
     if FORCE_SPLITS is not None:
         splits = max(1, min(g_tiles, FORCE_SPLITS))
     else:
-        splits = max(1, min(g_tiles, (4 * num_sms(queries.device)) // row_tiles)) if queries.is_cuda else 1
+        splits = max(1, min(g_tiles, (4 * num_sms(queries.device)) // row_tiles)) if gpu_like(queries) else 1
     per_split = triton.cdiv(g_tiles, splits) * cfg["BLOCK_G"]
     splits = triton.cdiv(G, per_split)
     vals = torch.empty(splits, Q, k, dtype=cd, device=queries.device)
@@ -143,18 +146,31 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Te
     return merge(vals.permute(1, 0, 2).reshape(Q, splits * k), idx.permute(1, 0, 2).reshape(Q, splits * k), k)
 
 
-def compile_specs(dtype: torch.dtype, arch: int = 90, Q: int = 2048, D: int = 512) -> list:
-    """The kernel as a launch compiles it for ``dtype`` on ``sm_<arch>`` at k = 10 and 100, D = 512 (the D loop)
-    and 128 (resident) (see :mod:`mdkernels.tools.gpu_compile`)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    sig = {"QP": ptr(dtype), "GP": ptr(dtype), "RQ": ptr(acc), "RG": ptr(acc), "VALS": ptr(acc), "IDX": "*i64",
-           "Qn": "i32", "Gn": "i32", "D": "i32", "stride_q": "i32", "stride_g": "i32", "per_split": "i32"}  # fmt: skip
+# One k per KP = next_pow2(k) up to COSINE_TOPK_MAX_K_TRITON (256): k is a runtime integer, the kernel compiles per KP
+K_REPRESENTATIVES = (1, 2, 3, 5, 9, 17, 33, 65, 129)
+
+
+def launch_specs(arch: int) -> list:
+    """Every kernel a GPU launch on ``sm_<arch>`` can compile, one per distinct tile (see
+    :mod:`mdkernels.tools.gpu_compile`): fp16, bf16, fp32 and fp64 queries, each
+    k class, each D class (:func:`mdkernels.ops._common.tiles.shape_representatives`), aligned and odd."""
+    from mdkernels.ops._common.tiles import shape_representatives
+
     specs = []
-    for d, k in ((D, 10), (128, 10), (D, 100)):
-        cfg = tile_config(dtype, d, k, arch)
-        opts = {"num_warps": cfg.pop("num_warps"), "num_stages": 2}
-        const = {"K": k, "KP": triton.next_power_of_2(k), "stride_qc": 1, "stride_gc": 1,
-                 **triton_flags(dtype, True), **cfg}  # fmt: skip
-        specs.append((f"cosine_topk D={d} k={k}", _cosine_topk_kernel, sig, const, opts,
-                      {"Qn", "D", "stride_q", "stride_g", "per_split"}))  # fmt: skip
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        acc = ptr(torch.float64 if dtype == torch.float64 else torch.float32)
+        sig = {"QP": ptr(dtype), "GP": ptr(dtype), "RQ": acc, "RG": acc, "VALS": acc, "IDX": "*i64",
+               "Qn": "i32", "Gn": "i32", "D": "i32", "stride_q": "i32", "stride_g": "i32", "per_split": "i32",
+               "K": "i32"}  # fmt: skip
+        for k in K_REPRESENTATIVES:
+            for _, d, kind in shape_representatives():
+                if kind == "one row":
+                    continue  # the query count is any: its own specialisations are those of "aligned" and "odd"
+                cfg = tile_config(dtype, d, k, arch)
+                opts = {"num_warps": cfg.pop("num_warps"), "num_stages": 2}
+                const = {"KP": triton.next_power_of_2(k), "stride_qc": 1, "stride_gc": 1, **triton_flags(dtype, True),
+                         **cfg}  # fmt: skip
+                ints = {"D": d, "stride_q": d, "stride_g": d}  # Qn, Gn, per_split, K: never specialised
+                specs.append((f"cosine_topk {str(dtype).removeprefix('torch.')} k={k} D={d} {kind}",
+                              _cosine_topk_kernel, sig, const, opts, ints))  # fmt: skip
     return specs

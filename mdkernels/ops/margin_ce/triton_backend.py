@@ -18,10 +18,17 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._math import compute_dtype
-from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, num_sms, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, gpu_like, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget
-from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
+from mdkernels.ops._common.tiles import (
+    GPU_DTYPE_PATHS,
+    SUBCENTER_REPRESENTATIVES,
+    autotuned,
+    shape_representatives,
+    tile_config,
+    triton_flags,
+)
 
 if HAS_TRITON:
     import triton
@@ -43,18 +50,22 @@ if HAS_TRITON:
     _NEG_BIG = tl.constexpr(NEG_BIG)  # globals read inside @triton.jit must be constexpr
 
     @triton.jit
-    def _weight_rows(cols, col_mask, BLOCK_C: tl.constexpr, K: tl.constexpr, KP: tl.constexpr):
+    def _weight_rows(cols, col_mask, BLOCK_C: tl.constexpr, K, KP: tl.constexpr):
         """The weight rows of a class tile: ``c*K + k`` for ``k < K`` (class-major), ``BLOCK_C * KP`` of them."""
-        if K == 1:
+        if KP == 1:
             return cols, col_mask
         ks = tl.arange(0, KP)
         wr = tl.reshape(cols[:, None] * K + ks[None, :], (BLOCK_C * KP,))
         return wr, tl.reshape(col_mask[:, None] & (ks < K)[None, :], (BLOCK_C * KP,))
 
-    @triton.jit
+    # Launches never specialise on these integers (a value of 1 or a multiple of 16 would compile another kernel): the
+    # batch, the class counts and K only bound loops and masks. D and the strides keep their hints (vector loads).
+    _ANY_VALUE = ("B", "C", "classes_per_split", "K")
+
+    @triton.jit(do_not_specialize=_ANY_VALUE)
     def _margin_ce_forward_kernel(
         X, W, RX, RW, Y, PHI, T, M_OUT, L_OUT, O_OUT, B, C, D, stride_x, stride_xc, stride_w, stride_wc,
-        classes_per_split, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr,
+        classes_per_split, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K,
         KP: tl.constexpr, NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr,
         ROUND: tl.constexpr, PRECISION: tl.constexpr,
@@ -93,7 +104,7 @@ if HAS_TRITON:
             else:
                 raw = cos_tile(X, W, RX, RW, rows, wr, row_mask, wr_mask, D, stride_x, stride_xc, stride_w, stride_wc,
                                BLOCK_B, BLOCK_C * KP, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND, PRECISION)  # fmt: skip
-            if K > 1:
+            if KP > 1:
                 raw, kidx = subcenter_tile(raw, BLOCK_B, BLOCK_C, K, KP)
             live = (cols[None, :] != y[:, None]) & col_mask[None, :]
             z, keep, slope = logits(raw, live, s, tau, bound, phi[:, None], t, HAS_FILTER, CURRICULAR)
@@ -107,7 +118,7 @@ if HAS_TRITON:
                 p = tl.where(keep, p, 0.0)  # in [0, 1] (times CurricularFace's slope, at most 3)
                 if CURRICULAR:
                     p = p * slope
-                if K > 1:
+                if KP > 1:
                     p = spread_rows(p, kidx, BLOCK_B, BLOCK_C, KP)
                 o = o * alpha[:, None] + tl.dot(as_operand(p, OP_DTYPE, ROUND), wn, input_precision=PRECISION,
                                                 out_dtype=ACC_DTYPE)  # fmt: skip
@@ -119,10 +130,10 @@ if HAS_TRITON:
             base = O_OUT + (pid_s * B + rows[:, None]).to(tl.int64) * D + dd[None, :]
             tl.store(base, o, mask=row_mask[:, None] & d_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_ANY_VALUE)
     def _margin_ce_center_grad_kernel(
         X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, T, GSCALE, DW, B, C, D, stride_x, stride_xc, stride_w, stride_wc,
-        stride_dw, stride_dwc, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K: tl.constexpr,
+        stride_dw, stride_dwc, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K,
         KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -166,7 +177,7 @@ if HAS_TRITON:
                                      stride_xc, BLOCK_C * KP, BLOCK_B, BLOCK_D, ACC_DTYPE, OP_DTYPE, ROUND,
                                      PRECISION)  # fmt: skip
                 raw = raw_k
-                if K > 1:
+                if KP > 1:
                     raw, kidx = subcenter_tile_cm(raw_k, BLOCK_C, BLOCK_B, K, KP)
                 target = (cols[:, None] == y[None, :]) & col_mask[:, None]
                 live = ~target & col_mask[:, None] & row_mask[None, :]
@@ -176,7 +187,7 @@ if HAS_TRITON:
                 if CURRICULAR:
                     g = g * slope
                 g = tl.where(target, coef[None, :], g)
-                if K > 1:  # each class's entry to its argmax sub-center; the target's to the sub-center it used
+                if KP > 1:  # each class's entry to its argmax sub-center; the target's to the sub-center it used
                     kt = tl.load(KT + rows, mask=row_mask, other=0).to(tl.int32)
                     g = spread_rows_cm(g, tl.where(target, kt[None, :], kidx), BLOCK_C, BLOCK_B, KP)
                 dot += tl.sum(g * raw_k, 1)
@@ -193,7 +204,7 @@ def _splits(x: torch.Tensor, row_tiles: int, class_tiles: int) -> int:
     """Class splits: enough programs to fill the GPU when the batch alone gives few row tiles."""
     if FORCE_SPLITS is not None:
         return max(1, min(class_tiles, FORCE_SPLITS))
-    return max(1, min(class_tiles, (4 * num_sms(x.device)) // max(row_tiles, 1))) if x.is_cuda else 1
+    return max(1, min(class_tiles, (4 * num_sms(x.device)) // max(row_tiles, 1))) if gpu_like(x) else 1
 
 
 def _options(nt: NonTarget, x: torch.Tensor) -> tuple[dict, tuple]:
@@ -262,44 +273,33 @@ def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op
     return dw
 
 
-# the integer arguments a launch at the compile check's shape sees as multiples of 16 (C = 85,742 is not)
-_DIVISIBLE = {"B", "D", "stride_x", "stride_w", "stride_dw", "classes_per_split"}
-
-
-def compile_specs(dtype: torch.dtype, arch: int = 90, B: int = 1024, D: int = 512) -> list:
-    """The kernels as the GPU launcher compiles them for ``dtype`` on ``sm_<arch>``: every option at D = 512
-    (resident), the D split at 1024, fp32 inputs with bf16 operands (autocast) (name, kernel, runtime
-    signature, constexprs, options, the integer arguments seen as multiples of 16), for
-    :mod:`mdkernels.tools.gpu_compile` (checks without a GPU). The column strides are 1, which a launch
-    specialises into a constant. CurricularFace and sub-centers (K = 3) are compiled for bf16 and fp32 (fp16
-    is the same code with another operand type)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    common = {"X": ptr(dtype), "W": ptr(dtype), "RX": ptr(acc), "RW": ptr(acc), "Y": "*i64", "PHI": ptr(acc),
-              "T": ptr(acc), "B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32", "s": "fp32",
-              "tau": "fp32", "bound": "fp32"}  # fmt: skip
-    fwd = {**common, "M_OUT": ptr(acc), "L_OUT": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
-    bwd = {**common, "LSE": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc), "KT": "*i64", "GSCALE": ptr(acc),
-           "DW": ptr(dtype), "stride_dw": "i32"}  # fmt: skip
-    # (D, filter, need_o, curricular, K, operand dtype): every plain variant at D = 512, the D split at 1024
-    variants = [(D, flt, need_o, False, 1, None) for flt in (False, True) for need_o in (False, True)]
-    variants.append((1024, False, True, False, 1, None))
-    if dtype != torch.float16:
-        variants += [(D, False, True, True, 1, None), (D, False, True, False, 3, None)]
-    if dtype == torch.float32:  # autocast: fp32 tiles, bf16 operands cast in registers
-        variants += [(D, False, True, False, 1, torch.bfloat16)]
+def launch_specs(arch: int) -> list:
+    """Every kernel a GPU launch on ``sm_<arch>`` can compile, one per distinct tile (see
+    :mod:`mdkernels.tools.gpu_compile`): each dtype path (:data:`tiles.GPU_DTYPE_PATHS`), each K class, each (B, D)
+    representative with its specialisation (:func:`tiles.shape_representatives`), the tile the launcher's own
+    :func:`tiles.tile_config` gives, and the options that add code (filter, CurricularFace, O, K < KP) all on: the
+    most registers a tile can need. K is a runtime integer: one kernel per KP = next_pow2(K). (name, kernel, runtime signature, constexprs, options, integers seen as multiples
+    of 16.)"""
     specs = []
-    for d, flt, need_o, curr, K, op in variants:
-        fcfg = tile_config("forward", dtype, B, d, K, arch=arch, op_dtype=op)
-        gcfg = tile_config("center_grad", dtype, B, d, K, arch=arch, op_dtype=op)
-        fopts = {"num_warps": fcfg.pop("num_warps"), "num_stages": fcfg.pop("num_stages")}
-        gopts = {"num_warps": gcfg.pop("num_warps"), "num_stages": gcfg.pop("num_stages")}
-        const = {"HAS_FILTER": flt, "CURRICULAR": curr, "K": K, "KP": triton.next_power_of_2(K),
-                 "stride_xc": 1, "stride_wc": 1, **triton_flags(dtype, True, op)}  # fmt: skip
-        name = (f"D={d} filter={flt}" + (" curricular" if curr else "") + (f" K={K}" if K > 1 else "")
-                + (" amp-bf16" if op is not None else ""))  # fmt: skip
-        specs.append((f"margin_ce_forward {name} need_o={need_o}", _margin_ce_forward_kernel, fwd,
-                      {"NEED_O": need_o, **const, **fcfg}, fopts, _DIVISIBLE))  # fmt: skip
-        if need_o:
-            specs.append((f"margin_ce_center_grad {name}", _margin_ce_center_grad_kernel, bwd,
-                          {**const, "stride_dwc": 1, **gcfg}, gopts, _DIVISIBLE))  # fmt: skip
+    for dtype, op in GPU_DTYPE_PATHS:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        common = {"X": ptr(dtype), "W": ptr(dtype), "RX": ptr(acc), "RW": ptr(acc), "Y": "*i64", "PHI": ptr(acc),
+                  "T": ptr(acc), "B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32",
+                  "s": "fp32", "tau": "fp32", "bound": "fp32", "K": "i32"}  # fmt: skip
+        fwd = {**common, "M_OUT": ptr(acc), "L_OUT": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
+        bwd = {**common, "LSE": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc), "KT": "*i64", "GSCALE": ptr(acc),
+               "DW": ptr(dtype), "stride_dw": "i32"}  # fmt: skip
+        path = str(dtype).removeprefix("torch.") + (f" amp-{str(op).removeprefix('torch.')}" if op else "")
+        for K in SUBCENTER_REPRESENTATIVES:
+            for B, D, kind in shape_representatives():
+                const = {"HAS_FILTER": True, "CURRICULAR": True, "KP": triton.next_power_of_2(K), "stride_xc": 1,
+                         "stride_wc": 1, **triton_flags(dtype, True, op)}  # fmt: skip
+                name = f"{path} KP={triton.next_power_of_2(K)} B={B} D={D} {kind}"
+                for kernel, fn, sig, extra in (("forward", _margin_ce_forward_kernel, fwd, {"NEED_O": True}),
+                                               ("center_grad", _margin_ce_center_grad_kernel, bwd, {"stride_dwc": 1})):  # fmt: skip
+                    cfg = tile_config(kernel, dtype, B, D, K, arch=arch, op_dtype=op)
+                    opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+                    ints = {"D": D, "stride_x": D, "stride_w": D, "stride_dw": D}  # B, C, K: never specialised
+                    specs.append((f"margin_ce_{kernel} {name}", fn, sig, {**const, **extra, **cfg}, opts,
+                                  {k: v for k, v in ints.items() if k in sig}))  # fmt: skip
     return specs

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
-from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, num_sms, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, gpu_like, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale
-from mdkernels.ops._common.tiles import autotuned, tile_config, triton_flags
+from mdkernels.ops._common.tiles import GPU_DTYPE_PATHS, autotuned, shape_representatives, tile_config, triton_flags
 
 if HAS_TRITON:
     import triton
@@ -25,7 +25,9 @@ if HAS_TRITON:
 
     _NEG_BIG = tl.constexpr(NEG_BIG)
 
-    @triton.jit
+    _ANY_VALUE = ("B", "C", "classes_per_split")  # never specialised: they bound loops and masks only
+
+    @triton.jit(do_not_specialize=_ANY_VALUE)
     def _margin_kd_forward_kernel(
         XS, XT, W, RXS, RXT, RW, Y, STATS, O_OUT, B, C, D, stride_xs, stride_xsc, stride_xt, stride_xtc, stride_w,
         stride_wc, classes_per_split, s, inv_T, NEED_O: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -111,7 +113,7 @@ if HAS_TRITON:
             tl.store(out + B * D, o_sT, mask=o_mask)
             tl.store(out + 2 * B * D, o_tT, mask=o_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_ANY_VALUE)
     def _margin_kd_center_grad_kernel(
         XS, XT, W, RXS, RXT, RW, Y, LSE_S, LSE_ST, LSE_TT, GR, COEF, GSCALE, DW, B, C, D, stride_xs, stride_xsc,
         stride_xt, stride_xtc, stride_w, stride_wc, stride_dw, stride_dwc, s, inv_T, alpha, FULL_D: tl.constexpr,
@@ -186,7 +188,7 @@ def forward(xs, xt, w, labels, rxs, rxt, rw, s, T, need_o, op_dtype=None):
 
     def launch(cfg):
         row_tiles, class_tiles = triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(C, cfg["BLOCK_C"])
-        splits = max(1, min(class_tiles, (4 * num_sms(xs.device)) // row_tiles)) if xs.is_cuda else 1
+        splits = max(1, min(class_tiles, (4 * num_sms(xs.device)) // row_tiles)) if gpu_like(xs) else 1
         per_split = triton.cdiv(class_tiles, splits) * cfg["BLOCK_C"]
         splits = triton.cdiv(C, per_split)
         d_splits = triton.cdiv(D, cfg["BLOCK_DO"]) if need_o else 1
@@ -235,34 +237,26 @@ def center_grad(xs, xt, w, labels, rxs, rxt, rw, lse_s, lse_sT, lse_tT, gr, coef
     return dw
 
 
-_DIVISIBLE = {"B", "D", "stride_xs", "stride_xt", "stride_w", "stride_dw", "classes_per_split"}
-
-
-def compile_specs(dtype: torch.dtype, arch: int = 90, B: int = 1024, D: int = 512) -> list:
-    """The kernels as the GPU launcher compiles them on ``sm_<arch>`` at D = 512 and D = 1024, and fp32 with
-    bf16 operands (autocast) (see :mod:`mdkernels.tools.gpu_compile`)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    common = {"XS": ptr(dtype), "XT": ptr(dtype), "W": ptr(dtype), "RXS": ptr(acc), "RXT": ptr(acc), "RW": ptr(acc),
-              "Y": "*i64", "B": "i32", "C": "i32", "D": "i32", "stride_xs": "i32", "stride_xt": "i32",
-              "stride_w": "i32", "s": "fp32", "inv_T": "fp32"}  # fmt: skip
-    fwd = {**common, "STATS": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
-    bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc),
-           "GSCALE": ptr(acc), "DW": ptr(dtype), "stride_dw": "i32", "alpha": "fp32"}  # fmt: skip
-    unit = {"stride_xsc": 1, "stride_xtc": 1, "stride_wc": 1}
-    variants = [(D, False, None), (D, True, None), (1024, True, None)]  # the D split at 1024, its largest variant
-    if dtype == torch.float32:
-        variants.append((D, True, torch.bfloat16))
+def launch_specs(arch: int) -> list:
+    """Every kernel a GPU launch on ``sm_<arch>`` can compile, one per distinct tile, as
+    :func:`mdkernels.ops.margin_ce.triton_backend.launch_specs` (the forward with O: the most registers)."""
     specs = []
-    for d, need_o, op in variants:
-        fcfg = tile_config("kd_forward", dtype, B, d, arch=arch, op_dtype=op)
-        gcfg = tile_config("kd_center_grad", dtype, B, d, arch=arch, op_dtype=op)
-        fopts = {"num_warps": fcfg.pop("num_warps"), "num_stages": fcfg.pop("num_stages")}
-        gopts = {"num_warps": gcfg.pop("num_warps"), "num_stages": gcfg.pop("num_stages")}
-        flags = triton_flags(dtype, True, op)
-        name = f"D={d}" + (" amp-bf16" if op is not None else "")
-        specs.append((f"margin_kd_forward {name} need_o={need_o}", _margin_kd_forward_kernel, fwd,
-                      {"NEED_O": need_o, **unit, **fcfg, **flags}, fopts, _DIVISIBLE))  # fmt: skip
-        if need_o:
-            specs.append((f"margin_kd_center_grad {name}", _margin_kd_center_grad_kernel, bwd,
-                          {**unit, "stride_dwc": 1, **gcfg, **flags}, gopts, _DIVISIBLE))  # fmt: skip
+    for dtype, op in GPU_DTYPE_PATHS:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        common = {"XS": ptr(dtype), "XT": ptr(dtype), "W": ptr(dtype), "RXS": ptr(acc), "RXT": ptr(acc),
+                  "RW": ptr(acc), "Y": "*i64", "B": "i32", "C": "i32", "D": "i32", "stride_xs": "i32",
+                  "stride_xt": "i32", "stride_w": "i32", "s": "fp32", "inv_T": "fp32"}  # fmt: skip
+        fwd = {**common, "STATS": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
+        bwd = {**common, "LSE_S": ptr(acc), "LSE_ST": ptr(acc), "LSE_TT": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc),
+               "GSCALE": ptr(acc), "DW": ptr(dtype), "stride_dw": "i32", "alpha": "fp32"}  # fmt: skip
+        path = str(dtype).removeprefix("torch.") + (f" amp-{str(op).removeprefix('torch.')}" if op else "")
+        unit = {"stride_xsc": 1, "stride_xtc": 1, "stride_wc": 1, **triton_flags(dtype, True, op)}
+        for B, D, kind in shape_representatives():
+            for kernel, fn, sig, extra in (("kd_forward", _margin_kd_forward_kernel, fwd, {"NEED_O": True}),
+                                           ("kd_center_grad", _margin_kd_center_grad_kernel, bwd, {"stride_dwc": 1})):  # fmt: skip
+                cfg = tile_config(kernel, dtype, B, D, arch=arch, op_dtype=op)
+                opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+                ints = {"D": D, "stride_xs": D, "stride_xt": D, "stride_w": D, "stride_dw": D}  # B, C: never specialised
+                specs.append((f"margin_{kernel} {path} B={B} D={D} {kind}", fn, sig, {**unit, **extra, **cfg}, opts,
+                              {k: v for k, v in ints.items() if k in sig}))  # fmt: skip
     return specs

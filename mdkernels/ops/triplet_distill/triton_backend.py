@@ -6,7 +6,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._math import EPS
-from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, interpreting
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, gpu_tiles
 
 if HAS_TRITON:
     import triton
@@ -14,7 +14,7 @@ if HAS_TRITON:
 
     _EPS = tl.constexpr(EPS)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("B", "ignore_index"))  # any batch, one kernel
     def _triplet_all_kernel(
         DS, DT, Y, POS_START, POS_END, OUT_A, OUT_B, PARAMS, B, ignore_index,
         MODE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -137,17 +137,20 @@ def all_triplets(ds, dt, labels, m_min, m_max, ignore_index):
 def tile_config() -> dict:
     """Tiles of positives and negatives, and warps: the one place they are chosen (launcher and compile
     check). GPU: 8 warps compile without register spills on sm_80/sm_90; the interpreter: square tiles."""
-    if interpreting():
+    if not gpu_tiles():
         return dict(BLOCK_P=64, BLOCK_N=64, num_warps=4)
     return dict(BLOCK_P=32, BLOCK_N=128, num_warps=8)
 
 
-def compile_specs(dtype: torch.dtype, arch: int = 90) -> list:
-    """The kernel as the GPU launcher compiles it (distances are fp32 whatever the input dtype; the same
-    tiles on every arch)."""
+def launch_specs(arch: int) -> list:
+    """The kernel as a GPU launch compiles it (see :mod:`mdkernels.tools.gpu_compile`): distances in fp32 (fp64 for
+    fp64 inputs), the same tiles on every arch, each mode."""
     cfg = tile_config()
     opts = {"num_warps": cfg.pop("num_warps")}
-    sig = {"DS": "*fp32", "DT": "*fp32", "Y": "*i64", "POS_START": "*i64", "POS_END": "*i64", "OUT_A": "*fp32",
-           "OUT_B": "*fp32", "PARAMS": "*fp32", "B": "i32", "ignore_index": "i32"}  # fmt: skip
-    return [(f"triplet_all mode={m}", _triplet_all_kernel, sig, {"MODE": m, **cfg, "ACC_DTYPE": tl.float32}, opts,
-             {"B"}) for m in (0, 1, 2)]  # fmt: skip
+    specs = []
+    for acc, tacc in (("*fp32", tl.float32), ("*fp64", tl.float64)):  # distances in fp32, or fp64 for fp64 inputs
+        sig = {"DS": acc, "DT": acc, "Y": "*i64", "POS_START": "*i64", "POS_END": "*i64", "OUT_A": acc, "OUT_B": acc,
+               "PARAMS": acc, "B": "i32", "ignore_index": "i32"}  # fmt: skip
+        specs += [(f"triplet_all {acc[1:]} mode={m}", _triplet_all_kernel, sig, {"MODE": m, **cfg, "ACC_DTYPE": tacc},
+                   opts, {}) for m in (0, 1, 2)]  # fmt: skip
+    return specs
