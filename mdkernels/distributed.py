@@ -31,7 +31,6 @@ makes the others fail after the process group's timeout rather than hang.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -40,56 +39,15 @@ from torch import nn
 
 from mdkernels import _validate as V
 from mdkernels import backends
+from mdkernels._collective import across_ranks as _across_ranks
+from mdkernels._collective import collective_check, host_group  # noqa: F401 (part of this module's API)
+from mdkernels._collective import world_of as _world
 from mdkernels._math import compute_dtype, margin_rows
 from mdkernels._plan import autocast_operands
 from mdkernels.ops import margin_ce
 from mdkernels.ops._common.env import ieee_fp32_matmul, no_autocast, operand_dtype
 from mdkernels.ops._common.margin import NonTarget, distillation_margins, margin_target_and_slope
 from mdkernels.ops.l2norm import l2_normalize, normalize_backward, row_rnorm
-
-
-def _world(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("mdkernels.distributed needs torch.distributed initialised (init_process_group)")
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-_HOST_GROUPS: dict = {}
-
-
-def host_group(group=None):
-    """A gloo group over the ranks of ``group``, for the small host-side exchanges: the group itself when it is
-    gloo, else one created (collectively, on first use) and kept. Its collectives run on CPU tensors over TCP:
-    they never touch a CUDA stream, so they are no device sync and survive CUDA-graph capture."""
-    if dist.get_backend(group) == "gloo":
-        return group
-    key = id(group)
-    if key not in _HOST_GROUPS:
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-        _HOST_GROUPS[key] = dist.new_group(ranks=ranks, backend="gloo")
-    return _HOST_GROUPS[key]
-
-
-def collective_check(error: str | None, group=None, batch: int = 0, ready: int = 0) -> int:
-    """Raise on every rank when any rank found a problem (instead of leaving the others in a collective), and
-    when the ranks' local batch sizes differ. One all-reduce of ``world + 3`` integers on the host (gloo, see
-    :func:`host_group`): no GPU work and no device sync, cheap enough to run on every call. ``ready``: this rank's
-    :func:`mdkernels._validate.pending_ready_upto`; returns the smallest over the ranks, the deferred checks every
-    rank has seen land (so that every rank raises a bad label at the same call, without waiting for the GPU)."""
-    rank, world = _world(group)
-    notes = torch.zeros(world + 3, dtype=torch.int64)  # an error flag per rank, the largest and smallest batch
-    notes[rank], notes[world], notes[world + 1], notes[world + 2] = int(error is not None), batch, -batch, -ready
-    dist.all_reduce(notes, op=dist.ReduceOp.MAX, group=host_group(group))
-    seen = notes.numpy().tolist()  # a CPU tensor, always: reading it waits for no GPU
-    if error is not None:
-        raise ValueError(f"rank {rank}: {error}")
-    bad = [r for r in range(world) if seen[r]]
-    if bad:
-        raise ValueError(f"rank(s) {bad} rejected their arguments (see their errors); this rank {rank} stops too")
-    if seen[world] != -seen[world + 1]:
-        raise ValueError(f"every rank must pass the same local batch size; got sizes from {-seen[world + 1]} to "
-                         f"{seen[world]} (this rank {rank}: {batch})")
-    return -seen[world + 2]
 
 
 def shard_range(num_classes: int, rank: int, world: int, sizes: list[int] | None = None) -> tuple[int, int]:
@@ -231,19 +189,6 @@ def _sample_classes(local: torch.Tensor, num_local: int, keep: int, generator):
     score = torch.rand(num_local, generator=generator, device=local.device)
     score = torch.where(positive > 0, torch.full_like(score, 2.0), score)  # positives always kept
     return torch.topk(score, keep).indices.sort().values
-
-
-def _across_ranks(fn):
-    """A sharded call: a deferred check raises an earlier call's bad values only at the point the ranks agreed on
-    (:func:`collective_check`'s ``ready``), never where one rank got first
-    (:func:`mdkernels._validate.across_ranks`)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with V.across_ranks():
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 @_across_ranks

@@ -387,7 +387,8 @@ def test_no_batch_by_classes_allocation(backend, name):
         (lambda: ElasticCosFace(8, 4, plus=True, plus_order="sorted"), "plus_order must be"),
         (lambda: MagFace(8, 4, l_a=120.0, u_a=110.0), "l_a and u_a"),
         (lambda: MagFace(8, 4, l_m=0.9, u_m=0.8), "l_m and u_m"),
-        (lambda: SubCenterArcFace(8, 4, K=0), "K .* must be an int >= 1"),
+        (lambda: SubCenterArcFace(8, 4, K=0), r"K .* must be an int in \[1, 16\]"),
+        (lambda: SubCenterArcFace(8, 4, K=17), r"K .* must be an int in \[1, 16\]"),
         (lambda: AdaFace(8, 4, s=0.0), "s .* must be > 0"),
     ],
 )

@@ -3,18 +3,19 @@
 CI has no GPU and runs the kernels in Triton's interpreter, which accepts code the GPU compiler rejects
 (non-constexpr globals, dtype mismatches in ``tl.dot``, unsupported layouts) and says nothing of registers.
 This module compiles each kernel down to a cubin with the constexprs its launcher passes and the
-specialisation a real launch gets (pointers and the integer arguments a launch sees as multiples of 16
-carry ``tt.divisibility=16``), then runs the ptxas that Triton itself uses for that arch
-(``get_ptxas(arch)``: Triton 3.9 compiles sm_90 with its newer ``ptxas-blackwell``) with ``-v`` on the PTX:
+specialisation a real launch gets (pointers, and the integer arguments a launch sees as multiples of 16, carry
+``tt.divisibility=16``; a 1 is a constant), with the options every launch passes, and reads the registers and
+spills from the log of the ptxas run Triton itself makes for the cubin (:func:`compile_and_measure`):
 
-    python -m mdkernels.tools.gpu_compile                  # every op, bf16/fp16/fp32, sm_80 and sm_90
-    python -m mdkernels.tools.gpu_compile --archs 80,90,100,120
+    python -m mdkernels.tools.gpu_compile                  # the headline kernels (HEADLINE), sm_80 and sm_90
+    python -m mdkernels.tools.gpu_compile --all            # the whole launch space, sm_80 to sm_120 (an hour)
+    python -m mdkernels.tools.gpu_compile --all --record bench/results/compile_check.txt
 
-A kernel fails when it does not compile, spills registers at its default configuration, or needs more
-shared memory than every GPU of its family has (:data:`SMEM_LIMIT`). Fast-fact lines report whether the
-sm_90 kernels use wgmma. An arch that this Triton cannot target (sm_100/sm_120 before Triton 3.3) is
-reported as ``skip``. Must run without ``TRITON_INTERPRET=1`` (the decorator then yields interpretable
-functions). Works with Triton 3.2 to 3.9, whose compile APIs differ (see :func:`compile_kernel`).
+The launch space (:func:`launch_space`) is every distinct kernel the launchers' own tile choice can give. A kernel
+fails when it does not compile, spills registers, needs more shared memory than every GPU of its family has
+(:data:`SMEM_LIMIT`), or, on sm_90, lacks wgmma where its tile allows it (:func:`wants_wgmma`). An arch that this
+Triton cannot target is reported as ``skip``. Must run without ``TRITON_INTERPRET=1`` (the decorator then yields
+interpretable functions). Works with Triton 3.2 to 3.9, whose compile APIs differ (see :func:`compile_kernel`).
 """
 
 from __future__ import annotations
@@ -153,6 +154,23 @@ def compile_and_measure(fn, sig, const, opts, arch: int, ints: dict) -> tuple:
     return k, int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
+def wants_wgmma(arch: int, name: str, const: dict) -> bool:
+    """Whether the tile allows Hopper's warpgroup MMA, so the compiled kernel must use it: sm_90, 16-bit dot operands
+    (autocast's included) and an M of 64 (the row tile of a forward or a top-k, the class tile of a center gradient:
+    ``BLOCK_C * KP``). sm_100 has its own MMA (tcgen05), not wgmma."""
+    import triton.language as tl
+
+    if arch != 90 or const.get("OP_DTYPE", const.get("ACC_DTYPE")) not in (tl.bfloat16, tl.float16):
+        return False
+    if name.startswith(("margin_ce_forward", "margin_kd_forward")):
+        return const["BLOCK_B"] >= 64
+    if name.startswith(("margin_ce_center_grad", "margin_kd_center_grad")):
+        return const["BLOCK_C"] * const.get("KP", 1) >= 64
+    if name.startswith("cosine_topk"):
+        return const["BLOCK_Q"] >= 64
+    return False
+
+
 def uses_wgmma(kernel) -> bool:
     """True when the PTX holds Hopper's warpgroup MMA (``wgmma.mma_async``)."""
     return "wgmma.mma_async" in kernel.asm["ptx"]
@@ -224,10 +242,13 @@ def _check(index: int) -> tuple[bool, str]:
         return False, f"FAIL sm_{arch} {name}: {type(err).__name__}: {str(err)[:2000]}"
     shared = k.metadata.shared
     fits = shared <= SMEM_LIMIT[arch]
-    ok = spilled == 0 and fits
+    mma_ok = not wants_wgmma(arch, name, const) or uses_wgmma(k)
+    ok = spilled == 0 and fits and mma_ok
     line = (f"sm_{arch} {name}: {regs} registers, {spilled} B spilled, {shared / KIB:.1f} KiB shared"
             + ("" if fits else f" > {SMEM_LIMIT[arch] // KIB} KiB ({SMEM_FAMILY[arch]})")
-            + (", wgmma" if arch >= 90 and uses_wgmma(k) else "") + f", {time.perf_counter() - t0:.1f}s")  # fmt: skip
+            + (", wgmma" if arch >= 90 and uses_wgmma(k) else "")
+            + ("" if mma_ok else ", no wgmma where the tile allows it")
+            + f", {time.perf_counter() - t0:.1f}s")  # fmt: skip
     return ok, ("ok   " if ok else "FAIL ") + line
 
 
