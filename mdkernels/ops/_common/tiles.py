@@ -184,7 +184,7 @@ _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.f
 # family's shared memory, with wgmma in the sm_90 16-bit kernels (test_gpu_compile asserts all three).
 _TILES = {
     ("forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=64, num_warps=8, num_stages=2, full_d=512, split_do=256,
-                                        odd=dict(full_d=256, split_do=128)),
+                                        odd=dict(full_d=128, split_do=128)),
     ("forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=128, split_do=256,
                                         odd=dict(full_d=64, split_do=128)),
     # 64 classes spilled 64-160 B at D = 128 and 256 with the filter and CurricularFace on (Triton 3.9): 32 (wgmma N = 32)
@@ -209,7 +209,7 @@ _TILES = {
     ("kd_forward", "half", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=256, split_do=256,
                                            odd=dict(full_d=128, split_do=128)),
     ("kd_forward", "fp32", "ampere"): dict(BLOCK_B=16, BLOCK_C=32, num_warps=8, num_stages=2, full_d=64, split_do=128,
-                                           odd=dict(full_d=64, split_do=64)),
+                                           odd=dict(full_d=64, split_do=64, block_d=32)),
     ("kd_forward", "half", "hopper"): dict(BLOCK_B=64, BLOCK_C=32, num_warps=8, num_stages=2, full_d=64, split_do=128,
                                            odd=dict(full_d=64, split_do=64)),
     # fp32 margin KD on Hopper: two cosine tiles, three accumulators and tf32x3's split operands spill at any
@@ -225,11 +225,15 @@ _TILES = {
     ("kd_center_grad", "fp32", "hopper"): dict(BLOCK_B=32, BLOCK_C=16, num_warps=8, num_stages=2, full_d=64,
                                                split_do=128, odd=dict(full_d=64, split_do=64)),
     # fp64 (any arch: IEEE fp64 MMA, no wgmma): small tiles, twice the registers per element
-    ("forward", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=128, split_do=64),
-    ("center_grad", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=128, split_do=64),
+    # (sm_86, 89 and 120 have no fp64 tensor cores: FMA dots, which spilled at 128 resident columns on sm_120)
+    ("forward", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64,
+                                     block_d=32),
+    ("center_grad", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64,
+                                         block_d=32),
     ("kd_forward", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64,
                                        block_d=32),
-    ("kd_center_grad", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64),
+    ("kd_center_grad", "fp64", "any"): dict(BLOCK_B=16, BLOCK_C=16, num_warps=4, num_stages=1, full_d=64, split_do=64,
+                                           block_d=32),
 }  # fmt: skip
 # The interpreter: few, large tiles (each program iteration costs ~ms); D up to 512 resident.
 _INTERPRET = dict(BLOCK_C=128, num_warps=4, num_stages=1, full_d=512, split_do=256)
@@ -263,19 +267,22 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int
         cfg = dict(_TILES[(kernel, dclass, "any" if dclass == "fp64" else klass)])
         if op != dtype:  # autocast: fp32 tiles in flight for 16-bit operands, twice the registers of a 16-bit load
             cfg["full_d"], cfg["split_do"] = min(cfg["full_d"], 128), min(cfg["split_do"], 128)
-            # odd D: one address per element on top (margin KD's two cosine tiles spilled 40-760 B, Triton 3.9)
-            odd = dict(cfg.get("odd", {}), split_do=64)
+            # odd D: one address per element on top (margin KD's two cosine tiles spilled 40-760 B, the forward
+            # 16-104 B at 256 resident columns, Triton 3.9): 64 resident, steps and blocks of 32 and 64
+            odd = dict(cfg.get("odd", {}), full_d=64, split_do=64, block_d=32)
             if kernel == "kd_forward" and klass == "hopper":
                 odd.update(BLOCK_B=16)  # the mma.sync row tile
             cfg["odd"] = odd
+    odd = cfg.pop("odd", {})
+    if not (D % 16 == 0 if aligned is None else aligned):
+        cfg.update(odd)
     cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // triton.next_power_of_2(subcenters))
+    if subcenters > 1 and gpu_tiles():  # 512 resident columns and sub-centers spilled on sm_100 (Triton 3.9)
+        cfg["full_d"] = min(cfg["full_d"], 256)
     if subcenters > 1 and gpu_tiles() and op != torch.float64:  # the (B, C, K) max tile: 4 warps spill on sm_80
         cfg["num_warps"] = 8
         if op == torch.float32:  # and two stages of fp32 spilled on Hopper and sm_100 (Triton 3.7, 3.8)
             cfg["num_stages"] = 1
-    odd = cfg.pop("odd", {})
-    if not (D % 16 == 0 if aligned is None else aligned):
-        cfg.update(odd)
     full_d, split_do, block_d = cfg.pop("full_d"), cfg.pop("split_do"), cfg.pop("block_d", 64)
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:

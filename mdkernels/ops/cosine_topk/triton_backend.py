@@ -91,25 +91,32 @@ FORCE_SPLITS: int | None = None  # tests: force this many gallery splits on any 
 def tile_config(dtype: torch.dtype, D: int, k: int = 10, arch: int | None = 80) -> dict:
     """BLOCK_Q, BLOCK_G, BLOCK_D, FULL_D, num_warps: the interpreter's few large tiles, or a GPU's: the running
     list (BLOCK_Q x next_pow2(k) values and indices) shares the registers with the cosine tile, so the query
-    tile shrinks as k grows (64-row wgmma tiles for 16-bit on sm_90 for k up to 16); the D loop above 256 columns.
-    Chosen to compile without spills on sm_80/sm_90 (test_gpu_compile)."""
+    tile shrinks as k grows (64-row wgmma tiles for 16-bit on sm_90 for k up to 16); D resident up to 256 columns
+    (16-bit) or 128 (fp32, fp64), else a D loop; a D that is not a multiple of 16 loads element by element and
+    takes narrower steps. Chosen so that every tile compiles without a spill on sm_80 to sm_120 (the compile
+    check, mdkernels.tools.gpu_compile)."""
     d_pad = triton.next_power_of_2(max(D, 16))
     if not gpu_tiles():
         return dict(BLOCK_Q=32, BLOCK_G=128, BLOCK_D=d_pad if d_pad <= 512 else 128, FULL_D=d_pad <= 512,
                     num_warps=4)  # fmt: skip
     kp = triton.next_power_of_2(max(k, 1))
     arch = arch or 0
-    full = d_pad <= 256
     half = dtype in (torch.float16, torch.bfloat16)
+    aligned = D % 16 == 0
+    # fp32 at 256 resident columns spilled 0.3-0.6 KB and needed 130 KiB of shared memory on sm_80 (Triton 3.9)
+    full = d_pad <= (256 if half and aligned else 128)
     # 64-row wgmma tiles for 16-bit on sm_90 only: fp32 spilled there (Triton 3.6), the 64-row tiles on sm_100
     # spilled in fp32 (Triton 3.9) and failed to compile in 16-bit (Triton 3.6's PassManager)
-    wide = half and 90 <= arch < 100
+    wide = half and 90 <= arch < 100 and aligned  # an odd D's element-wise loads spilled 0.6 KB at 64 rows
     block_q = (64 if wide else 32) if kp <= 16 else (32 if kp <= 64 else 16)
     # 16-bit at 8 warps spills on sm_80; from sm_100 on, ptxas capped the 4-warp tile at 128 registers and spilled
     warps = 4 if half and kp <= 16 and arch < 100 else 8
-    block_d = d_pad if full else (32 if not half and kp <= 16 else 64)  # fp32, k <= 16: 64 spilled (Triton 3.8)
-    if dtype == torch.float64:  # twice the registers per element: half the query rows, D steps of 32
-        block_q, block_d, full = 16, d_pad if d_pad <= 128 else 32, d_pad <= 128
+    # the D loop's step: 64 columns, 32 for fp32 at k <= 16 (64 spilled, Triton 3.8) and for an odd D (one address
+    # per element: 64 spilled 8-80 B on sm_80 and sm_86, Triton 3.9)
+    block_d = d_pad if full else (32 if (not half and kp <= 16) or not aligned else 64)
+    if dtype == torch.float64:  # a checking mode; no fp64 tensor cores on sm_86/89/120 (FMA dots spilled 0.2-5 KB on
+        # sm_89 at 16 x 64 tiles, Triton 3.9): small tiles, D always in steps of 16
+        return dict(BLOCK_Q=16, BLOCK_G=32, BLOCK_D=16, FULL_D=False, num_warps=8 if kp > 64 else 4)  # the list
     return dict(BLOCK_Q=block_q, BLOCK_G=64, BLOCK_D=block_d, FULL_D=full, num_warps=warps)
 
 
