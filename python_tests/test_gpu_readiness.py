@@ -35,6 +35,10 @@ import mdkernels
 from mdkernels import _cuda_ext
 from mdkernels import reference as R
 from mdkernels.ops._common import probe, tiles
+from mdkernels.ops._common.env import simulate_gpu, simulated
+
+# "here", and on a CPU a simulated H100 beside it (not twice where the process already simulates one: the dry run)
+WHERE = ["here"] + ([] if HAS_CUDA or simulated() is not None else ["simulated-h100"])
 
 REPO = Path(__file__).resolve().parents[1]
 needs_emulator = pytest.mark.skipif(_cuda_ext.emu is None, reason="CUDA module (and its emulator) not built")
@@ -205,7 +209,7 @@ def test_the_triton_path_never_calls_the_cuda_module(monkeypatch):
 # ---- autocast ---------------------------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("op", ["margin_ce", "margin_kd"])
-@pytest.mark.parametrize("where", ["here"] + ([] if HAS_CUDA else ["simulated-h100"]))
+@pytest.mark.parametrize("where", WHERE)
 def test_autocast_runs_16_bit_operands_on_fp32_centers(op, where):
     """Under torch.autocast the fused ops take fp32 embeddings and centers, read fp32 tiles, normalise in fp32
     and cast the dots' operands to bf16 in registers (the interpreter rounds them exactly), accumulate in fp32
@@ -214,7 +218,6 @@ def test_autocast_runs_16_bit_operands_on_fp32_centers(op, where):
     tensor with dimensions C and D but W's fp32 gradient, none with B and C. By shape, not size: on an H100's 132
     SMs split-C's ``(splits, B, D)`` partials outgrow C x D / 2 with nothing wrong (simulated-h100: the CPU runs
     that GPU's grid and tiles)."""
-    from mdkernels.ops._common.env import simulate_gpu
 
     with simulate_gpu("h100") if where == "simulated-h100" else contextlib.nullcontext():
         _autocast_case(op)
@@ -307,13 +310,12 @@ def _allocations_of(fn, *dims):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS + (["cuda"] if _cuda_ext.emu is not None else []))
-@pytest.mark.parametrize("where", ["here"] + ([] if HAS_CUDA else ["simulated-h100"]))
+@pytest.mark.parametrize("where", WHERE)
 def test_pml_layout_is_read_in_place(backend, where):
     """pytorch-metric-learning's ArcFaceLoss keeps ``W: (D, C)``; the drop-in passes ``W.t()``. The forward
     allocates nothing with dimensions C and D (it used to copy W every call), the backward one: W's gradient, in
     W's own layout. Values and gradients equal the reference. By shape: split-C's partials on an H100 are larger
     than C x D with nothing wrong (simulated-h100)."""
-    from mdkernels.ops._common.env import simulate_gpu
 
     if where == "simulated-h100" and backend == "torch":
         pytest.skip("the torch backend has no grid: nothing of the GPU's to simulate")
