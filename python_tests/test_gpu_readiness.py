@@ -468,7 +468,8 @@ def test_gpu_check_dry_run(tmp_path):
                                                      "tests.txt"]  # fmt: skip
     tests = (out / "tests.txt").read_text().splitlines()
     assert not [t for t in tests if " FAILURE " in t or " ERROR " in t], "\n".join(tests)
-    by_step = {step: [t for t in tests if t.startswith(step + " PASSED")] for step in ("3_gpu_tests", "4_graph", "5_")}
+    by_step = {step: [t for t in tests if t.split()[0].startswith(step) and t.split()[1] == "PASSED"]
+               for step in ("3_gpu_tests", "4_graph", "5_")}  # fmt: skip
     assert len(by_step["3_gpu_tests"]) >= 50 and by_step["4_graph"] and len(by_step["5_"]) >= 8, by_step
     rows = (out / "results.csv").read_text()
     assert "Fake H100 (dry run)" in rows and ",mdk_cuda," in rows and ",mdk_triton," in rows

@@ -526,7 +526,9 @@ def test_adadistill_trains_alone_and_sharded(rec_data, tmp_path):
     assert (tmp_path / "sharded" / "last.rank1.pt").is_file()
     torch.testing.assert_close(a["head"]["head.weight"], b["head"]["head.weight"], rtol=1e-5, atol=1e-6)
     # The backbones' updates agree (not the weights to a fixed tolerance: two SGD steps of a tiny net whose BN sees
-    # 8 rows amplify the summation order of the sharded loss's all-reduce differently on every CPU)
+    # 8 rows amplify the summation order of the sharded loss's all-reduce differently on every CPU). The bound: an
+    # Intel Xeon measured 1.5e-3 of the update (under 1e-3 before the fused ops' dots became element-wise sums,
+    # another order); a wrong shard or scale moves it far more (test_distributed checks those exactly)
     torch.manual_seed(0)
     init = build_backbone("mobilefacenet", width=0.25, embedding_size=64, input_size=32).state_dict()
     assert a["backbone"].keys() == b["backbone"].keys() == init.keys()
@@ -534,7 +536,7 @@ def test_adadistill_trains_alone_and_sharded(rec_data, tmp_path):
              for k, v in init.items() if v.is_floating_point() and "running_" not in k}  # the learned tensors
     total = sum(float(da.norm() ** 2) for da, _ in moved.values()) ** 0.5
     apart = sum(float((da - db).norm() ** 2) for da, db in moved.values()) ** 0.5
-    assert total > 1e-3 and apart <= 1e-3 * total, (apart, total)
+    assert total > 1e-3 and apart <= 5e-3 * total, (apart, total)
     for key, (da, db) in moved.items():
         assert float((da - db).norm()) <= 1e-2 * float(da.norm()) + 1e-4 * total, key
 
