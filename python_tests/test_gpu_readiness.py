@@ -37,8 +37,10 @@ from mdkernels import reference as R
 from mdkernels.ops._common import probe, tiles
 from mdkernels.ops._common.env import simulate_gpu, simulated
 
-# "here", and on a CPU a simulated H100 beside it (not twice where the process already simulates one: the dry run)
-WHERE = ["here"] + ([] if HAS_CUDA or simulated() is not None else ["simulated-h100"])
+# "here", and on a CPU a simulated H100 beside it (not twice where the process already simulates one: the dry run);
+# the simulated one in the full tier only (its kernels are the interpreter's at the GPU's tiles: slow here)
+SIMULATED_H100 = pytest.param("simulated-h100", marks=pytest.mark.slow)
+WHERE = ["here"] + ([] if HAS_CUDA or simulated() is not None else [SIMULATED_H100])
 
 REPO = Path(__file__).resolve().parents[1]
 needs_emulator = pytest.mark.skipif(_cuda_ext.emu is None, reason="CUDA module (and its emulator) not built")

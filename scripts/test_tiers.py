@@ -1,6 +1,7 @@
 """Time the two test tiers of docs/testing.md on this machine, one after the other, and record them.
 
     python scripts/test_tiers.py                 # writes bench/results/test_tiers.txt
+    python scripts/test_tiers.py --tier quick    # re-times one tier, keeping the other's line (and its commit)
 
 Each tier runs as the docs give it (``TRITON_INTERPRET=1 pytest python_tests -q``, with ``-m "not slow"`` for the
 quick tier) from an empty folder, against the installed package. The record names the machine, the versions and the
@@ -32,8 +33,29 @@ def cpu() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
+def kept_lines(path: Path, skip: set[str]) -> dict[str, str]:
+    """The tier lines of an earlier record, each naming its commit (older records named it once, in the header)."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    header = re.search(r"at commit ([0-9a-f]{7,40})", text)
+    kept = {}
+    for line in text.splitlines():
+        m = re.match(r"^(quick|full)( at [0-9a-f]{7,40})?: (.*)$", line)
+        if m and m.group(1) not in skip:
+            at = m.group(2) or (f" at {header.group(1)}" if header else " at unknown")
+            kept[m.group(1)] = f"{m.group(1)}{at}: {m.group(3)}"
+    return kept
+
+
 def main() -> int:
+    import argparse
+
     import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tier", choices=sorted(TIERS), action="append", help="only these tiers (default: both)")
+    tiers = ap.parse_args().tier or list(TIERS)
 
     try:
         import triton
@@ -44,10 +66,16 @@ def main() -> int:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"  # fmt: skip
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, Triton {triton_version}"
-    lines = [f"test tiers of docs/testing.md at commit {commit}", f"machine: {cpu()}; {versions}", ""]
+    out = REPO / "bench" / "results" / "test_tiers.txt"
+    machine = f"machine: {cpu()}; {versions}"
+    same_machine = out.is_file() and machine in out.read_text().splitlines()
+    kept = kept_lines(out, set(tiers)) if same_machine else {}  # another machine's line would be mislabelled
+    lines = ["test tiers of docs/testing.md (each line names the commit it ran at)", machine, ""]
+    done = {}
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     status = 0
-    for tier, extra in TIERS.items():
+    for tier in tiers:
+        extra = TIERS[tier]
         cmd = [sys.executable, "-m", "pytest", str(REPO / "python_tests"), "-q", "-p", "no:cacheprovider", *extra]
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.mkdtemp())
@@ -56,10 +84,10 @@ def main() -> int:
                        "no outcome line")  # fmt: skip
         ran = sum(int(n) for n in re.findall(r"(\d+) (?:passed|failed|errors?)", outcome))
         took = f"{seconds / 60:.1f} min ({int(seconds // 60)} min {int(seconds % 60)} s)"
-        lines.append(f"{tier}: {took}, {ran} tests run; exit code {res.returncode}; {outcome.strip('= ')}")
-        print(lines[-1], flush=True)
+        done[tier] = f"{tier} at {commit}: {took}, {ran} tests run; exit code {res.returncode}; {outcome.strip('= ')}"
+        print(done[tier], flush=True)
         status = status or res.returncode
-    out = REPO / "bench" / "results" / "test_tiers.txt"
+    lines += [done.get(tier) or kept.get(tier) for tier in TIERS if done.get(tier) or kept.get(tier)]
     out.write_text("\n".join(lines) + "\n")
     print(f"written: {out}")
     return status
