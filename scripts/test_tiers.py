@@ -39,12 +39,16 @@ def kept_lines(path: Path, skip: set[str]) -> dict[str, str]:
         return {}
     text = path.read_text()
     header = re.search(r"at commit ([0-9a-f]{7,40})", text)
-    kept = {}
+    kept, tier = {}, None
     for line in text.splitlines():
         m = re.match(r"^(quick|full)( at [0-9a-f]{7,40})?: (.*)$", line)
-        if m and m.group(1) not in skip:
-            at = m.group(2) or (f" at {header.group(1)}" if header else " at unknown")
-            kept[m.group(1)] = f"{m.group(1)}{at}: {m.group(3)}"
+        if m:
+            tier = m.group(1) if m.group(1) not in skip else None
+            if tier:
+                at = m.group(2) or (f" at {header.group(1)}" if header else " at unknown")
+                kept[tier] = f"{tier}{at}: {m.group(3)}"
+        elif tier and line.startswith("    failed: "):
+            kept[tier] += "\n" + line
     return kept
 
 
@@ -76,7 +80,8 @@ def main() -> int:
     status = 0
     for tier in tiers:
         extra = TIERS[tier]
-        cmd = [sys.executable, "-m", "pytest", str(REPO / "python_tests"), "-q", "-p", "no:cacheprovider", *extra]
+        cmd = [sys.executable, "-m", "pytest", str(REPO / "python_tests"), "-q", "-rf", "-p", "no:cacheprovider",
+               *extra]  # fmt: skip
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.mkdtemp())
         seconds = time.perf_counter() - t0
@@ -84,7 +89,9 @@ def main() -> int:
                        "no outcome line")  # fmt: skip
         ran = sum(int(n) for n in re.findall(r"(\d+) (?:passed|failed|errors?)", outcome))
         took = f"{seconds / 60:.1f} min ({int(seconds // 60)} min {int(seconds % 60)} s)"
+        failed = [line.split("python_tests/")[-1] for line in res.stdout.splitlines() if line.startswith("FAILED ")]
         done[tier] = f"{tier} at {commit}: {took}, {ran} tests run; exit code {res.returncode}; {outcome.strip('= ')}"
+        done[tier] += "".join(f"\n    failed: {name}" for name in failed)  # which, so that a record explains itself
         print(done[tier], flush=True)
         status = status or res.returncode
     lines += [done.get(tier) or kept.get(tier) for tier in TIERS if done.get(tier) or kept.get(tier)]
