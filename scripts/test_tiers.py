@@ -33,11 +33,14 @@ def cpu() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def kept_lines(path: Path, skip: set[str]) -> dict[str, str]:
-    """The tier lines of an earlier record, each naming its commit (older records named it once, in the header)."""
+def kept_lines(path: Path, skip: set[str], machine: str) -> dict[str, str]:
+    """The tier lines of an earlier record on this ``machine`` (another machine's line would be mislabelled), each
+    naming its commit (older records named it once, in the header)."""
     if not path.is_file():
         return {}
     text = path.read_text()
+    if machine not in text.splitlines():
+        return {}
     header = re.search(r"at commit ([0-9a-f]{7,40})", text)
     kept, tier = {}, None
     for line in text.splitlines():
@@ -72,8 +75,7 @@ def main() -> int:
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, Triton {triton_version}"
     out = REPO / "bench" / "results" / "test_tiers.txt"
     machine = f"machine: {cpu()}; {versions}"
-    same_machine = out.is_file() and machine in out.read_text().splitlines()
-    kept = kept_lines(out, set(tiers)) if same_machine else {}  # another machine's line would be mislabelled
+    kept = kept_lines(out, set(tiers), machine)
     lines = ["test tiers of docs/testing.md (each line names the commit it ran at)", machine, ""]
     done = {}
     env = {**os.environ, "TRITON_INTERPRET": "1"}
