@@ -21,12 +21,14 @@ from mdkernels.functional import (  # noqa: E402
     triplet_distillation_loss,
 )
 from mdkernels.info import info  # noqa: E402
+from mdkernels.optim import CenterUpdateHandle, fuse_center_update  # noqa: E402
 
 cosine_topk = cosine_topk_search  # mdkernels.cosine_topk(queries, gallery, k): the name the docs use
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CenterUpdateHandle",
     "MarginCEStats",
     "__version__",
     "adadistill_loss",
@@ -34,6 +36,7 @@ __all__ = [
     "angular_distillation_loss",
     "cosine_topk",
     "cosine_topk_search",
+    "fuse_center_update",
     "info",
     "l2_normalize",
     "margin_cross_entropy",

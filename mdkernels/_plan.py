@@ -24,6 +24,7 @@ import torch
 from mdkernels import _validate as V
 from mdkernels import backends
 from mdkernels._math import compute_dtype, margin_rows
+from mdkernels.ops._common import center_update
 
 _AUTOCAST_OPERANDS = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -82,9 +83,10 @@ def margin_ce(embeddings, centers, labels, *, s, m1, m2, m3, fallback, grad, sub
         t = torch.full((), float(curricular_t), dtype=cd, device=embeddings.device)  # a fill: no host-to-device copy
     # 4. the backend
     shape = (B, centers.shape[0] // subcenters, D)
+    fused_step = torch.is_grad_enabled() and centers.requires_grad and center_update.bound(centers)
     chosen = backends.resolve("margin_ce", backend, embeddings, shape, subcenters=subcenters,
                               curricular_t=curricular_t is not None, autocast=bool(op_dtype),
-                              strided_centers=centers.stride(1) != 1)  # fmt: skip
+                              strided_centers=centers.stride(1) != 1, center_update=fused_step)  # fmt: skip
     need_dx = torch.is_grad_enabled() and embeddings.requires_grad
     return MarginCEPlan(chosen, op_dtype, shape, m2_rows, m3_rows, t, need_dx)
 

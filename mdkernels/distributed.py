@@ -45,6 +45,7 @@ from mdkernels._collective import world_of as _world
 from mdkernels._math import compute_dtype, margin_rows
 from mdkernels._plan import autocast_operands
 from mdkernels.ops import margin_ce
+from mdkernels.ops._common import center_update
 from mdkernels.ops._common.env import ieee_fp32_matmul, no_autocast, operand_dtype
 from mdkernels.ops._common.margin import NonTarget, distillation_margins, margin_target_and_slope
 from mdkernels.ops.l2norm import l2_normalize, normalize_backward, row_rnorm
@@ -95,7 +96,8 @@ class _ShardedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau, backend, group, rows_local,
-                need_dx, op_dtype=""):  # fmt: skip
+                need_dx, op_dtype="", fused=None):  # fmt: skip
+        ctx.fused = fused  # (the shard's parameter, the sampled rows or None): its fused center update, or None
         with no_autocast(x), ieee_fp32_matmul(x):  # the op's own precision: autocast's 16-bit operands, or fp32
             return _ShardedMarginCE._forward(ctx, x, w, local_target, valid, m2, s, m1, m3, fallback, grad, tau,
                                              backend, group, rows_local, need_dx, op_dtype)  # fmt: skip
@@ -164,14 +166,22 @@ class _ShardedMarginCE(torch.autograd.Function):
         dx = dw = None
         if need_dx:  # the whole gathered batch's gradient, identical on every rank: no collective, no GEMM
             dx = normalize_backward(x, o_bar * gr[:, None] + coef[:, None] * w_y, use_cuda=backend == "cuda")
+        step = None
+        if need_dw and ctx.fused is not None:  # this rank's shard takes its update here (docs/center_update.md)
+            param, index = ctx.fused
+            step = center_update.claim(param if index is None else w, index=index, param=param)
         if need_dw:
             if w.shape[0]:  # the target term goes to the rows of this shard only (local_target >= 0)
                 dw = margin_ce.BACKENDS[backend].center_grad(x, w, local_target, rx, rw, lse, gr, coef, raw_t, s,
-                                                             NonTarget(tau),
-                                                             op_dtype=operand_dtype(op_dtype))  # fmt: skip
+                                                             NonTarget(tau), op_dtype=operand_dtype(op_dtype),
+                                                             step=step)  # fmt: skip
             else:
-                dw = torch.zeros_like(w)
-        return dx, dw, *(None,) * 14
+                dw = torch.zeros_like(w) if step is None else None
+            if step is not None and ctx.fused[1] is not None:  # the unsampled rows: torch.optim's zero-gradient step
+                keep = torch.zeros(ctx.fused[0].shape[0], dtype=torch.bool, device=w.device)
+                keep[ctx.fused[1]] = True
+                step.apply_zero(keep)
+        return dx, dw, *(None,) * 15
 
 
 def sample_size(num_local: int, sample_rate: float, global_batch: int) -> int:
@@ -240,7 +250,8 @@ def sharded_margin_cross_entropy(
         # the sharded path is always fused ('reference' means the unsharded oracle); 'cuda' with CPU tensors
         # is an error here, before any collective or launch
         backend = backends.resolve("margin_ce", "torch" if backend == "reference" else backend, embeddings,
-                                   autocast=bool(op_dtype))  # fmt: skip
+                                   autocast=bool(op_dtype),
+                                   center_update=local_centers.requires_grad and center_update.bound(local_centers))  # fmt: skip
     except (ValueError, TypeError, RuntimeError) as err:
         error = str(err)
     ready = collective_check(error, group, embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0,
@@ -265,9 +276,12 @@ def sharded_margin_cross_entropy(
         w = local_centers[index]
     tau = None if interclass_filter is None else float(interclass_filter)
     need_dx = torch.is_grad_enabled() and embeddings.requires_grad
+    fused = None
+    if torch.is_grad_enabled() and local_centers.requires_grad and center_update.bound(local_centers):
+        fused = (local_centers, index if sample_rate < 1.0 and num_local else None)
     loss_rows = _ShardedMarginCE.apply(x, w, local, valid, m2_all, float(s), float(m1), float(m3), bool(fallback),
-                                       grad, tau, backend, group, reduction == "none", need_dx,
-                                       op_dtype)  # fmt: skip
+                                       grad, tau, backend, group, reduction == "none", need_dx, op_dtype,
+                                       fused)  # fmt: skip
     if reduction == "none":
         return loss_rows[rank * embeddings.shape[0] : (rank + 1) * embeddings.shape[0]]
     total = loss_rows.sum()

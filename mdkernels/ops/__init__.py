@@ -34,8 +34,9 @@ class Op:
 
 _MARGIN_CE_BACKENDS = ("triton", "cuda", "torch")
 # the CUDA C++ kernels have neither the sub-center max nor CurricularFace's modulation, nor a mixed-precision
-# (autocast: fp32 inputs, 16-bit operands) instantiation: Triton (and torch) have all three
-_MARGIN_CE_LACKS = (("cuda", ("subcenters", "curricular_t", "autocast")),)
+# (autocast: fp32 inputs, 16-bit operands) instantiation, nor the fused center update (mdkernels.fuse_center_update):
+# Triton (and torch) have all four
+_MARGIN_CE_LACKS = (("cuda", ("subcenters", "curricular_t", "autocast", "center_update")),)
 
 OPS: dict[str, Op] = {
     "l2norm": Op(

@@ -143,8 +143,11 @@ def center_grad(
     lse: torch.Tensor | None = None,
     nontarget: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None,
     logit_sets: int = 1,
-) -> torch.Tensor:
-    """``dL/dW`` (C K, D) in the centers' dtype, written once per chunk of classes.
+    step=None,
+) -> torch.Tensor | None:
+    """``dL/dW`` (C K, D) in the centers' dtype, written once per chunk of classes; with ``step`` (a
+    :class:`mdkernels.ops._common.center_update.Step`) each chunk's gradient is applied to its rows instead and
+    nothing of size ``C x D`` is allocated (returns None).
 
     ``xs = s * n(x)``. The non-target ``E = dL/dc / (gr s)`` of a chunk is ``exp(z - lse)`` times
     CurricularFace's slope (the margin CE: pass ``lse``), or ``nontarget(z, c0, c1)`` from the chunk's
@@ -155,7 +158,7 @@ def center_grad(
     K, cd = nt.K, xs.dtype
     xg = xs * gr[:, None]  # G = E * gr s, so G^T n(x) = E^T xg
     t_e = torch.where(gr != 0, coef / (gr * s), torch.zeros_like(coef))  # the target's E entry
-    dw = torch.empty_like(w)
+    dw = torch.empty_like(w) if step is None else None
     fused = nontarget is None and nt.plain and fused_epilogue(xs)
     for c0, c1 in chunks(logit_sets * xs.shape[0] * K, w.shape[0] // K):
         r0, r1 = c0 * K, c1 * K  # the chunk's weight rows
@@ -184,9 +187,12 @@ def center_grad(
             put_at_targets(z, tcol, s * raw_t)
             dot = torch.mv(z.mul_(e).T, gr)
             e.mul_(rw[None, r0:r1])
-        out = dw[r0:r1] if dw.dtype == cd else torch.empty(r1 - r0, w.shape[1], dtype=cd, device=w.device)
+        inplace = dw is not None and dw.dtype == cd
+        out = dw[r0:r1] if inplace else torch.empty(r1 - r0, w.shape[1], dtype=cd, device=w.device)
         torch.mul(w[r0:r1].to(cd), -projection(rw[r0:r1], dot)[:, None], out=out)
         out.addmm_(e.T, xg)
-        if out.data_ptr() != dw[r0:r1].data_ptr():
+        if step is not None:  # the chunk's rows are read by no later chunk: updated now, in place
+            step.apply_rows(r0, r1, out)
+        elif not inplace:
             dw[r0:r1] = out
     return dw

@@ -137,14 +137,76 @@ if HAS_TRITON:
         return tl.reshape(tl.where(ks == kidx[:, None, :], v[:, None, :], 0.0), (BLOCK_C * KP, BLOCK_B))
 
     @triton.jit
+    def _round_as(v, P):
+        """``v`` rounded to the nearest value of the dtype ``P`` points to (ties to even), back in ``v``'s dtype:
+        bf16 through :func:`round_bf16` (the interpreter's own cast truncates), so that the value stored is the
+        one torch's cast would store."""
+        if P.dtype.element_ty == tl.bfloat16:
+            out = round_bf16(v.to(tl.float32)).to(v.dtype)
+        else:
+            out = v.to(P.dtype.element_ty).to(v.dtype)
+        return out
+
+    @triton.jit
     def center_grad_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, DW, stride_dw, stride_dwc):
         """Writes ``dL/dw_j = rw_j * gscale * acc_j - w_j * rw_j^2 dot_j`` for a class tile, with ``acc`` the
         (scaled) ``G^T n(x)`` and ``dot_j = sum_i G_ij c_ij = <n(w_j), dW^_j>``: the normalisation backward
         without a pass over D. Rows of norm below EPS have no projection (``n(w) = w / EPS``)."""
         proj = tl.where(rw >= _ZERO_ROW_RW, 0.0, dot * rw * rw)
-        dw = acc * (gscale * rw)[:, None] - wt.to(acc.dtype) * proj[:, None]
+        dw = _round_as(acc * (gscale * rw)[:, None] - wt.to(acc.dtype) * proj[:, None], DW)
         tl.store(DW + cols[:, None].to(tl.int64) * stride_dw + dd[None, :].to(tl.int64) * stride_dwc,
                  dw.to(DW.dtype.element_ty), mask=col_mask[:, None] & d_mask[None, :])  # fmt: skip
+
+    @triton.jit
+    def center_update_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc,
+                               INV, FOUND, lr, wd, mom, damp, nesterov, first, maximize, beta1, beta2, eps, step_size,
+                               bc2_sqrt, UPDATE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
+        """The fused center update (mdkernels/ops/_common/center_update.py, torch.optim's math): the tile's
+        gradient as :func:`center_grad_epilogue` forms it, rounded to the centers' dtype, unscaled (``SCALED``: a
+        row with a non-finite entry keeps its values and sets ``FOUND``), then SGD (``UPDATE == 1``: momentum
+        buffer ``S1``) or AdamW (``UPDATE == 2``: ``S1``, ``S2`` the two moments) applied to the centers ``W`` and
+        the state, which share ``W``'s strides. Only the program that computed these rows reads or writes them."""
+        proj = tl.where(rw >= _ZERO_ROW_RW, 0.0, dot * rw * rw)
+        p = wt.to(acc.dtype)
+        g = _round_as(acc * (gscale * rw)[:, None] - p * proj[:, None], W)
+        mask = col_mask[:, None] & d_mask[None, :]
+        offs = cols[:, None].to(tl.int64) * stride_w + dd[None, :].to(tl.int64) * stride_wc
+        keep = mask
+        if SCALED:
+            g = _round_as(g * tl.load(INV), W)
+            bad = tl.max(tl.where(mask & ((g != g) | (tl.abs(g) == float("inf"))), 1, 0), 1) > 0
+            keep = mask & ~bad[:, None]
+            tl.atomic_max(FOUND, tl.max(bad.to(tl.int32), 0))
+        if maximize != 0:
+            g = -g
+        # each of torch.optim's operations rounds to the centers' dtype (a no-op in fp32): so do these
+        if UPDATE == 1:
+            if wd != 0:
+                g = _round_as(g + wd * p, W)
+            if mom != 0:
+                if first != 0:
+                    buf = g
+                else:
+                    buf = _round_as(tl.load(S1 + offs, mask=mask, other=0.0).to(acc.dtype) * mom, W)
+                    buf = _round_as(buf + (1 - damp) * g, W)
+                tl.store(S1 + offs, buf.to(S1.dtype.element_ty), mask=keep)
+                if nesterov != 0:
+                    g = _round_as(g + mom * buf, W)
+                else:
+                    g = buf
+            p = _round_as(p - lr * g, W)
+        else:
+            if wd != 0:
+                p = _round_as(p * (1 - lr * wd), W)
+            m = tl.load(S1 + offs, mask=mask, other=0.0).to(acc.dtype)
+            v = tl.load(S2 + offs, mask=mask, other=0.0).to(acc.dtype)
+            m = _round_as(m + (1 - beta1) * (g - m), W)
+            v = _round_as(_round_as(v * beta2, W) + (1 - beta2) * g * g, W)
+            tl.store(S1 + offs, m.to(S1.dtype.element_ty), mask=keep)
+            tl.store(S2 + offs, v.to(S2.dtype.element_ty), mask=keep)
+            denom = _round_as(_round_as(_round_as(tl.sqrt(v), W) / bc2_sqrt, W) + eps, W)
+            p = _round_as(p - step_size * (m / denom), W)
+        tl.store(W + offs, p.to(W.dtype.element_ty), mask=keep)
 
 
 def triton_flags(dtype: torch.dtype, on_cuda: bool, op_dtype: torch.dtype | None = None) -> dict:

@@ -35,7 +35,7 @@ import torch
 
 from mdkernels._math import compute_dtype
 from mdkernels._validate import label_mask
-from mdkernels.ops._common import probe
+from mdkernels.ops._common import center_update, probe
 from mdkernels.ops._common.env import ieee_fp32_matmul, no_autocast, operand_dtype
 from mdkernels.ops._common.epilogue import embedding_grad
 from mdkernels.ops._common.margin import NonTarget, curricular_threshold, margin_target_and_slope
@@ -200,21 +200,25 @@ def backward_impl(
     need_dm2: bool,
     backend: str,
     op_dtype: str = "",
+    step: center_update.Step | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dx, dw, dm2)``, each empty (0 elements) when not needed. ``dx`` needs no GEMM (``o_bar``);
     ``dw`` is the only pass over the classes, and there is none for frozen centers; ``dm2 = dL/dm2`` ``(B,)``
-    comes from the per-row statistics alone. Gradients come back in the dtype and layout of x and w."""
+    comes from the per-row statistics alone. Gradients come back in the dtype and layout of x and w. With
+    ``step`` (the fused center update) the centers' gradient is applied to ``w`` tile by tile, after ``dx``
+    (which reads the old centers), and ``dw`` comes back empty."""
     if need_dx and o_bar.shape[0] != x.shape[0]:
         raise ValueError("margin_ce_backward: dx needs the forward's o_bar; call the forward with need_dx=True")
     with no_autocast(x):
         return _backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback,
                               grad, easy_margin, theta_clip, cos_clamp, interclass_filter, int(subcenters),
-                              ignore_index, need_dx, need_dw, need_dm2, backend, operand_dtype(op_dtype))  # fmt: skip
+                              ignore_index, need_dx, need_dw, need_dm2, backend, operand_dtype(op_dtype),
+                              step)  # fmt: skip
 
 
 def _backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, s, m1, fallback, grad,
                    easy_margin, theta_clip, cos_clamp, interclass_filter, K, ignore_index, need_dx, need_dw, need_dm2,
-                   backend, op_dtype):  # fmt: skip
+                   backend, op_dtype, step=None):  # fmt: skip
     labels = labels.long()
     cd = rx.dtype
     valid = (labels != ignore_index) & (labels >= 0) & (labels < w.shape[0] // K)  # as the forward counted them
@@ -230,7 +234,11 @@ def _backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o
                             use_cuda=backend == "cuda")  # fmt: skip
     if need_dw:
         nt = _nontarget(interclass_filter, cos_clamp, curricular_t, raw_t, m2, m3, m1, K, kt)
-        dw = BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, nt, op_dtype=op_dtype)
+        if step is None:
+            dw = BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, nt, op_dtype=op_dtype)
+        else:  # every read of the old centers (the target terms, dx) is done: update them tile by tile
+            BACKENDS[backend].center_grad(x, w, labels_k, rx, rw, lse, gr, coef, raw_t, s, nt, op_dtype=op_dtype,
+                                          step=step)  # fmt: skip
     if need_dm2:  # dL/dm2 = gr (p_t - 1) dz_t/dm2, per row: no pass over the classes
         if dz_dm2 is None:
             raise ValueError("margin_ce_backward: dm2 needs the torch target terms")
@@ -276,6 +284,13 @@ def _backward(ctx, grad_rows, *_unused):
     need_dx, need_dw, need_dm2 = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
     if not (need_dx or need_dw or need_dm2):
         return (None,) * 19
+    step = center_update.claim(w) if need_dw else None
+    if step is not None:  # the fused center update: w changes in place, its gradient is never formed (None)
+        with probe.inside(), ieee_fp32_matmul(x), torch.no_grad():
+            dx, _, dm2 = backward_impl(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt,
+                                       *ctx.args, need_dx, True, need_dm2, ctx.backend, ctx.op_dtype,
+                                       step)  # fmt: skip
+        return (dx if need_dx else None), None, None, (dm2 if need_dm2 else None), *(None,) * 15
     dx, dw, dm2 = margin_ce_backward(grad_rows, x, w, labels, m2, m3, curricular_t, lse, rx, rw, o_bar, kt, *ctx.args,
                                      need_dx, need_dw, need_dm2, ctx.backend, ctx.op_dtype)  # fmt: skip
     return (dx if need_dx else None), (dw if need_dw else None), None, (dm2 if need_dm2 else None), *(None,) * 15

@@ -64,8 +64,9 @@ def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o, op_dtype=None):
     return lse_nt, o
 
 
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype=None):
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype=None, step=None):
     """``dL/dW`` (C K, D) in the centers' dtype, written once per chunk (:func:`chunked.center_grad`), with
-    the non-target ``dL/dc = gr s exp(z - lse) (dz/dc)/s``."""
+    the non-target ``dL/dc = gr s exp(z - lse) (dz/dc)/s``. With ``step`` (the fused center update), each chunk's
+    gradient is applied to its rows instead (returns None)."""
     xs = x.to(rx.dtype) * (rx * s)[:, None]
-    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, nt, lse=lse)
+    return chunked.center_grad(xs, w, rw, labels, gr, coef, raw_t, s, nt, lse=lse, step=step)

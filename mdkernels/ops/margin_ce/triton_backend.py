@@ -18,7 +18,7 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._math import compute_dtype
-from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, gpu_like, num_sms, ptr
+from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, capability, gpu_like, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget
 from mdkernels.ops._common.tiles import (
@@ -37,6 +37,7 @@ if HAS_TRITON:
     from mdkernels.ops._common.tiles import (
         as_operand,
         center_grad_epilogue,
+        center_update_epilogue,
         cos_tile,
         load_tile,
         logits,
@@ -136,11 +137,15 @@ if HAS_TRITON:
         stride_dw, stride_dwc, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K,
         KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, S1=None, S2=None, INV=None, FOUND=None, lr=0.0, wd=0.0, mom=0.0, damp=0.0,
+        nesterov=0, first=0, maximize=0, beta1=0.0, beta2=0.0, eps=0.0, step_size=0.0, bc2_sqrt=1.0,
+        UPDATE: tl.constexpr = 0, SCALED: tl.constexpr = False,
     ):  # fmt: skip
         """One (class tile, D block): ``dW`` of its centers (``BLOCK_C * K`` weight rows) from every row,
         written once. Class-major: every tile is (classes, rows), so that both products have the class tile
-        as M (64-row wgmma on Hopper whatever the batch)."""
+        as M (64-row wgmma on Hopper whatever the batch). ``UPDATE`` (1: SGD, 2: AdamW; FULL_D only, one program
+        per class tile, the sole reader of its rows): the optimizer step applied to ``W`` and the state ``S1``,
+        ``S2`` in place of writing ``DW`` (:func:`mdkernels.ops._common.tiles.center_update_epilogue`)."""
         pid_c = tl.program_id(0)
         pid_d = tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -194,7 +199,12 @@ if HAS_TRITON:
                 acc += tl.dot(as_operand(g / gscale, OP_DTYPE, ROUND), xn, input_precision=PRECISION,
                               out_dtype=ACC_DTYPE)  # fmt: skip
         wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc)  # reloaded: not held over the loop
-        center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw, stride_dwc)
+        if UPDATE == 0:
+            center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw, stride_dwc)
+        else:
+            center_update_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc,
+                                   INV, FOUND, lr, wd, mom, damp, nesterov, first, maximize, beta1, beta2, eps,
+                                   step_size, bc2_sqrt, UPDATE, SCALED)  # fmt: skip
 
 
 FORCE_SPLITS: int | None = None  # tests: force this many class splits (split-C) on any device
@@ -245,10 +255,69 @@ def forward(x, w, labels, rx, rw, s, nt: NonTarget, need_o, op_dtype=None):
     return merge_splits(m, l, o if need_o else None, s)
 
 
+WINDOWS = 20  # the fused center update through a window: the gradient of at most ~1/WINDOWS of the classes at a time
+FORCE_WINDOWED = False  # tests: the window even where the update could run in the kernel
+
+
+def _in_kernel(step, x: torch.Tensor, cfg: dict) -> bool:
+    """Whether the fused update runs in the center-gradient kernel's epilogue: each class tile's rows are read and
+    written by one program only (FULL_D: D is not split over the grid), the rows are the centers' own (no
+    sampled gather), every per-step number is a host float, and the centers are not fp64 (the kernel's scalars
+    are fp32: fp64 centers take the window, whose update runs in fp64)."""
+    return (cfg["FULL_D"] and step.index is None and step.host_scalars and x.dtype != torch.float64
+            and not FORCE_WINDOWED)  # fmt: skip
+
+
+def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype, step) -> None:
+    """The fused center update (``step``). In the kernel where :func:`_in_kernel`; otherwise D is split over
+    programs that all read a class tile's whole rows for their cosines, so none of them may overwrite those rows:
+    the gradient of a window of classes goes to a scratch (at most ~C/WINDOWS rows, or enough class tiles to fill
+    the GPU), then the update is applied to the window, in stream order, before the next window's kernel reads its
+    own (other) rows. No program ever reads a row another has written."""
+    B, D = x.shape
+    K = nt.K
+    C = w.shape[0] // K
+    cfg = tile_config("center_grad", x.dtype, B, D, K, arch=capability(x.device), op_dtype=op_dtype)
+    if not (B and C):
+        return
+    if not _in_kernel(step, x, cfg):
+        fill = 4 * num_sms(x.device) * cfg["BLOCK_C"] if gpu_like(x) else cfg["BLOCK_C"]
+        win = triton.cdiv(max(triton.cdiv(C, WINDOWS), fill), cfg["BLOCK_C"]) * cfg["BLOCK_C"]
+        for c0 in range(0, C, win):
+            c1 = min(C, c0 + win)
+            here = torch.where((labels >= c0) & (labels < c1), labels - c0, torch.full_like(labels, -1))
+            dw = center_grad(x, w[c0 * K : c1 * K], here, rx, rw[c0 * K : c1 * K], lse, gr, coef, raw_t, s, nt,
+                             op_dtype=op_dtype)  # fmt: skip
+            step.apply_rows(c0 * K, c1 * K, dw)
+        return
+    gscale = grad_scale(gr, coef, s).to(rx.dtype)
+    const, (phi, t) = _options(nt, x)
+    kt = nt.kt.contiguous() if nt.kt is not None else labels
+    s1 = step.states[0] if step.states else w
+    s2 = step.states[1] if len(step.states) > 1 else w
+    scaled = step.inv_scale is not None
+    found = torch.zeros(1, dtype=torch.int32, device=x.device) if scaled else labels
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))  # one D block where _in_kernel
+    _margin_ce_center_grad_kernel[grid](
+        x, w, rx, rw, labels, lse, gr, coef, kt, phi, t, gscale, w, B, C, D, x.stride(0), x.stride(1),
+        w.stride(0), w.stride(1), w.stride(0), w.stride(1), float(s), float(nt.tau if nt.tau is not None else 0.0),
+        float(nt.cos_clamp), S1=s1, S2=s2, INV=step.inv_scale if scaled else gscale, FOUND=found, lr=step.lr,
+        wd=step.weight_decay, mom=step.momentum, damp=step.dampening, nesterov=int(step.nesterov),
+        first=int(step.first), maximize=int(step.maximize), beta1=step.beta1, beta2=step.beta2, eps=step.eps,
+        step_size=float(step.step_size), bc2_sqrt=float(step.bc2_sqrt), UPDATE=1 if step.kind == "sgd" else 2,
+        SCALED=scaled, **const, **triton_flags(x.dtype, x.is_cuda, op_dtype), **cfg, **LAUNCH_OPTIONS,
+    )  # fmt: skip
+    if scaled:
+        torch.maximum(step.found_inf, found[0].to(step.found_inf.dtype), out=step.found_inf)
+
+
 @guard_device
-def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype=None):
+def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype=None, step=None):
     """``dL/dW`` (C K, D) in the centers' dtype and layout, as
-    :func:`mdkernels.ops.margin_ce.torch_backend.center_grad`."""
+    :func:`mdkernels.ops.margin_ce.torch_backend.center_grad`; with ``step`` (the fused center update) the
+    update is applied instead and nothing is returned (:func:`_center_step`)."""
+    if step is not None:
+        return _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt, op_dtype, step)
     B, D = x.shape
     C = w.shape[0] // nt.K
     dw = torch.empty_like(w)  # the centers' strides: a (D, C) parameter's view gets its gradient in place
