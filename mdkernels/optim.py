@@ -90,6 +90,13 @@ class CenterUpdateHandle:
         return f"CenterUpdateHandle(heads={self.heads}, optimizer={type(self.optimizer).__name__})"
 
 
+def fusable(module: nn.Module, optimizer) -> bool:
+    """Whether ``module`` holds a head whose trainable centers are in ``optimizer`` (what
+    :func:`fuse_center_update` would fuse)."""
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    return any(w.requires_grad and id(w) in in_opt for _, _, w in _heads(module))
+
+
 def fuse_center_update(module: nn.Module, optimizer: torch.optim.Optimizer, *, scaler=None) -> CenterUpdateHandle:
     """From now on, every mdkernels head inside ``module`` whose trainable centers are in ``optimizer`` takes its
     centers' update inside its backward: each class tile's gradient is applied where it is computed, and no

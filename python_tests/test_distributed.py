@@ -173,7 +173,40 @@ def _run_cases(rank, world):
     loss.backward()
     opt.step()
     out["ddp"] = (loss.detach(), backbone.weight.detach().clone(), head.full_weight())
+    out["fused"] = _fused_center_update_runs(rank, world, sl)
     return out
+
+
+FUSED_OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+}
+
+
+def _fused_center_update_runs(rank, world, sl, steps=3):
+    """Each rank's shard, ``steps`` steps with the fused center update and with optimizer.step(), with and without
+    negative-class sampling: ``{(optimizer, sample_rate): [(shard, state, full weight) unfused, ... fused]}``."""
+    x, w, y = global_inputs(world, torch.float64)
+    runs = {}
+    for name, make in FUSED_OPTIMIZERS.items():
+        for rate in (1.0, 0.5):
+            pair = []
+            for fused in (False, True):
+                head = mdist.ShardedMarginHead(D, C, sample_rate=rate).double()
+                head.load_full_weight(w)
+                opt = make(head.parameters())
+                handle = mdkernels.fuse_center_update(head, opt) if fused else None
+                g = torch.Generator().manual_seed(99 + rank)
+                for k in range(steps):
+                    opt.zero_grad(set_to_none=True)
+                    head(x[sl] * (1 + 0.1 * k), y[sl], generator=g).backward()
+                    opt.step()
+                state = {key: v.clone() for key, v in opt.state[head.weight].items()}
+                pair.append((head.weight.detach().clone(), state, head.full_weight()))
+                if handle is not None:
+                    handle.remove()
+            runs[(name, rate)] = pair
+    return runs
 
 
 def _spawn(world, mode, tmp_path):
@@ -326,3 +359,34 @@ def test_shard_range_and_not_initialised():
         with pytest.raises(RuntimeError, match="init_process_group"):
             mdist.sharded_margin_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]),
                                                class_start=0, num_classes=3)  # fmt: skip
+
+
+def test_fused_center_update_sharded(sharded_run):
+    """Every rank updates its own shard in its backward: the same as optimizer.step() on each rank (the unsampled
+    rows too: their momentum decays and their weight decay applies), and without sampling the same as one process
+    running the unsharded head fused."""
+    world, results = sharded_run
+    x, w, y = global_inputs(world, torch.float64)
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(1.0, float(b.abs().max())))
+
+    for (name, rate), _ in results[0]["fused"].items():
+        for r in results:
+            (wa, sa, _), (wb, sb, _) = r["fused"][(name, rate)]
+            close(wb, wa)
+            assert sorted(sa) == sorted(sb)
+            for key in sa:
+                close(sb[key], sa[key])
+        if rate == 1.0:  # one process, the whole head, fused
+            head = mdkernels.nn.ArcFace(D, C, backend="torch").double()
+            with torch.no_grad():
+                head.weight.copy_(w)
+            opt = FUSED_OPTIMIZERS[name](head.parameters())
+            mdkernels.fuse_center_update(head, opt)
+            for k in range(3):
+                opt.zero_grad(set_to_none=True)
+                head(x * (1 + 0.1 * k), y).backward()
+                opt.step()
+            torch.testing.assert_close(results[0]["fused"][(name, rate)][1][2], head.weight.detach(), rtol=0,
+                                       atol=1e-10)  # fmt: skip

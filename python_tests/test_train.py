@@ -199,6 +199,37 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(rec_data, tmp_path):
     assert torch.equal(a["head"]["head.weight"], b["head"]["head.weight"])
 
 
+def test_fused_center_update_trains_and_resumes_exactly_both_ways(rec_data, tmp_path):
+    """`mdk train` fuses the centers' step by default (one process, SGD); the torch backend's fused update is
+    torch.optim's operations on the same chunks of the same gradient, so a fused run equals an unfused one bit for
+    bit, and a run killed on one path resumes on the other to the same bits."""
+    args = ["--data", rec_data["train"], "--backbone", "mobilefacenet", "--width", "0.25", "--embedding-size", "64",
+            "--input-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0", "--s", "32",
+            "--momentum", "0.9", "--no-progress", "--no-tensorboard", "--save-every", "4"]  # fmt: skip
+    runs = {}
+    for name, extra in (("fused", []), ("plain", ["--no-fused-center-update"])):
+        r = _cli_train([*args, *extra, "--out", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = load_checkpoint(tmp_path / name / "last.pt")
+    a, b = runs["fused"], runs["plain"]
+    assert (a["center_update"], b["center_update"]) == ("fused", "optimizer.step")
+    assert torch.equal(a["head"]["head.weight"], b["head"]["head.weight"])
+    assert all(torch.equal(v, b["backbone"][k]) for k, v in a["backbone"].items())
+    state = a["optimizer"]["state"]
+    assert any("momentum_buffer" in s for s in state.values())  # the centers' buffer is in the fused checkpoint
+    for first, then in (([], ["--no-fused-center-update"]), (["--no-fused-center-update"], ["--fused-center-update"])):
+        out = tmp_path / f"cut{len(first)}"
+        killed = _cli_train([*args, *first, "--out", str(out)], env={"MDK_KILL_AT_STEP": "8"})
+        assert killed.returncode == 137
+        resumed = _cli_train(["--out", str(out), "--resume", "--no-progress", *then])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        c = load_checkpoint(out / "last.pt")
+        assert c["center_update"] == ("fused" if then == ["--fused-center-update"] else "optimizer.step")
+        assert c["step"] == a["step"] == 12
+        assert torch.equal(c["head"]["head.weight"], a["head"]["head.weight"]), (first, then)
+        assert all(torch.equal(v, a["backbone"][k]) for k, v in c["backbone"].items())
+
+
 def _limited_file_size(limit):
     """preexec_fn: a child whose files cannot grow past ``limit`` bytes (a full disk, as write() sees it)."""
     import resource

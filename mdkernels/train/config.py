@@ -72,6 +72,7 @@ class TrainConfig:
     backend: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     sharded: bool = False  # shard the head's centers over the DDP ranks (arcface/cosface/sphereface)
+    fused_center_update: bool = True  # the centers' optimizer step inside their backward, wherever it is exact
     save_every: int = 0  # steps between checkpoints (0: end of each epoch only)
     eval_every: int = 0  # epochs between evaluations (0: at the end only)
     max_steps: int = 0  # stop after this many steps (0: run every epoch)
@@ -220,6 +221,8 @@ HELP: dict[str, tuple[str, str]] = {
     "amp": ("runtime", "bf16 autocast on a GPU (ignored on the CPU)"),
     "sharded": ("runtime", "shard the head's centers over the torchrun ranks (arcface/cosface/sphereface, "
                            "margindistill, adadistill)"),
+    "fused_center_update": ("runtime", "the head centers' SGD/AdamW step inside their backward (no C x D "
+                                       "gradient), wherever it is exact: one process, or a sharded head"),
     "save_every": ("runtime", "steps between checkpoints (0: at the end of each epoch)"),
     "eval_every": ("runtime", "epochs between evaluations on --val (0: at the end only)"),
     "max_steps": ("runtime", "stop after this many steps (0: every epoch)"),

@@ -114,7 +114,7 @@ class _Logger:
 # Anything else would make the resumed run differ from the one the checkpoint belongs to.
 RESUME_OVERRIDABLE = frozenset(
     {"out", "data", "val", "teacher", "teacher_network", "init_centers", "workers", "progress", "tensorboard",
-     "save_every", "eval_every", "max_steps", "backend"}
+     "save_every", "eval_every", "max_steps", "backend", "fused_center_update"}
 )  # fmt: skip
 
 
@@ -211,6 +211,11 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} x {world} rank(s) is larger than the dataset ({len(dataset)})")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps_per_epoch))
+    # the centers' step inside their backward where it is exact: one process, or each rank's own shard (a replicated
+    # head's gradient is averaged over the ranks after the backward, so its update cannot run inside it)
+    fused = cfg.fused_center_update and (world == 1 or sharded) and mdkernels.optim.fusable(loss_fn, opt)
+    if fused:
+        mdkernels.fuse_center_update(loss_fn, opt)
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         backbone.load_state_dict(state["backbone"])
@@ -266,7 +271,8 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
         st = {"config": dataclasses.asdict(cfg), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
               "backbone": backbone.state_dict(), "loss": loss_fn.state_dict(), "optimizer": opt.state_dict(),
               "scheduler": sched.state_dict(), "rng_cpu": torch.get_rng_state(), "num_classes": num_classes,
-              "head": {"head.weight": centers.float().cpu(), "subcenters": loss_fn.rows_per_class}}  # fmt: skip
+              "head": {"head.weight": centers.float().cpu(), "subcenters": loss_fn.rows_per_class},
+              "center_update": "fused" if fused else "optimizer.step"}  # fmt: skip
         if device.type == "cuda":
             st["rng_cuda"] = torch.cuda.get_rng_state()
         die = bool(kill_in_save and step == kill_in_save)

@@ -308,7 +308,7 @@ def arch_class(arch: int | None) -> str:
 
 
 def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int = 1, arch: int | None = 80,
-                op_dtype: torch.dtype | None = None, aligned: bool | None = None) -> dict:  # fmt: skip
+                op_dtype: torch.dtype | None = None, aligned: bool | None = None, update: bool = False) -> dict:  # fmt: skip
     """The tile of ``kernel`` ("forward", "center_grad", "kd_forward", "kd_center_grad") for ``dtype`` inputs
     with ``op_dtype`` dot operands (default: the input dtype), D and the GPU's compute capability ``arch``
     (``10 * major + minor``): BLOCK_B, BLOCK_C, BLOCK_D (the step of a D loop), BLOCK_DO (the columns of D one
@@ -345,6 +345,10 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int
         cfg["num_warps"] = 8
         if op == torch.float32:  # and two stages of fp32 spilled on Hopper and sm_100 (Triton 3.7, 3.8)
             cfg["num_stages"] = 1
+    if update and gpu_tiles() and arch_class(arch) == "hopper":
+        # the fused center update's epilogue holds the state tiles too: the 64-class wgmma tile spilled 16-80 B at
+        # 128 resident columns on sm_90 (Triton 3.9); half the classes
+        cfg["BLOCK_C"] = max(16, cfg["BLOCK_C"] // 2)
     full_d, split_do, block_d = cfg.pop("full_d"), cfg.pop("split_do"), cfg.pop("block_d", 64)
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:

@@ -61,7 +61,7 @@ if HAS_TRITON:
 
     # Launches never specialise on these integers (a value of 1 or a multiple of 16 would compile another kernel): the
     # batch, the class counts and K only bound loops and masks. D and the strides keep their hints (vector loads).
-    _ANY_VALUE = ("B", "C", "classes_per_split", "K")
+    _ANY_VALUE = ("B", "C", "classes_per_split", "K", "nesterov", "first", "maximize")
 
     @triton.jit(do_not_specialize=_ANY_VALUE)
     def _margin_ce_forward_kernel(
@@ -277,7 +277,7 @@ def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, o
     B, D = x.shape
     K = nt.K
     C = w.shape[0] // K
-    cfg = tile_config("center_grad", x.dtype, B, D, K, arch=capability(x.device), op_dtype=op_dtype)
+    cfg = tile_config("center_grad", x.dtype, B, D, K, arch=capability(x.device), op_dtype=op_dtype, update=True)
     if not (B and C):
         return
     if not _in_kernel(step, x, cfg):
@@ -296,12 +296,12 @@ def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, o
     s1 = step.states[0] if step.states else w
     s2 = step.states[1] if len(step.states) > 1 else w
     scaled = step.inv_scale is not None
-    found = torch.zeros(1, dtype=torch.int32, device=x.device) if scaled else labels
+    found = torch.zeros(1, dtype=torch.int32, device=x.device) if scaled else None
     grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))  # one D block where _in_kernel
     _margin_ce_center_grad_kernel[grid](
         x, w, rx, rw, labels, lse, gr, coef, kt, phi, t, gscale, w, B, C, D, x.stride(0), x.stride(1),
         w.stride(0), w.stride(1), w.stride(0), w.stride(1), float(s), float(nt.tau if nt.tau is not None else 0.0),
-        float(nt.cos_clamp), S1=s1, S2=s2, INV=step.inv_scale if scaled else gscale, FOUND=found, lr=step.lr,
+        float(nt.cos_clamp), S1=s1, S2=s2, INV=step.inv_scale, FOUND=found, lr=step.lr,
         wd=step.weight_decay, mom=step.momentum, damp=step.dampening, nesterov=int(step.nesterov),
         first=int(step.first), maximize=int(step.maximize), beta1=step.beta1, beta2=step.beta2, eps=step.eps,
         step_size=float(step.step_size), bc2_sqrt=float(step.bc2_sqrt), UPDATE=1 if step.kind == "sgd" else 2,
@@ -342,6 +342,9 @@ def center_grad(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op
     return dw
 
 
+_UPDATE_FLOATS = ("lr", "wd", "mom", "damp", "beta1", "beta2", "eps", "step_size", "bc2_sqrt")
+
+
 def launch_specs(arch: int) -> list:
     """Every kernel a GPU launch on ``sm_<arch>`` can compile, one per distinct tile (see
     :mod:`mdkernels.tools.gpu_compile`): each dtype path (:data:`tiles.GPU_DTYPE_PATHS`), each K class, each (B, D)
@@ -357,18 +360,30 @@ def launch_specs(arch: int) -> list:
                   "s": "fp32", "tau": "fp32", "bound": "fp32", "K": "i32"}  # fmt: skip
         fwd = {**common, "M_OUT": ptr(acc), "L_OUT": ptr(acc), "O_OUT": ptr(acc), "classes_per_split": "i32"}
         bwd = {**common, "LSE": ptr(acc), "GR": ptr(acc), "COEF": ptr(acc), "KT": "*i64", "GSCALE": ptr(acc),
-               "DW": ptr(dtype), "stride_dw": "i32"}  # fmt: skip
+               "DW": ptr(dtype), "stride_dw": "i32", **dict.fromkeys(_UPDATE_FLOATS, "fp32"),
+               **dict.fromkeys(("nesterov", "first", "maximize"), "i32")}  # fmt: skip
+        update = {"S1": ptr(dtype), "S2": ptr(dtype), "INV": "*fp32", "FOUND": "*i32"}
         path = str(dtype).removeprefix("torch.") + (f" amp-{str(op).removeprefix('torch.')}" if op else "")
         for K in SUBCENTER_REPRESENTATIVES:
             for B, D, kind in shape_representatives():
                 const = {"HAS_FILTER": True, "CURRICULAR": True, "KP": triton.next_power_of_2(K), "stride_xc": 1,
                          "stride_wc": 1, **triton_flags(dtype, True, op)}  # fmt: skip
                 name = f"{path} KP={triton.next_power_of_2(K)} B={B} D={D} {kind}"
-                for kernel, fn, sig, extra in (("forward", _margin_ce_forward_kernel, fwd, {"NEED_O": True}),
-                                               ("center_grad", _margin_ce_center_grad_kernel, bwd, {"stride_dwc": 1})):  # fmt: skip
-                    cfg = tile_config(kernel, dtype, B, D, K, arch=arch, op_dtype=op)
+                unfused = {"stride_dwc": 1, "UPDATE": 0, "SCALED": False, **dict.fromkeys(update)}
+                variants = [("forward", "", _margin_ce_forward_kernel, fwd, {"NEED_O": True}),
+                            ("center_grad", "", _margin_ce_center_grad_kernel, bwd, unfused)]  # fmt: skip
+                if tile_config("center_grad", dtype, B, D, K, arch=arch, op_dtype=op, update=True)["FULL_D"] and \
+                        dtype != torch.float64:
+                    for u, scaled in ((1, False), (1, True), (2, False), (2, True)):  # the fused center update
+                        sig = {**bwd, **(update if scaled else {k: update[k] for k in ("S1", "S2")})}
+                        extra = {"stride_dwc": 1, "UPDATE": u, "SCALED": scaled,
+                                 **({} if scaled else {"INV": None, "FOUND": None})}  # fmt: skip
+                        tag = f" update={'sgd' if u == 1 else 'adamw'}{' scaled' if scaled else ''}"
+                        variants.append(("center_grad", tag, _margin_ce_center_grad_kernel, sig, extra))
+                for kernel, tag, fn, sig, extra in variants:
+                    cfg = tile_config(kernel, dtype, B, D, K, arch=arch, op_dtype=op, update=bool(tag))
                     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
                     ints = {"D": D, "stride_x": D, "stride_w": D, "stride_dw": D}  # B, C, K: never specialised
-                    specs.append((f"margin_ce_{kernel} {name}", fn, sig, {**const, **extra, **cfg}, opts,
+                    specs.append((f"margin_ce_{kernel} {name}{tag}", fn, sig, {**const, **extra, **cfg}, opts,
                                   {k: v for k, v in ints.items() if k in sig}))  # fmt: skip
     return specs
