@@ -249,9 +249,9 @@ def sharded_margin_cross_entropy(
                              "pass torch.Generator(device=embeddings.device) (no per-step host-to-device copy)")
         # the sharded path is always fused ('reference' means the unsharded oracle); 'cuda' with CPU tensors
         # is an error here, before any collective or launch
+        fusing = local_centers.requires_grad and center_update.bound(local_centers)
         backend = backends.resolve("margin_ce", "torch" if backend == "reference" else backend, embeddings,
-                                   autocast=bool(op_dtype),
-                                   center_update=local_centers.requires_grad and center_update.bound(local_centers))  # fmt: skip
+                                   autocast=bool(op_dtype), center_update=fusing)  # fmt: skip
     except (ValueError, TypeError, RuntimeError) as err:
         error = str(err)
     ready = collective_check(error, group, embeddings.shape[0] if isinstance(embeddings, torch.Tensor) else 0,

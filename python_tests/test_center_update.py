@@ -103,7 +103,7 @@ def run(head_name, opt_name, backend, dtype, fused, *, steps=5, B=6, C=1017, D=5
 
 def assert_same_steps(a, b, dtype):
     tol = TOL[dtype]
-    for k, ((wa, sa, ba), (wb, sb, bb)) in enumerate(zip(a, b)):
+    for k, ((wa, sa, ba), (wb, sb, bb)) in enumerate(zip(a, b, strict=True)):
         assert sorted(sa) == sorted(sb), f"step {k}: state keys {sorted(sa)} != {sorted(sb)}"
         pairs = [("centers", wa, wb), ("backbone", ba, bb)] + [(key, sa[key], sb[key]) for key in sa]
         for name, u, v in pairs:
@@ -255,7 +255,7 @@ def test_a_d_split_takes_the_window_and_is_exact(d_split, monkeypatch, windows):
         a = run("ArcFace", opt_name, "triton", torch.float32, False, C=77, D=40)
         b = run("ArcFace", opt_name, "triton", torch.float32, True, C=77, D=40)
         assert_same_steps(a, b, torch.float32)
-        for (wa, _, _), (wb, _, _) in zip(a, b):
+        for (wa, _, _), (wb, _, _) in zip(a, b, strict=True):
             assert torch.equal(wa, wb)  # the window runs the unfused kernel and torch.optim's operations: same bits
 
 
@@ -423,7 +423,7 @@ def _scaled_steps(fused, init_scale, poison_backbone=False, steps=3):
 
 def test_grad_scaler_unscales_inside():
     a, b = _scaled_steps(False, 1024.0), _scaled_steps(True, 1024.0)
-    for (wa, ba, sa), (wb, bb, sb) in zip(a, b):
+    for (wa, ba, sa), (wb, bb, sb) in zip(a, b, strict=True):
         torch.testing.assert_close(wb, wa, rtol=0, atol=1e-6)
         torch.testing.assert_close(bb, ba, rtol=0, atol=1e-6)
         assert sa == sb

@@ -160,3 +160,53 @@ def test_an_adadistill_step_replays_as_it_ran(backend):
 
     x, y, t = _data()
     _capture_and_compare(make, lambda m, x, y, t: m["head"](m["net"](x), t, y), x, y, t)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw_capturable"])
+def test_a_fused_center_update_step_replays_as_it_ran(opt_name):
+    """The centers' update inside the backward (mdkernels.fuse_center_update), captured with the rest of the step
+    after eager steps: the replay equals an unfused eager step from the same state. AdamW under capture keeps its
+    step count on the device (capturable=True), as torch.optim requires for its own update."""
+    make_opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+                "adamw_capturable": lambda p: torch.optim.AdamW(p, lr=1e-3, capturable=True)}[opt_name]  # fmt: skip
+    x, y, _ = _data()
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.ModuleDict({"net": torch.nn.Linear(D, D), "head": mnn.ArcFace(D, C)}).cuda().train()
+
+    model = make()
+    opt = make_opt(list(model.parameters()))
+    mdkernels.fuse_center_update(model, opt)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model["head"](model["net"](x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3):
+        step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    twin = make()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = make_opt(list(twin.parameters()))
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    graph.replay()
+    twin_opt.zero_grad(set_to_none=True)
+    eager = twin["head"](twin["net"](x), y)
+    eager.backward()
+    twin_opt.step()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_loss, eager.detach(), rtol=1e-5, atol=1e-5)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

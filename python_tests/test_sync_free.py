@@ -202,6 +202,28 @@ def test_heads_train_without_host_sync(gpu_path, backend, name):
     assert all(p.grad is not None for p in head.parameters())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_the_fused_center_update_makes_no_host_sync(gpu_path, backend, opt):
+    """The centers' update inside the backward (mdkernels.fuse_center_update), after a first step that created the
+    optimizer's state: AdamW's step count is known on the host without reading its tensor, the GradScaler's scale
+    and flags stay on the device."""
+    for name in ("ArcFace", "ArcFaceLoss (D, C) layout", "SubCenterArcFace"):
+        head = HEADS[name]()
+        head.backend = backend
+        make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4),
+                "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05)}[opt]  # fmt: skip
+        o = make(head.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        h = mdkernels.fuse_center_update(head, o, scaler=scaler)
+        x, _, y, _ = _inputs()
+        scaler.scale(head(x, y)).backward()
+        o.step()
+        assert _step(lambda: scaler.scale(head(x, y))) == [], name  # noqa: B023 (called here, in the loop)
+        assert all(p.grad is None for p in head.parameters())
+        h.remove()
+
+
 def test_distillation_modules_make_no_host_sync(gpu_path):
     x, w, y, t = _inputs()
     md = mnn.MarginDistillation(w.detach(), backend="torch")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 class _ByIdentity:
     """Parameter -> :class:`Binding`, by identity (tensors compare elementwise, so no dict of tensors), holding
     the parameter weakly."""
@@ -66,6 +67,7 @@ class Binding:
     scaler: object | None = None
     pending: bool = False  # a backward applied the update; the next one before optimizer.step() is refused
     found_inf: dict = field(default_factory=dict)  # device -> fp32 flag, the scaler's view of this step
+    step_seen: tuple = ()  # (AdamW's step tensor, its version, its value): its count known without reading it
 
 
 def unsupported(optimizer, group: dict) -> str | None:
@@ -152,7 +154,8 @@ class Step:
         return not isinstance(self.step_size, torch.Tensor)
 
     def apply_rows(self, r0: int, r1: int, g: torch.Tensor) -> None:
-        """Apply the update to rows ``[r0, r1)`` of ``w`` whose gradient is ``g`` (any float dtype)."""
+        """Apply the update to rows ``[r0, r1)`` of ``w`` whose gradient is ``g`` (any float dtype; a scratch the
+        caller gives up: it may be overwritten)."""
         if self.index is None:
             self._update(self.w[r0:r1], [t[r0:r1] for t in self.states], g, None)
         else:
@@ -160,7 +163,7 @@ class Step:
             p, states = self.w[idx], [t[idx] for t in self.states]
             self._update(p, states, g, None)
             self.w.index_copy_(0, idx, p)
-            for t, s in zip(self.states, states):
+            for t, s in zip(self.states, states, strict=True):
                 t.index_copy_(0, idx, s)
 
     def apply_zero(self, keep: torch.Tensor, chunk: int = 4096) -> None:
@@ -178,7 +181,7 @@ class Step:
         else:
             g = g.to(p.dtype)  # the rounding the unfused path's stored gradient has
             if self.inv_scale is not None:
-                g = g * self.inv_scale.to(g.dtype)
+                g = g.mul_(self.inv_scale.to(g.dtype))
                 ok = torch.isfinite(g).all(1)
                 torch.maximum(self.found_inf, (~ok).any().to(self.found_inf.dtype), out=self.found_inf)
                 rows = ok if rows is None else rows & ok
@@ -187,24 +190,27 @@ class Step:
             self._math(new_p, new_s, g)
             m = rows[:, None]
             p.copy_(torch.where(m, new_p, p))
-            for s, n in zip(states, new_s):
+            for s, n in zip(states, new_s, strict=True):
                 s.copy_(torch.where(m, n, s))
         else:
             self._math(p, states, g)
 
     def _math(self, p, states, g):
+        """torch.optim's single-tensor step, operation for operation, in place on ``p`` and ``states``; ``g`` is
+        this update's own scratch (its temporaries are written into it: the values are those of torch's
+        out-of-place operations)."""
         if self.maximize:
-            g = -g
+            g.neg_()
         if self.kind == "sgd":
             if self.weight_decay != 0:
-                g = g.add(p, alpha=self.weight_decay)
+                g.add_(p, alpha=self.weight_decay)
             if self.momentum != 0:
                 (buf,) = states
                 if self.first:
                     buf.copy_(g)
                 else:
                     buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
-                g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
+                g = g.add_(buf, alpha=self.momentum) if self.nesterov else buf
             p.add_(g, alpha=-self.lr)
             return
         exp_avg, exp_avg_sq = states
@@ -212,11 +218,12 @@ class Step:
             p.mul_(1 - self.lr * self.weight_decay)
         exp_avg.lerp_(g, 1 - self.beta1)
         exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        denom = torch.sqrt(exp_avg_sq, out=g)  # g is not needed any more
         if self.host_scalars:
-            denom = (exp_avg_sq.sqrt() / self.bc2_sqrt).add_(self.eps)
+            denom.div_(self.bc2_sqrt).add_(self.eps)
             p.addcdiv_(exp_avg, denom, value=-self.step_size)
         else:  # capturable: the step count on the device
-            denom = (exp_avg_sq.sqrt() / (self.bc2_sqrt * -self.step_size)).add_(self.eps / -self.step_size)
+            denom.div_(self.bc2_sqrt * -self.step_size).add_(self.eps / -self.step_size)
             p.addcdiv_(exp_avg, denom)
 
 
@@ -264,11 +271,16 @@ def claim(w: torch.Tensor, index: torch.Tensor | None = None, param: torch.Tenso
             state["step"] = torch.zeros((), dtype=dt, device=dev)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            b.step_seen = (state["step"], state["step"]._version, 0.0)
         step_t = state["step"]
+        if step_t.device.type == "cpu":  # torch's own non-capturable count: a host tensor, read on the host
+            seen = b.step_seen
+            known = bool(seen) and seen[0] is step_t and seen[1] == step_t._version
+            n = (seen[2] if known else float(step_t.item())) + 1  # read only after a load or an unfused step
         step_t += 1
         st = Step(view, "adamw", lr, wd, maximize, beta1=beta1, beta2=beta2, eps=_f(group["eps"]))
         if step_t.device.type == "cpu":
-            n = float(step_t.item())
+            b.step_seen = (step_t, step_t._version, n)
             st.step_size, st.bc2_sqrt = lr / (1 - beta1**n), math.sqrt(1 - beta2**n)
         else:
             st.step_size, st.bc2_sqrt = lr / (1 - beta1**step_t), (1 - beta2**step_t).sqrt()
