@@ -30,6 +30,7 @@ import torch
 
 from bench import harness
 
+OPS: list[str] = []  # no op of its own: its rows are margin_ce's (variant center_update_<optimizer>)
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4, foreach=True),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05, foreach=True),

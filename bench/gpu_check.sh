@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_check.sh                     # call 1: build, info, the GPU tests, the headline margin-CE rows
 #   bash bench/gpu_check.sh call2               # call 2, only if time is left: distillation, top-k, IJB images/s,
-#                                               # the auto table and plots, the compile check on that Triton
+#                                               # the fused center update, the auto table and plots, the compile
+#                                               # check on that Triton
 #   bash bench/gpu_check.sh --dry-run [call2]   # on a CPU: the same steps, limits and files; steps 3-5 on a
 #                                               # simulated H100 (MDK_SIMULATE_GPU=h100), tiny benchmark shapes
 #
@@ -32,7 +33,7 @@ done
 declare -A LIMIT
 PLAN_call1=(1_build:130 2_info:15 3_gpu_tests:100 4_graph_sync_devices:40 5_autocast:25 6a_margin_ce_85k:60
             6b_margin_ce_85k_frozen:30 6c_margin_ce_2M:30 6d_margin_ce_2M_frozen:20)
-PLAN_call2=(7_distill:60 7b_topk:50 7c_identify_ijb:70 8_auto_table_plots:80 9_compile_check:40)
+PLAN_call2=(7_distill:55 7b_topk:45 7c_identify_ijb:65 7d_center_update:30 8_auto_table_plots:70 9_compile_check:35)
 BUDGET_call1=450
 BUDGET_call2=300
 declare -n PLAN="PLAN_$CALL" BUDGET="BUDGET_$CALL"
@@ -151,6 +152,12 @@ else
   step 7b_topk "${IN[@]}" $PY -m bench.bench_cosine_topk "${DEV[@]}" "${SEARCH[@]}"
   step 7c_identify_ijb bash -c "${IN[*]} $PY -m bench.bench_eval identify ${DEV[*]} ${IDENT[*]} && \
     ${IN[*]} $PY -m bench.bench_eval ijb ${DEV[*]} ${IJB[*]}"
+  if [ $DRY = 1 ]; then
+    CENTER=(--device cpu --B 16 --D 32 --C 300 --reps 1)
+  else
+    CENTER=(--device cuda --dtype bfloat16 --B 1024 --D 512 --C 2000000)
+  fi
+  step 7d_center_update "${IN[@]}" $PY -m bench.bench_center_update "${CENTER[@]}"  # both optimizers
   step 8_auto_table_plots bash -c "${IN[*]} $PY -m bench.bench_margin_ce ${SUITE[*]} --modes fwd+bwd \
     --only mdk_triton mdk_cuda && CSV=\$(ls -t $MDK_BENCH_RESULTS/*.csv | head -1) && \
     ${IN[*]} $PY -m bench.tune_dispatch --csv \"\$CSV\" ${TABLE[*]} && ${IN[*]} $PY -m bench.plot \"\$CSV\" margin_ce"

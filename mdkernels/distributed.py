@@ -387,6 +387,9 @@ class ShardedMarginHead(_ShardedCenters, nn.Module):
     checkpoints move between world sizes.
     """
 
+    centers_name = "weight"  # this rank's shard (mdkernels.fuse_center_update finds heads by it)
+
+
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.5,
                  m3: float = 0.0, *, sizes: list[int] | None = None, group=None, sample_rate: float = 1.0,
                  embedding_grad_scale: float | None = None, **margin_kwargs) -> None:  # fmt: skip

@@ -9,17 +9,13 @@ from mdkernels.ops._common import center_update as CU
 
 
 def _heads(module: nn.Module):
-    """``(name, head, centers)`` of every mdkernels head in ``module`` whose centers are a parameter: the margin
-    heads (:mod:`mdkernels.nn.heads`, :mod:`mdkernels.nn.margins`) and the sharded head."""
-    from mdkernels.distributed import ShardedMarginHead
-    from mdkernels.nn.heads import CombinedMargin, _PMLMarginLoss
-    from mdkernels.nn.margins import _MarginHead
-
+    """``(name, head, centers)`` of every mdkernels head in ``module`` whose centers are a parameter: the classes
+    that name their centers (``centers_name``: the margin heads of :mod:`mdkernels.nn` and the sharded head)."""
     for name, m in module.named_modules():
-        if isinstance(m, (CombinedMargin, _MarginHead, ShardedMarginHead)):
-            yield name, m, m.weight
-        elif isinstance(m, _PMLMarginLoss):
-            yield name, m, m.W
+        attr = getattr(type(m), "centers_name", None)
+        w = getattr(m, attr, None) if attr else None
+        if isinstance(w, nn.Parameter):
+            yield name, m, w
 
 
 class CenterUpdateHandle:
@@ -121,7 +117,7 @@ def fuse_center_update(module: nn.Module, optimizer: torch.optim.Optimizer, *, s
     for name, _, w in _heads(module):
         if not (w.requires_grad and id(w) in in_opt) or any(w is q for q in params):
             continue
-        why = CU.unsupported(optimizer, CU._group_of(optimizer, w))
+        why = CU.unsupported(optimizer, CU.group_of(optimizer, w))
         if why:
             raise ValueError(why)
         if w in CU.BINDINGS:

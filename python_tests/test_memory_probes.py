@@ -74,6 +74,26 @@ def test_heads_allocate_no_logits_matrix_and_no_copy_of_the_centers(name, backen
     _check_margin(seen, True, f"{name}[{backend}]")
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", ["ArcFace", "ArcFaceLoss", "CurricularFace", "MagFace", "ElasticCosFace"])
+def test_fused_center_update_allocates_no_center_gradient(name, backend):
+    """With mdkernels.fuse_center_update, after the step that created the optimizer's state, a backward creates no
+    C x D tensor at all: the gradient exists one chunk (torch), tile (Triton, D resident) or window at a time."""
+    head = HEADS[name](backend)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    handle = mdkernels.fuse_center_update(head, opt)
+    x, y = _inputs()
+    head(x, y).backward()
+    opt.step()
+    with probe.watch() as seen:
+        head(x, y).backward()
+    handle.remove()
+    assert seen.created, "the probe saw nothing"
+    assert not seen.holding(C, D), f"{name}[{backend}]: {seen.holding(C, D)[:3]}"
+    assert seen.largest() <= _chunk_cap(), name
+    assert head.weight.grad is None if hasattr(head, "weight") else head.W.grad is None
+
+
 @pytest.mark.slow
 def test_sub_center_head_allocates_no_logits_matrix():
     head = mdkernels.nn.SubCenterArcFace(D, C // 3, K=3, backend="torch")

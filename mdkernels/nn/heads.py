@@ -27,6 +27,8 @@ class CombinedMargin(nn.Module):
     ``N(0, 0.01)`` as insightface's heads.
     """
 
+    centers_name = "weight"  # the trainable centers (mdkernels.fuse_center_update finds heads by it)
+
     def __init__(
         self,
         embedding_size: int,
@@ -103,6 +105,8 @@ class SphereFace(CombinedMargin):
 
 class _PMLMarginLoss(nn.Module):
     """pytorch-metric-learning's layout: ``W: (embedding_size, num_classes)``, mean over the batch."""
+
+    centers_name = "W"
 
     def __init__(self, num_classes: int, embedding_size: int, scale: float, backend: str) -> None:
         super().__init__()

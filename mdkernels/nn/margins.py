@@ -27,6 +27,8 @@ def _check_range(name: str, value: float, lo: float, hi: float, what: str) -> No
 
 
 class _MarginHead(nn.Module):
+    centers_name = "weight"  # the trainable centers (mdkernels.fuse_center_update finds heads by it)
+
     def __init__(self, embedding_size: int, num_classes: int, rows_per_class: int, s: float, backend: str,
                  ignore_index: int) -> None:  # fmt: skip
         super().__init__()

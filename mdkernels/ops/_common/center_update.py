@@ -96,7 +96,7 @@ def _f(v) -> float:
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
 
-def _group_of(optimizer, p) -> dict:
+def group_of(optimizer, p) -> dict:
     for g in optimizer.param_groups:
         if any(q is p for q in g["params"]):
             return g
@@ -246,7 +246,7 @@ def claim(w: torch.Tensor, index: torch.Tensor | None = None, param: torch.Tenso
             "fused. Call optimizer.step() between backwards, or handle.remove() the fusion for this run"
         )
     opt = b.optimizer
-    group = _group_of(opt, p)
+    group = group_of(opt, p)
     why = unsupported(opt, group)
     if why:
         raise ValueError(why)
