@@ -303,6 +303,37 @@ def test_ddp_with_two_gloo_processes(rec_data, tmp_path, sharded):
         assert torch.equal(ckpt["head"]["head.weight"], centers)
 
 
+def test_sharded_fused_center_update_resumes_exactly_both_ways(rec_data, tmp_path):
+    """`mdk train --sharded` under torchrun fuses each rank's shard update by default: the same bits as
+    --no-fused-center-update, and a run stopped on the fused path resumes unfused to the same bits."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mdkernels.cli",
+            "train", "--data", rec_data["train"], "--backbone", "mobilefacenet", "--width", "0.25", "--embedding-size",
+            "64", "--input-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress",
+            "--no-tensorboard", "--sharded", "--momentum", "0.9"]  # fmt: skip
+
+    def run(*args):
+        res = subprocess.run([*base, *args], capture_output=True, text=True, timeout=600, env=env)
+        assert res.returncode == 0, res.stderr[-4000:]
+
+    run("--out", str(tmp_path / "fused"))
+    run("--out", str(tmp_path / "plain"), "--no-fused-center-update")
+    run("--out", str(tmp_path / "cut"), "--max-steps", "3")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "mdkernels.cli", "train", "--out", str(tmp_path / "cut"), "--resume", "--max-steps", "0",
+                          "--no-fused-center-update", "--no-progress"], capture_output=True, text=True, timeout=600,
+                         env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-4000:]
+    ckpts = {name: load_checkpoint(tmp_path / name / "last.pt") for name in ("fused", "plain", "cut")}
+    assert ckpts["fused"]["center_update"] == "fused" and ckpts["plain"]["center_update"] == "optimizer.step"
+    assert ckpts["cut"]["center_update"] == "optimizer.step"
+    for name in ("plain", "cut"):
+        assert ckpts[name]["step"] == ckpts["fused"]["step"] == 6
+        assert torch.equal(ckpts[name]["head"]["head.weight"], ckpts["fused"]["head"]["head.weight"]), name
+        for key, value in ckpts["fused"]["backbone"].items():
+            assert torch.equal(value, ckpts[name]["backbone"][key]), (name, key)
+
+
 # --- regressions from review ---------------------------------------------------------------------------
 def test_recordio_splits_payloads_holding_the_magic_word_as_dmlc_does(tmp_path):
     magic = recordio._MAGIC_BYTES

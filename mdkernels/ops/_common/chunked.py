@@ -160,6 +160,10 @@ def center_grad(
     t_e = torch.where(gr != 0, coef / (gr * s), torch.zeros_like(coef))  # the target's E entry
     dw = torch.empty_like(w) if step is None else None
     fused = nontarget is None and nt.plain and fused_epilogue(xs)
+    scratch = None  # the fused update's chunk gradient: one buffer for every chunk (no fresh pages per chunk)
+    if step is not None:
+        scratch = torch.empty(chunk_size(logit_sets * xs.shape[0] * K, w.shape[0] // K) * K, w.shape[1], dtype=cd,
+                              device=w.device)  # fmt: skip
     for c0, c1 in chunks(logit_sets * xs.shape[0] * K, w.shape[0] // K):
         r0, r1 = c0 * K, c1 * K  # the chunk's weight rows
         if fused:  # one C++ sweep per row: E * rw in place of the logits, and the per-class dot
@@ -188,7 +192,10 @@ def center_grad(
             dot = torch.mv(z.mul_(e).T, gr)
             e.mul_(rw[None, r0:r1])
         inplace = dw is not None and dw.dtype == cd
-        out = dw[r0:r1] if inplace else torch.empty(r1 - r0, w.shape[1], dtype=cd, device=w.device)
+        if scratch is not None:
+            out = scratch[: r1 - r0]
+        else:
+            out = dw[r0:r1] if inplace else torch.empty(r1 - r0, w.shape[1], dtype=cd, device=w.device)
         torch.mul(w[r0:r1].to(cd), -projection(rw[r0:r1], dot)[:, None], out=out)
         out.addmm_(e.T, xg)
         if step is not None:  # the chunk's rows are read by no later chunk: updated now, in place

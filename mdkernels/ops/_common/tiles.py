@@ -158,19 +158,13 @@ if HAS_TRITON:
                  dw.to(DW.dtype.element_ty), mask=col_mask[:, None] & d_mask[None, :])  # fmt: skip
 
     @triton.jit
-    def center_update_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc,
-                               INV, FOUND, lr, wd, mom, damp, nesterov, first, maximize, beta1, beta2, eps, step_size,
-                               bc2_sqrt, UPDATE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
-        """The fused center update (mdkernels/ops/_common/center_update.py, torch.optim's math): the tile's
-        gradient as :func:`center_grad_epilogue` forms it, rounded to the centers' dtype, unscaled (``SCALED``: a
-        row with a non-finite entry keeps its values and sets ``FOUND``), then SGD (``UPDATE == 1``: momentum
-        buffer ``S1``) or AdamW (``UPDATE == 2``: ``S1``, ``S2`` the two moments) applied to the centers ``W`` and
-        the state, which share ``W``'s strides. Only the program that computed these rows reads or writes them."""
+    def _update_gradient(acc, dot, gscale, wt, rw, mask, W, INV, FOUND, maximize, SCALED: tl.constexpr):
+        """The tile's gradient as :func:`center_grad_epilogue` forms it, rounded to the centers' dtype, unscaled
+        (``SCALED``: a row with a non-finite entry is left out of ``keep`` and sets ``FOUND``), negated for
+        ``maximize``; with the tile's centers ``p`` in the accumulator's dtype."""
         proj = tl.where(rw >= _ZERO_ROW_RW, 0.0, dot * rw * rw)
         p = wt.to(acc.dtype)
         g = _round_as(acc * (gscale * rw)[:, None] - p * proj[:, None], W)
-        mask = col_mask[:, None] & d_mask[None, :]
-        offs = cols[:, None].to(tl.int64) * stride_w + dd[None, :].to(tl.int64) * stride_wc
         keep = mask
         if SCALED:
             g = _round_as(g * tl.load(INV), W)
@@ -179,7 +173,16 @@ if HAS_TRITON:
             tl.atomic_max(FOUND, tl.max(bad.to(tl.int32), 0))
         if maximize != 0:
             g = -g
-        # each of torch.optim's operations rounds to the centers' dtype (a no-op in fp32): so do these
+        return g, p, keep
+
+    @triton.jit
+    def _update_states(g, p, offs, mask, keep, W, S1, S2, wd, mom, damp, nesterov, first, beta1, beta2,
+                       UPDATE: tl.constexpr):  # fmt: skip
+        """The optimizer's state from the gradient ``g`` and the centers ``p``, stored where ``keep``: SGD's momentum
+        buffer (``UPDATE == 1``; returns the step's direction), AdamW's two moments (returns them). Each of
+        torch.optim's operations rounded to the centers' dtype (a no-op in fp32), as torch rounds it."""
+        m = g
+        v = g
         if UPDATE == 1:
             if wd != 0:
                 g = _round_as(g + wd * p, W)
@@ -187,26 +190,75 @@ if HAS_TRITON:
                 if first != 0:
                     buf = g
                 else:
-                    buf = _round_as(tl.load(S1 + offs, mask=mask, other=0.0).to(acc.dtype) * mom, W)
+                    buf = _round_as(tl.load(S1 + offs, mask=mask, other=0.0).to(g.dtype) * mom, W)
                     buf = _round_as(buf + (1 - damp) * g, W)
                 tl.store(S1 + offs, buf.to(S1.dtype.element_ty), mask=keep)
                 if nesterov != 0:
                     g = _round_as(g + mom * buf, W)
                 else:
                     g = buf
-            p = _round_as(p - lr * g, W)
         else:
-            if wd != 0:
-                p = _round_as(p * (1 - lr * wd), W)
-            m = tl.load(S1 + offs, mask=mask, other=0.0).to(acc.dtype)
-            v = tl.load(S2 + offs, mask=mask, other=0.0).to(acc.dtype)
+            m = tl.load(S1 + offs, mask=mask, other=0.0).to(g.dtype)
+            v = tl.load(S2 + offs, mask=mask, other=0.0).to(g.dtype)
             m = _round_as(m + (1 - beta1) * (g - m), W)
             v = _round_as(_round_as(v * beta2, W) + (1 - beta2) * g * g, W)
             tl.store(S1 + offs, m.to(S1.dtype.element_ty), mask=keep)
             tl.store(S2 + offs, v.to(S2.dtype.element_ty), mask=keep)
+        return g, m, v
+
+    @triton.jit
+    def _update_weights(p, g, m, v, W, lr, wd, eps, step_size, bc2_sqrt, UPDATE: tl.constexpr):
+        """The centers after the step: SGD ``p - lr g`` (``g`` the direction), AdamW's decoupled weight decay and
+        ``p - step_size m / (sqrt(v) / bc2_sqrt + eps)``, each operation rounded as torch rounds it."""
+        if UPDATE == 1:
+            p = _round_as(p - lr * g, W)
+        else:
+            if wd != 0:
+                p = _round_as(p * (1 - lr * wd), W)
             denom = _round_as(_round_as(_round_as(tl.sqrt(v), W) / bc2_sqrt, W) + eps, W)
             p = _round_as(p - step_size * (m / denom), W)
+        return p
+
+    @triton.jit
+    def center_update_epilogue(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc,
+                               INV, FOUND, lr, wd, mom, damp, nesterov, first, maximize, beta1, beta2, eps, step_size,
+                               bc2_sqrt, UPDATE: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
+        """The fused center update (mdkernels/ops/_common/center_update.py, torch.optim's math) of a class tile whose
+        rows this program alone reads: SGD (``UPDATE == 1``: momentum buffer ``S1``) or AdamW (``UPDATE == 2``:
+        ``S1``, ``S2`` the two moments) applied to the centers ``W`` and the state, which share ``W``'s strides."""
+        mask = col_mask[:, None] & d_mask[None, :]
+        offs = cols[:, None].to(tl.int64) * stride_w + dd[None, :].to(tl.int64) * stride_wc
+        g, p, keep = _update_gradient(acc, dot, gscale, wt, rw, mask, W, INV, FOUND, maximize, SCALED)
+        g, m, v = _update_states(g, p, offs, mask, keep, W, S1, S2, wd, mom, damp, nesterov, first, beta1, beta2,
+                                 UPDATE)  # fmt: skip
+        p = _update_weights(p, g, m, v, W, lr, wd, eps, step_size, bc2_sqrt, UPDATE)
         tl.store(W + offs, p.to(W.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def center_update_states(acc, dot, gscale, wt, rw, cols, col_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc,
+                             wd, mom, damp, first, maximize, beta1, beta2, UPDATE: tl.constexpr):  # fmt: skip
+        """The first phase of a class tile's update where its rows' columns are spread over a loop (the program still
+        reads the rows for its cosines): the state of these columns only (SGD's buffer without nesterov, AdamW's
+        moments), which no cosine reads. :func:`center_update_weights` then moves the centers."""
+        mask = col_mask[:, None] & d_mask[None, :]
+        offs = cols[:, None].to(tl.int64) * stride_w + dd[None, :].to(tl.int64) * stride_wc
+        g, p, keep = _update_gradient(acc, dot, gscale, wt, rw, mask, W, W, W, maximize, False)
+        _update_states(g, p, offs, mask, keep, W, S1, S2, wd, mom, damp, 0, first, beta1, beta2, UPDATE)
+
+    @triton.jit
+    def center_update_weights(cols, col_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc, lr, wd, eps, step_size,
+                              bc2_sqrt, UPDATE: tl.constexpr):  # fmt: skip
+        """The second phase: the centers' columns from their old values and the new state alone (SGD:
+        ``p - lr b``; AdamW: the decay and the moments' step), once every cosine of the tile is done."""
+        mask = col_mask[:, None] & d_mask[None, :]
+        offs = cols[:, None].to(tl.int64) * stride_w + dd[None, :].to(tl.int64) * stride_wc
+        p = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(S1 + offs, mask=mask, other=0.0).to(tl.float32)
+        v = m
+        if UPDATE == 2:
+            v = tl.load(S2 + offs, mask=mask, other=0.0).to(tl.float32)
+        p = _update_weights(p, m, m, v, W, lr, wd, eps, step_size, bc2_sqrt, UPDATE)
+        tl.store(W + offs, p.to(W.dtype.element_ty), mask=mask)
 
 
 def triton_flags(dtype: torch.dtype, on_cuda: bool, op_dtype: torch.dtype | None = None) -> dict:
@@ -346,9 +398,9 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int
         if op == torch.float32:  # and two stages of fp32 spilled on Hopper and sm_100 (Triton 3.7, 3.8)
             cfg["num_stages"] = 1
     if update and gpu_tiles() and arch_class(arch) == "hopper":
-        # the fused center update's epilogue holds the state tiles too: the 64-class wgmma tile spilled 16-80 B at
-        # 128 resident columns on sm_90 (Triton 3.9); half the classes
-        cfg["BLOCK_C"] = max(16, cfg["BLOCK_C"] // 2)
+        # the fused center update's epilogue holds the state tiles too: the 64-row wgmma tile spilled 16-480 B at
+        # 128 resident columns on sm_90 (K = 1, 4 and 8; Triton 3.9); half the rows
+        cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // 2)
     full_d, split_do, block_d = cfg.pop("full_d"), cfg.pop("split_do"), cfg.pop("block_d", 64)
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:

@@ -38,6 +38,8 @@ if HAS_TRITON:
         as_operand,
         center_grad_epilogue,
         center_update_epilogue,
+        center_update_states,
+        center_update_weights,
         cos_tile,
         load_tile,
         logits,
@@ -131,35 +133,16 @@ if HAS_TRITON:
             base = O_OUT + (pid_s * B + rows[:, None]).to(tl.int64) * D + dd[None, :]
             tl.store(base, o, mask=row_mask[:, None] & d_mask[None, :])
 
-    @triton.jit(do_not_specialize=_ANY_VALUE)
-    def _margin_ce_center_grad_kernel(
-        X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, T, GSCALE, DW, B, C, D, stride_x, stride_xc, stride_w, stride_wc,
-        stride_dw, stride_dwc, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K,
-        KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
-        PRECISION: tl.constexpr, S1=None, S2=None, INV=None, FOUND=None, lr=0.0, wd=0.0, mom=0.0, damp=0.0,
-        nesterov=0, first=0, maximize=0, beta1=0.0, beta2=0.0, eps=0.0, step_size=0.0, bc2_sqrt=1.0,
-        UPDATE: tl.constexpr = 0, SCALED: tl.constexpr = False,
-    ):  # fmt: skip
-        """One (class tile, D block): ``dW`` of its centers (``BLOCK_C * K`` weight rows) from every row,
-        written once. Class-major: every tile is (classes, rows), so that both products have the class tile
-        as M (64-row wgmma on Hopper whatever the batch). ``UPDATE`` (1: SGD, 2: AdamW; FULL_D only, one program
-        per class tile, the sole reader of its rows): the optimizer step applied to ``W`` and the state ``S1``,
-        ``S2`` in place of writing ``DW`` (:func:`mdkernels.ops._common.tiles.center_update_epilogue`)."""
-        pid_c = tl.program_id(0)
-        pid_d = tl.program_id(1)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        wr, wr_mask = _weight_rows(cols, col_mask, BLOCK_C, K, KP)
-        dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-        d_mask = dd < D
-        rw = tl.load(RW + wr, mask=wr_mask, other=0.0)
-        if FULL_D:
-            wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
-        gscale = tl.load(GSCALE)
-        t = 0.0
-        if CURRICULAR:
-            t = tl.load(T)
+    @triton.jit
+    def _center_grad_sums(X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, B, D, stride_x, stride_xc, stride_w, stride_wc, s,
+                          tau, bound, cols, col_mask, wr, wr_mask, rw, wn, dd, d_mask, gscale, t,
+                          HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K, KP: tl.constexpr,
+                          FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr,
+                          ROUND: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """A class tile against every row: ``(acc, dot)``, the (scaled) ``G^T n(x)`` of the columns ``dd`` and
+        ``sum_i G_ij c_ij``. ``wn``: the normalised class tile (FULL_D), else unused (the cosines over all of D
+        from ``W`` in steps)."""
         acc = tl.zeros((BLOCK_C * KP, BLOCK_DO), dtype=ACC_DTYPE)
         dot = tl.zeros((BLOCK_C * KP,), dtype=ACC_DTYPE)
         for r0 in range(0, B, BLOCK_B):
@@ -198,13 +181,70 @@ if HAS_TRITON:
                 dot += tl.sum(g * raw_k, 1)
                 acc += tl.dot(as_operand(g / gscale, OP_DTYPE, ROUND), xn, input_precision=PRECISION,
                               out_dtype=ACC_DTYPE)  # fmt: skip
-        wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc)  # reloaded: not held over the loop
-        if UPDATE == 0:
-            center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw, stride_dwc)
+        return acc, dot
+
+    @triton.jit(do_not_specialize=_ANY_VALUE)
+    def _margin_ce_center_grad_kernel(
+        X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, T, GSCALE, DW, B, C, D, stride_x, stride_xc, stride_w, stride_wc,
+        stride_dw, stride_dwc, s, tau, bound, HAS_FILTER: tl.constexpr, CURRICULAR: tl.constexpr, K,
+        KP: tl.constexpr, FULL_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_DO: tl.constexpr, ACC_DTYPE: tl.constexpr, OP_DTYPE: tl.constexpr, ROUND: tl.constexpr,
+        PRECISION: tl.constexpr, S1=None, S2=None, INV=None, FOUND=None, lr=0.0, wd=0.0, mom=0.0, damp=0.0,
+        nesterov=0, first=0, maximize=0, beta1=0.0, beta2=0.0, eps=0.0, step_size=0.0, bc2_sqrt=1.0,
+        UPDATE: tl.constexpr = 0, SCALED: tl.constexpr = False, TWO_PHASE: tl.constexpr = False,
+    ):  # fmt: skip
+        """One (class tile, D block): ``dW`` of its centers (``BLOCK_C * K`` weight rows) from every row,
+        written once. Class-major: every tile is (classes, rows), so that both products have the class tile
+        as M (64-row wgmma on Hopper whatever the batch).
+
+        ``UPDATE`` (1: SGD, 2: AdamW): the optimizer step applied to ``W`` and its state ``S1``, ``S2`` instead of
+        writing ``DW``. With D resident (FULL_D) the one program of the class tile reads its rows and then writes
+        them (:func:`mdkernels.ops._common.tiles.center_update_epilogue`). ``TWO_PHASE`` (D split; the grid has one
+        program per class tile): the program walks the column blocks itself, writing only the state of each (which
+        no cosine reads), and moves the centers in a last pass once every cosine is done."""
+        pid_c = tl.program_id(0)
+        pid_d = tl.program_id(1)
+        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_mask = cols < C
+        wr, wr_mask = _weight_rows(cols, col_mask, BLOCK_C, K, KP)
+        rw = tl.load(RW + wr, mask=wr_mask, other=0.0)
+        gscale = tl.load(GSCALE)
+        t = 0.0
+        if CURRICULAR:
+            t = tl.load(T)
+        if TWO_PHASE:
+            for d0 in range(0, D, BLOCK_DO):
+                dd = d0 + tl.arange(0, BLOCK_DO)
+                d_mask = dd < D
+                acc, dot = _center_grad_sums(X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, B, D, stride_x, stride_xc,
+                                             stride_w, stride_wc, s, tau, bound, cols, col_mask, wr, wr_mask, rw, rw, dd,
+                                             d_mask, gscale, t, HAS_FILTER, CURRICULAR, K, KP, FULL_D, BLOCK_B,
+                                             BLOCK_C, BLOCK_D, BLOCK_DO, ACC_DTYPE, OP_DTYPE, ROUND,
+                                             PRECISION)  # fmt: skip
+                wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc)
+                center_update_states(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, W, S1, S2, stride_w,
+                                     stride_wc, wd, mom, damp, first, maximize, beta1, beta2, UPDATE)  # fmt: skip
+            for d0 in range(0, D, BLOCK_DO):  # every cosine of the tile is done: the centers move
+                dd = d0 + tl.arange(0, BLOCK_DO)
+                center_update_weights(wr, wr_mask, dd, dd < D, W, S1, S2, stride_w, stride_wc, lr, wd, eps, step_size,
+                                      bc2_sqrt, UPDATE)  # fmt: skip
         else:
-            center_update_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, W, S1, S2, stride_w, stride_wc,
-                                   INV, FOUND, lr, wd, mom, damp, nesterov, first, maximize, beta1, beta2, eps,
-                                   step_size, bc2_sqrt, UPDATE, SCALED)  # fmt: skip
+            dd = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+            d_mask = dd < D
+            wn = rw
+            if FULL_D:  # the class tile, normalised once, serves every row tile's cosines
+                wn = normalised(load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc), rw, OP_DTYPE, ROUND)
+            acc, dot = _center_grad_sums(X, W, RX, RW, Y, LSE, GR, COEF, KT, PHI, B, D, stride_x, stride_xc, stride_w,
+                                         stride_wc, s, tau, bound, cols, col_mask, wr, wr_mask, rw, wn, dd, d_mask,
+                                         gscale, t, HAS_FILTER, CURRICULAR, K, KP, FULL_D, BLOCK_B, BLOCK_C, BLOCK_D,
+                                         BLOCK_DO, ACC_DTYPE, OP_DTYPE, ROUND, PRECISION)  # fmt: skip
+            wt = load_tile(W, wr, wr_mask, dd, d_mask, stride_w, stride_wc)  # reloaded: not held over the loop
+            if UPDATE == 0:
+                center_grad_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, DW, stride_dw, stride_dwc)
+            else:
+                center_update_epilogue(acc, dot, gscale, wt, rw, wr, wr_mask, dd, d_mask, W, S1, S2, stride_w,
+                                       stride_wc, INV, FOUND, lr, wd, mom, damp, nesterov, first, maximize, beta1,
+                                       beta2, eps, step_size, bc2_sqrt, UPDATE, SCALED)  # fmt: skip
 
 
 FORCE_SPLITS: int | None = None  # tests: force this many class splits (split-C) on any device
@@ -259,17 +299,23 @@ WINDOWS = 20  # the fused center update through a window: the gradient of at mos
 FORCE_WINDOWED = False  # tests: the window even where the update could run in the kernel
 
 
-def _in_kernel(step, x: torch.Tensor, cfg: dict) -> bool:
-    """Whether the fused update runs in the center-gradient kernel's epilogue: each class tile's rows are read and
-    written by one program only (FULL_D: D is not split over the grid), the rows are the centers' own (no
-    sampled gather), every per-step number is a host float, and the centers are not fp64 (the kernel's scalars
-    are fp32: fp64 centers take the window, whose update runs in fp64)."""
-    return (cfg["FULL_D"] and step.index is None and step.host_scalars and x.dtype != torch.float64
-            and not FORCE_WINDOWED)  # fmt: skip
+def _mode(step, x: torch.Tensor, cfg: dict) -> str:
+    """Where the fused update runs: ``"epilogue"`` (D resident: the class tile's one program reads its rows, then
+    writes them), ``"two_phase"`` (D split: one program per class tile walks its column blocks, writing only state
+    until its cosines are done; SGD with momentum and without nesterov, whose step needs only the new buffer, and
+    AdamW, without a GradScaler, whose skip of a whole row needs all its columns first) or ``"window"``. The kernel
+    needs the rows to be the centers' own (no sampled gather), host floats for every per-step number, and centers
+    that are not fp64 (its scalars are fp32: fp64 centers take the window, whose update runs in fp64)."""
+    if FORCE_WINDOWED or step.index is not None or not step.host_scalars or x.dtype == torch.float64:
+        return "window"
+    if cfg["FULL_D"]:
+        return "epilogue"
+    two_phase = step.kind == "adamw" or (step.momentum != 0 and not step.nesterov)
+    return "two_phase" if two_phase and step.inv_scale is None else "window"
 
 
 def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, op_dtype, step) -> None:
-    """The fused center update (``step``). In the kernel where :func:`_in_kernel`; otherwise D is split over
+    """The fused center update (``step``). In the kernel where :func:`_mode` says so; otherwise D is split over
     programs that all read a class tile's whole rows for their cosines, so none of them may overwrite those rows:
     the gradient of a window of classes goes to a scratch (at most ~C/WINDOWS rows, or enough class tiles to fill
     the GPU), then the update is applied to the window, in stream order, before the next window's kernel reads its
@@ -280,7 +326,8 @@ def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, o
     cfg = tile_config("center_grad", x.dtype, B, D, K, arch=capability(x.device), op_dtype=op_dtype, update=True)
     if not (B and C):
         return
-    if not _in_kernel(step, x, cfg):
+    mode = _mode(step, x, cfg)
+    if mode == "window":
         fill = 4 * num_sms(x.device) * cfg["BLOCK_C"] if gpu_like(x) else cfg["BLOCK_C"]
         win = triton.cdiv(max(triton.cdiv(C, WINDOWS), fill), cfg["BLOCK_C"]) * cfg["BLOCK_C"]
         for c0 in range(0, C, win):
@@ -297,7 +344,8 @@ def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, o
     s2 = step.states[1] if len(step.states) > 1 else w
     scaled = step.inv_scale is not None
     found = torch.zeros(1, dtype=torch.int32, device=x.device) if scaled else None
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), triton.cdiv(D, cfg["BLOCK_DO"]))  # one D block where _in_kernel
+    two_phase = mode == "two_phase"
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), 1 if two_phase else triton.cdiv(D, cfg["BLOCK_DO"]))
     _margin_ce_center_grad_kernel[grid](
         x, w, rx, rw, labels, lse, gr, coef, kt, phi, t, gscale, w, B, C, D, x.stride(0), x.stride(1),
         w.stride(0), w.stride(1), w.stride(0), w.stride(1), float(s), float(nt.tau if nt.tau is not None else 0.0),
@@ -305,7 +353,8 @@ def _center_step(x, w, labels, rx, rw, lse, gr, coef, raw_t, s, nt: NonTarget, o
         wd=step.weight_decay, mom=step.momentum, damp=step.dampening, nesterov=int(step.nesterov),
         first=int(step.first), maximize=int(step.maximize), beta1=step.beta1, beta2=step.beta2, eps=step.eps,
         step_size=float(step.step_size), bc2_sqrt=float(step.bc2_sqrt), UPDATE=1 if step.kind == "sgd" else 2,
-        SCALED=scaled, **const, **triton_flags(x.dtype, x.is_cuda, op_dtype), **cfg, **LAUNCH_OPTIONS,
+        SCALED=scaled, TWO_PHASE=two_phase, **const, **triton_flags(x.dtype, x.is_cuda, op_dtype), **cfg,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     if scaled:
         torch.maximum(step.found_inf, found[0].to(step.found_inf.dtype), out=step.found_inf)
@@ -369,17 +418,19 @@ def launch_specs(arch: int) -> list:
                 const = {"HAS_FILTER": True, "CURRICULAR": True, "KP": triton.next_power_of_2(K), "stride_xc": 1,
                          "stride_wc": 1, **triton_flags(dtype, True, op)}  # fmt: skip
                 name = f"{path} KP={triton.next_power_of_2(K)} B={B} D={D} {kind}"
-                unfused = {"stride_dwc": 1, "UPDATE": 0, "SCALED": False, **dict.fromkeys(update)}
+                unfused = {"stride_dwc": 1, "UPDATE": 0, "SCALED": False, "TWO_PHASE": False, **dict.fromkeys(update)}
                 variants = [("forward", "", _margin_ce_forward_kernel, fwd, {"NEED_O": True}),
                             ("center_grad", "", _margin_ce_center_grad_kernel, bwd, unfused)]  # fmt: skip
-                if tile_config("center_grad", dtype, B, D, K, arch=arch, op_dtype=op, update=True)["FULL_D"] and \
-                        dtype != torch.float64:
-                    for u, scaled in ((1, False), (1, True), (2, False), (2, True)):  # the fused center update
-                        sig = {**bwd, **(update if scaled else {k: update[k] for k in ("S1", "S2")})}
-                        extra = {"stride_dwc": 1, "UPDATE": u, "SCALED": scaled,
-                                 **({} if scaled else {"INV": None, "FOUND": None})}  # fmt: skip
-                        tag = f" update={'sgd' if u == 1 else 'adamw'}{' scaled' if scaled else ''}"
-                        variants.append(("center_grad", tag, _margin_ce_center_grad_kernel, sig, extra))
+                # the fused center update (fp64 takes the window): in the epilogue where D is resident, with or
+                # without a GradScaler; two-phase where D is split, without one
+                resident = tile_config("center_grad", dtype, B, D, K, arch=arch, op_dtype=op, update=True)["FULL_D"]
+                kinds = ((1, False), (1, True), (2, False), (2, True)) if resident else ((1, False), (2, False))
+                for u, scaled in kinds if dtype != torch.float64 else ():
+                    sig = {**bwd, **(update if scaled else {k: update[k] for k in ("S1", "S2")})}
+                    extra = {"stride_dwc": 1, "UPDATE": u, "SCALED": scaled, "TWO_PHASE": not resident,
+                             **({} if scaled else {"INV": None, "FOUND": None})}  # fmt: skip
+                    tag = f" update={'sgd' if u == 1 else 'adamw'}{' scaled' if scaled else ''}"
+                    variants.append(("center_grad", tag, _margin_ce_center_grad_kernel, sig, extra))
                 for kernel, tag, fn, sig, extra in variants:
                     cfg = tile_config(kernel, dtype, B, D, K, arch=arch, op_dtype=op, update=bool(tag))
                     opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
