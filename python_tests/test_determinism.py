@@ -20,7 +20,7 @@ import torch
 from conftest import FUSED_BACKENDS
 
 import mdkernels
-from mdkernels.ops._common import tiles
+from mdkernels.ops._common import autotune, tiles
 
 
 def _search_inputs(Q=53, D=64, G=5000, seed=0):
@@ -166,7 +166,7 @@ def test_the_autotuner_records_its_choice_and_reuses_it(tmp_path, monkeypatch):
     recorded tile and never time again, so a run's bits do not depend on a timing taken during it."""
     path = tmp_path / "tiles.json"
     monkeypatch.setenv("MDK_AUTOTUNE_FILE", str(path))
-    monkeypatch.setattr(tiles, "_TUNED", {})
+    monkeypatch.setattr(autotune, "_TUNED", {})
     cands = [{"BLOCK_B": 16}, {"BLOCK_B": 32}, {"BLOCK_B": 64}]
     calls = []
 
@@ -179,28 +179,28 @@ def test_the_autotuner_records_its_choice_and_reuses_it(tmp_path, monkeypatch):
 
         return time_one
 
-    key = tiles.tune_key("forward", torch.bfloat16, 1024, 85742, 512, "NVIDIA H100 80GB HBM3", {"arch": 90})
+    key = autotune.tune_key("forward", torch.bfloat16, 1024, 85742, 512, "NVIDIA H100 80GB HBM3", {"arch": 90})
     assert "NVIDIA H100" in key and "triton" in key and "C=85742" in key
-    first = tiles.recorded_or_timed(key, lambda: cands, timer({16: 2.0, 32: 1.0}), cands[0])
+    first = autotune.recorded_or_timed(key, lambda: cands, timer({16: 2.0, 32: 1.0}), cands[0])
     assert first == {"BLOCK_B": 32} and calls == [16, 32, 64]
     assert json.loads(path.read_text()) == {key: {"BLOCK_B": 32}}
     # a new process (the memo emptied) whose timings would now favour another tile: the record wins, no timing
-    monkeypatch.setattr(tiles, "_TUNED", {})
+    monkeypatch.setattr(autotune, "_TUNED", {})
     calls.clear()
-    again = tiles.recorded_or_timed(key, lambda: cands, timer({16: 0.5, 32: 1.0}), cands[0])
+    again = autotune.recorded_or_timed(key, lambda: cands, timer({16: 0.5, 32: 1.0}), cands[0])
     assert again == {"BLOCK_B": 32} and calls == []
     # another key is timed and added beside the first
     other = key.replace("B=1024", "B=512")
-    tiles.recorded_or_timed(other, lambda: cands, timer({16: 0.5, 32: 1.0}), cands[0])
+    autotune.recorded_or_timed(other, lambda: cands, timer({16: 0.5, 32: 1.0}), cands[0])
     assert json.loads(path.read_text()) == {key: {"BLOCK_B": 32}, other: {"BLOCK_B": 16}}
     path.write_text("{not json")
-    monkeypatch.setattr(tiles, "_TUNED", {})
+    monkeypatch.setattr(autotune, "_TUNED", {})
     with pytest.raises(ValueError, match="MDK_AUTOTUNE_FILE"):
-        tiles.recorded_or_timed(key, lambda: cands, timer({16: 0.5, 32: 1.0}), cands[0])
+        autotune.recorded_or_timed(key, lambda: cands, timer({16: 0.5, 32: 1.0}), cands[0])
 
 
 def test_without_autotune_the_tile_is_a_rule(monkeypatch):
-    """Off a GPU, or without ``MDK_AUTOTUNE=1``, :func:`tiles.autotuned` returns :func:`tiles.tile_config`'s tile
+    """Off a GPU, or without ``MDK_AUTOTUNE=1``, :func:`autotune.autotuned` returns :func:`tiles.tile_config`'s tile
     and never calls the launch it was given."""
     monkeypatch.setenv("MDK_AUTOTUNE", "1")
     x = torch.zeros(8, 64)
@@ -208,7 +208,7 @@ def test_without_autotune_the_tile_is_a_rule(monkeypatch):
     def launch(cfg):
         raise AssertionError("timed off a GPU")
 
-    assert tiles.autotuned("forward", x, 8, 100, 64, launch) == tiles.tile_config("forward", x.dtype, 8, 64,
+    assert autotune.autotuned("forward", x, 8, 100, 64, launch) == tiles.tile_config("forward", x.dtype, 8, 64,
                                                                                   arch=None)  # fmt: skip
 
 

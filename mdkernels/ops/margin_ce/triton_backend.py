@@ -18,13 +18,13 @@ import torch
 
 from mdkernels._cuda_ext import guard_device
 from mdkernels._math import compute_dtype
+from mdkernels.ops._common.autotune import autotuned
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, capability, gpu_like, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale, merge_splits
 from mdkernels.ops._common.margin import NonTarget
 from mdkernels.ops._common.tiles import (
     GPU_DTYPE_PATHS,
     SUBCENTER_REPRESENTATIVES,
-    autotuned,
     shape_representatives,
     tile_config,
     triton_flags,

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from mdkernels._cuda_ext import guard_device
+from mdkernels.ops._common.autotune import autotuned
 from mdkernels.ops._common.env import HAS_TRITON, LAUNCH_OPTIONS, NEG_BIG, gpu_like, num_sms, ptr
 from mdkernels.ops._common.epilogue import grad_scale
-from mdkernels.ops._common.tiles import GPU_DTYPE_PATHS, autotuned, shape_representatives, tile_config, triton_flags
+from mdkernels.ops._common.tiles import GPU_DTYPE_PATHS, shape_representatives, tile_config, triton_flags
 
 if HAS_TRITON:
     import triton
