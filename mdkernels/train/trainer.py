@@ -162,6 +162,10 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
     rank, world, device = _dist_setup()
     out = Path(cfg.out)
     sharded = cfg.sharded and world > 1
+    if resume and world > 1 and not sharded and (out / "last.pt").is_file():
+        # a resume takes the run's own settings: whether it was sharded decides which file is this rank's (rank 0's
+        # last.pt says), whether or not --sharded is given again
+        sharded = bool(_resume_state(out / "last.pt")["config"].get("sharded", False))
     # sharded heads: every rank checkpoints its own shard (and optimizer state); rank 0's file is last.pt
     ckpt_path = out / ("last.pt" if rank == 0 or not sharded else f"last.rank{rank}.pt")
     state = _resume_state(ckpt_path) if resume else None

@@ -394,10 +394,13 @@ def tile_config(kernel: str, dtype: torch.dtype, B: int, D: int, subcenters: int
         cfg["num_warps"] = 8
         if op == torch.float32:  # and two stages of fp32 spilled on Hopper and sm_100 (Triton 3.7, 3.8)
             cfg["num_stages"] = 1
-    if update and gpu_tiles() and arch_class(arch) == "hopper":
-        # the fused center update's epilogue holds the state tiles too: the 64-row wgmma tile spilled 16-480 B at
-        # 128 resident columns on sm_90 (K = 1, 4 and 8; Triton 3.9); half the rows
+    if update and gpu_tiles() and (arch_class(arch) == "hopper" or subcenters > 1):
+        # the fused center update holds the state tiles too: the 64-row wgmma tile spilled 16-480 B at 128 resident
+        # columns on sm_90 (K = 1, 4 and 8), and sub-center tiles 80-128 B at odd D in two phases on sm_80 (Triton
+        # 3.9): half the rows
         cfg["BLOCK_C"] = max(16 if subcenters == 1 else 1, cfg["BLOCK_C"] // 2)
+    if update and gpu_tiles() and not (D % 16 == 0 if aligned is None else aligned):
+        cfg["split_do"] = min(cfg["split_do"], 64)  # odd D, two phases: AdamW spilled 16 B at 128 columns on sm_100
     full_d, split_do, block_d = cfg.pop("full_d"), cfg.pop("split_do"), cfg.pop("block_d", 64)
     d_pad = triton.next_power_of_2(max(D, 16))
     if d_pad <= full_d:
