@@ -12,9 +12,10 @@ One training step of an ArcFace head on embeddings that need a gradient (a backb
   then ``optimizer.step()`` (which skips the centers);
 * ``gemm_bound``: the three bare GEMMs of the shape (``x W^T``, ``P W``, ``G^T x``): the floor.
 
-Memory: the rise of the peak over the step's start, the optimizer's state already created by a warm-up step: on a
-CPU the peak RSS of a fresh child process (its high-water mark reset before the step), on a GPU
-``torch.cuda.max_memory_allocated``. Reported as a fraction of the centers' own size.
+Memory: the rise of the peak during the step's backward and ``optimizer.step()`` over their start (the forward done,
+the optimizer's state already created by a warm-up step): on a CPU the peak RSS of a fresh child process (its
+high-water mark reset after the forward), on a GPU ``torch.cuda.max_memory_allocated``. Reported as a fraction of
+the centers' own size.
 
 Rows go to bench/results/<device>.csv (op ``margin_ce``, variant ``center_update_<optimizer>``, mode ``step``) and
 one summary line per optimizer, with the ratios, to bench/results/<device>_center_update.jsonl.
@@ -61,22 +62,31 @@ def setup(spec: dict):
     if spec["provider"] == "fused_update":
         mdkernels.fuse_center_update(head, opt)
 
-    def step():
+    def forward():
         opt.zero_grad(set_to_none=True)
         x.grad = None
-        head(x, y).backward()
+        return head(x, y)
+
+    def backward(loss):
+        loss.backward()
         opt.step()
 
+    def step():
+        backward(forward())
+
+    step.forward, step.backward = forward, backward  # the child measures the backward's peak alone
     return step, head.weight.numel() * head.weight.element_size()
 
 
 def child(spec: dict) -> None:
-    """The peak RSS rise of one step (after a warm-up step), in this fresh process."""
+    """The peak RSS rise of one step's backward and optimizer step over their start (after a warm-up step, so
+    the optimizer's state exists), in this fresh process."""
     step, _ = setup(spec)
-    step()  # the optimizer's state exists from here on
+    step()
+    loss = step.forward()
     base = harness.current_rss_bytes()
     harness.reset_peak_rss()
-    step()
+    step.backward(loss)
     print(max(0, harness.maxrss_bytes() - base))
 
 
@@ -84,7 +94,8 @@ def peak(spec: dict) -> int:
     if spec["device"] == "cuda":
         step, _ = setup(spec)
         step()
-        return harness.peak_gpu(step)
+        loss = step.forward()
+        return harness.peak_gpu(lambda: step.backward(loss))
     return harness.peak_cpu_subprocess("bench_center_update", spec)
 
 
