@@ -248,6 +248,36 @@ def test_fuzz_with_other_losses():
         assert_same_steps(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("kind", ["one_cycle_sgd", "cyclic_sgd", "one_cycle_adamw"])
+def test_schedulers_that_write_momentum_and_add_group_keys(kind):
+    """OneCycleLR and CyclicLR add their own keys to the param group and change lr and momentum (or AdamW's betas)
+    every step: the fused update reads them at each backward, as optimizer.step() does."""
+    def steps(fused):
+        torch.manual_seed(0)
+        head = HEADS["ArcFace"](32, 60, "torch").double()
+        if kind.endswith("adamw"):
+            opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.05)
+        else:
+            opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if kind.startswith("one_cycle"):
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10)
+        else:
+            sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.2, step_size_up=2)
+        handle = mdkernels.fuse_center_update(head, opt) if fused else None
+        x, y = make_batches(5, 6, 32, 60, torch.float64)
+        for k in range(5):
+            opt.zero_grad(set_to_none=True)
+            head(x[k], y[k]).backward()
+            opt.step()
+            sched.step()
+        if handle is not None:
+            handle.remove()
+        return head.weight.detach(), {key: v.clone() for key, v in opt.state[head.weight].items()}
+
+    (wa, sa), (wb, sb) = steps(False), steps(True)
+    assert torch.equal(wa, wb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 # ---- in place, safely: the order under a D split ------------------------------------------------------------------
 
 

@@ -53,10 +53,13 @@ class _ByIdentity:
 
 BINDINGS = _ByIdentity()  # Parameter -> Binding
 
+# the keys torch's LR schedulers add to a param group (their own bookkeeping: they write "lr", "momentum" or "betas",
+# which the update reads at each backward)
+SCHEDULER_KEYS = {"initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "swa_lr"}
 SGD_KEYS = {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach", "differentiable",
-            "fused", "initial_lr"}  # fmt: skip
+            "fused", *SCHEDULER_KEYS}  # fmt: skip
 ADAMW_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
-              "fused", "decoupled_weight_decay", "initial_lr"}  # fmt: skip
+              "fused", "decoupled_weight_decay", *SCHEDULER_KEYS}  # fmt: skip
 
 
 @dataclass
