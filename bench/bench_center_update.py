@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
@@ -130,8 +129,7 @@ def run(B: int, D: int, C: int, dtype: str, device: str, optimizers: list[str], 
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
+    if harness.ran_as_child(argv, child):
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--B", type=int, default=256)

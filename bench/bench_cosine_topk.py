@@ -14,9 +14,7 @@ Rows go to bench/results/<device>.csv (op ``cosine_topk``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 
 import torch
 
@@ -138,8 +136,7 @@ def run(Q, G, D, k, device, reps, only, threads):
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
+    if harness.ran_as_child(argv, child):
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--Q", type=int, default=2000, help="queries")

@@ -12,8 +12,6 @@ bench/results/<device>.csv.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
@@ -121,8 +119,7 @@ def run(ops, device, reps, tiny=False):
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
+    if harness.ran_as_child(argv, child):
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", nargs="*", default=OPS, choices=OPS)

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -239,8 +237,7 @@ def _run(B, D, C, dtype, device, frozen, reps, only, modes, amp):
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
+    if harness.ran_as_child(argv, child):
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=list(SUITES), help="a shape grid (overrides --B/--C/--dtype/--device)")

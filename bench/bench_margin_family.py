@@ -12,9 +12,7 @@ GPU) and ``official_eager``. Rows are op ``margin_ce`` (the family runs on the m
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -190,8 +188,7 @@ def print_ratios(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> None:
-    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(json.loads(sys.argv[2]))
+    if harness.ran_as_child(argv, child):
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--B", type=int, default=256)

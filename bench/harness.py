@@ -179,6 +179,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def ran_as_child(argv, child: Callable[[dict], object]) -> bool:
+    """The child side of :func:`peak_cpu_subprocess`: when this process was started as ``python -m bench.<module>
+    --child <spec>`` (``argv`` None: the command line), run ``child(spec)`` and return True."""
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+        return True
+    return False
+
+
 def peak_cpu_subprocess(module: str, spec: dict) -> int:
     """Peak RSS rise of one fwd+bwd call, in a fresh interpreter (``python -m bench.<module> --child``)."""
     # glibc raises its mmap threshold after freeing a large block, keeping later large blocks in the heap,

@@ -61,11 +61,18 @@ def _backends():
                          else [])  # fmt: skip
 
 
-def _capture_and_compare(make_model, loss_of, x, y, t):
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _capture_and_compare(make_model, loss_of, x, y, t, make_opt=_sgd, fuse=False):
     """Eager steps, then one step captured; the replay against an eager step from the same state (a twin built by
-    ``make_model`` and loaded with the model's and the optimizer's state just before the replay)."""
+    ``make_model`` and loaded with the model's and the optimizer's state just before the replay). ``fuse``: the
+    captured model's centers take their update in the backward (mdkernels.fuse_center_update); the twin's do not."""
     model = make_model()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    opt = make_opt([p for p in model.parameters() if p.requires_grad])
+    if fuse:
+        mdkernels.fuse_center_update(model, opt)
 
     def step():
         opt.zero_grad(set_to_none=False)
@@ -89,7 +96,7 @@ def _capture_and_compare(make_model, loss_of, x, y, t):
     with torch.cuda.graph(graph):
         static_loss = step()
     graph.replay()  # the captured step runs once
-    twin_opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    twin_opt = make_opt([p for p in twin.parameters() if p.requires_grad])
     twin_opt.load_state_dict(twin_opt_state)
     twin_opt.zero_grad(set_to_none=False)
     eager_loss = loss_of(twin, x, y, t)
@@ -167,46 +174,11 @@ def test_a_fused_center_update_step_replays_as_it_ran(opt_name):
     """The centers' update inside the backward (mdkernels.fuse_center_update), captured with the rest of the step
     after eager steps: the replay equals an unfused eager step from the same state. AdamW under capture keeps its
     step count on the device (capturable=True), as torch.optim requires for its own update."""
-    make_opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
-                "adamw_capturable": lambda p: torch.optim.AdamW(p, lr=1e-3, capturable=True)}[opt_name]  # fmt: skip
-    x, y, _ = _data()
+    make_opt = {"sgd": _sgd, "adamw_capturable": lambda p: torch.optim.AdamW(p, lr=1e-3, capturable=True)}[opt_name]
 
     def make():
         torch.manual_seed(0)
         return torch.nn.ModuleDict({"net": torch.nn.Linear(D, D), "head": mnn.ArcFace(D, C)}).cuda().train()
 
-    model = make()
-    opt = make_opt(list(model.parameters()))
-    mdkernels.fuse_center_update(model, opt)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = model["head"](model["net"](x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    for _ in range(3):
-        step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    twin = make()
-    twin.load_state_dict(model.state_dict())
-    twin_opt = make_opt(list(twin.parameters()))
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step()
-    graph.replay()
-    twin_opt.zero_grad(set_to_none=True)
-    eager = twin["head"](twin["net"](x), y)
-    eager.backward()
-    twin_opt.step()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(static_loss, eager.detach(), rtol=1e-5, atol=1e-5)
-    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    x, y, t = _data()
+    _capture_and_compare(make, lambda m, x, y, t: m["head"](m["net"](x), y), x, y, t, make_opt=make_opt, fuse=True)
