@@ -162,13 +162,17 @@ def train(cfg: TrainConfig, resume: bool = False, overrides=(), overwrite: bool 
     rank, world, device = _dist_setup()
     out = Path(cfg.out)
     sharded = cfg.sharded and world > 1
+    first = None  # rank 0's checkpoint, when read to learn whether the run was sharded
     if resume and world > 1 and not sharded and (out / "last.pt").is_file():
         # a resume takes the run's own settings: whether it was sharded decides which file is this rank's (rank 0's
         # last.pt says), whether or not --sharded is given again
-        sharded = bool(_resume_state(out / "last.pt")["config"].get("sharded", False))
+        first = _resume_state(out / "last.pt")
+        sharded = bool(first["config"].get("sharded", False))
     # sharded heads: every rank checkpoints its own shard (and optimizer state); rank 0's file is last.pt
     ckpt_path = out / ("last.pt" if rank == 0 or not sharded else f"last.rank{rank}.pt")
-    state = _resume_state(ckpt_path) if resume else None
+    state = None
+    if resume:  # rank 0's file is read once
+        state = first if first is not None and ckpt_path == out / "last.pt" else _resume_state(ckpt_path)
     if not resume and not overwrite and ckpt_path.is_file():
         raise ValueError(f"{ckpt_path} already holds a run: --resume continues it, --overwrite starts over (replacing "
                          "it), or pass a new --out")  # fmt: skip

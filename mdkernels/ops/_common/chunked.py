@@ -160,14 +160,14 @@ def center_grad(
     t_e = torch.where(gr != 0, coef / (gr * s), torch.zeros_like(coef))  # the target's E entry
     dw = torch.empty_like(w) if step is None else None
     fused = nontarget is None and nt.plain and fused_epilogue(xs)
-    rows_per_class = logit_sets * xs.shape[0] * K
+    logit_rows = logit_sets * xs.shape[0] * K  # a class's share of a logits chunk: its rows of logits
     scratch = None  # the fused update's chunk gradient: one buffer for every chunk (no fresh pages per chunk)
     if step is not None:
         # half a logits chunk's classes: the chunk's gradient and logits stay a few % of the centers (C = 100k,
         # bench/bench_center_update.py); GEMMs split over classes give the same bits (each class's dot is its own)
-        rows_per_class *= 2
-        scratch = torch.empty(chunk_size(rows_per_class, w.shape[0] // K) * K, w.shape[1], dtype=cd, device=w.device)
-    for c0, c1 in chunks(rows_per_class, w.shape[0] // K):
+        logit_rows *= 2
+        scratch = torch.empty(chunk_size(logit_rows, w.shape[0] // K) * K, w.shape[1], dtype=cd, device=w.device)
+    for c0, c1 in chunks(logit_rows, w.shape[0] // K):
         r0, r1 = c0 * K, c1 * K  # the chunk's weight rows
         if fused:  # one C++ sweep per row: E * rw in place of the logits, and the per-class dot
             e = torch.mm(xs, w[r0:r1].to(cd).T)
