@@ -575,3 +575,58 @@ def test_cpu_epilogue_default_target_build():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir(),
                          env=dict(os.environ, MDK_CPU_ISA="base"))  # fmt: skip
     assert res.returncode == 0 and "base ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_cpu_ext
+def test_cpu_sweeps_same_bits_on_any_team():
+    """The C++ sweeps run on the OpenMP team torch's operations use (found at import), else on std::thread; a team
+    smaller than the parts asked for (OMP_THREAD_LIMIT=1) walks all of them. Each of the three, in a fresh
+    interpreter with 3 parts on this machine's cores, gives the same bits for the forward sweep, the center-gradient
+    sweep (its per-part column sums) and the top-k."""
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from mdkernels.ops._common import chunked
+        ext = chunked.cpu_ext
+        g = torch.Generator().manual_seed(0)
+        B, n = 203, 777
+        z0 = torch.randn(B, n, generator=g) * 10
+        rw = torch.rand(n, generator=g) * 0.1 + 0.05
+        tgt = torch.randint(-1, n, (B,), generator=g)
+        m, l, alpha = torch.full((B,), -1e30), torch.zeros(B), torch.empty(B)
+        zf = z0.clone()
+        ext.forward_rows(False, zf.data_ptr(), rw.data_ptr(), tgt.data_ptr(), B, n, 64.0, 0.0, False, m.data_ptr(),
+                         l.data_ptr(), alpha.data_ptr(), True, 3)
+        lse, gr = torch.full((B,), 50.0), torch.rand(B, generator=g)
+        te, rt, dot = torch.rand(B, generator=g), torch.rand(B, generator=g), torch.empty(n)
+        zb = z0.clone()
+        ext.center_grad_rows(False, zb.data_ptr(), rw.data_ptr(), tgt.data_ptr(), B, n, 64.0, 0.0, False,
+                             lse.data_ptr(), gr.data_ptr(), te.data_ptr(), rt.data_ptr(), dot.data_ptr(), 3)
+        k = 5
+        vals, idx = torch.full((B, k), -float("inf")), torch.full((B, k), -1, dtype=torch.int64)
+        ext.topk_rows(False, z0.data_ptr(), rw.data_ptr(), 0, B, n, k, vals.data_ptr(), idx.data_ptr(), 3)
+        torch.save({"threads": ext.threads, "out": [zf, m, l, alpha, zb, dot, vals, idx]}, sys.argv[1])
+        """
+    )
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in {"openmp": {}, "team of 1": {"OMP_THREAD_LIMIT": "1"}, "std": {"MDK_CPU_THREADS": "std"}}.items():
+            path = os.path.join(tmp, name.replace(" ", "_") + ".pt")
+            env = {k: v for k, v in os.environ.items() if k != "MDK_CPU_THREADS"}
+            res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=tmp,
+                                 env={**env, **extra})  # fmt: skip
+            assert res.returncode == 0, res.stderr[-3000:]
+            results[name] = torch.load(path)
+    assert results["std"]["threads"] == "std::thread"
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert results["openmp"]["threads"].startswith("openmp "), results["openmp"]["threads"]
+    ref = results["std"]["out"]
+    assert torch.isfinite(ref[5]).all() and ref[7].min() >= 0  # the sweeps ran: finite sums, every top-k filled
+    for name in ("openmp", "team of 1"):
+        for a, b in zip(results[name]["out"], ref, strict=True):
+            assert torch.equal(a, b), name

@@ -10,10 +10,18 @@
 //
 // The kernels are compiled for the default target and, on x86-64, for AVX2 + FMA (8-wide exp); the
 // AVX2 build runs where the CPU has both (checked once at import; MDK_CPU_ISA=base forces the other).
+//
+// Rows run on the threads of the OpenMP runtime torch already loaded (libgomp in torch's wheels; Intel's and
+// LLVM's runtimes export the same GOMP_parallel entry point), found at import through the loader's list of
+// loaded objects: after a GEMM its threads still spin, waiting for work, so fresh std::threads would share the
+// cores with them (measured: a 2-core sweep slower than a 1-core one). MDK_CPU_THREADS=std forces std::thread.
+#include <dlfcn.h>
+#include <link.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "margin_cpu.h"
@@ -33,6 +41,47 @@ bool use_avx2() {
 #endif
 }
 
+// The path of the loaded OpenMP runtime: one under torch's lib/ first, else the first loaded.
+std::string loaded_openmp() {
+  std::pair<std::string, std::string> found;  // (under torch, any)
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) -> int {
+        auto* f = static_cast<std::pair<std::string, std::string>*>(data);
+        const char* name = info->dlpi_name ? info->dlpi_name : "";
+        const char* slash = std::strrchr(name, '/');
+        const char* base = slash ? slash + 1 : name;
+        if (std::strncmp(base, "libgomp", 7) != 0 && std::strncmp(base, "libiomp5", 8) != 0 &&
+            std::strncmp(base, "libomp", 6) != 0)
+          return 0;
+        if (f->second.empty()) f->second = name;
+        if (f->first.empty() && std::strstr(name, "/torch/lib/")) f->first = name;
+        return 0;
+      },
+      &found);
+  return found.first.empty() ? found.second : found.first;
+}
+
+const char* env(const char* name) { return std::getenv(name) ? std::getenv(name) : ""; }
+
+std::string openmp_path;  // what import found ("" where none, or MDK_CPU_THREADS=std)
+
+const mdk_cpu::OpenMP* find_openmp() {
+  static mdk_cpu::OpenMP o{};
+  if (std::string(env("MDK_CPU_THREADS")) == "std") return nullptr;
+  const std::string path = loaded_openmp();
+  if (path.empty()) return nullptr;
+  void* h = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);  // already loaded: no new copy, a handle to it
+  if (!h) return nullptr;
+  o.parallel = reinterpret_cast<decltype(o.parallel)>(dlsym(h, "GOMP_parallel"));
+  o.thread_num = reinterpret_cast<decltype(o.thread_num)>(dlsym(h, "omp_get_thread_num"));
+  o.num_threads = reinterpret_cast<decltype(o.num_threads)>(dlsym(h, "omp_get_num_threads"));
+  if (!o.parallel || !o.thread_num || !o.num_threads) return nullptr;
+  openmp_path = path;
+  return &o;
+}
+
+const mdk_cpu::OpenMP* the_openmp = nullptr;
+
 template <typename P>
 P* ptr(std::uintptr_t p) {
   return reinterpret_cast<P*>(p);
@@ -40,9 +89,13 @@ P* ptr(std::uintptr_t p) {
 
 }  // namespace
 
+const mdk_cpu::OpenMP* mdk_cpu::openmp() { return the_openmp; }
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "mdkernels CPU epilogues of the chunked margin ops (raw pointers; see mdkernels/ops/_common/chunked.py)";
   m.attr("isa") = std::string(use_avx2() ? "avx2" : "base");
+  the_openmp = find_openmp();  // torch is imported first (chunked.py): its runtime is loaded by now
+  m.attr("threads") = the_openmp ? "openmp " + openmp_path : std::string("std::thread");
   m.def(
       "forward_rows",
       [](bool f64, std::uintptr_t z, std::uintptr_t rw, std::uintptr_t tgt, int64_t B, int64_t n, double s,

@@ -55,6 +55,9 @@ inline T entry(T zv, T rw, T s, T tau_s, bool* keep) {
   return vc;
 }
 
+// body(part, r0, r1) over `threads` parts of the rows, on the process's OpenMP team where there is one
+// (margin_cpu.cpp), else on threads - 1 fresh threads and this one. The parts depend only on `threads`, never on
+// the team the runtime gives: each team member walks parts t, t + team, ... (same inputs, same bits).
 template <typename F>
 void parallel_rows(int64_t rows, int threads, F body) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / 16)));
@@ -62,12 +65,30 @@ void parallel_rows(int64_t rows, int threads, F body) {
     body(0, 0, rows);
     return;
   }
-  std::vector<std::thread> pool;
   const int64_t per = (rows + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t) {
+  auto part = [&](int t) {
     const int64_t r0 = t * per, r1 = std::min(rows, r0 + per);
-    if (r0 < r1) pool.emplace_back(body, t, r0, r1);
+    if (r0 < r1) body(t, r0, r1);
+  };
+  if (const OpenMP* omp = openmp()) {
+    using Part = decltype(part);
+    struct Team {
+      Part* run;
+      int parts;
+      const OpenMP* omp;
+    } team{&part, threads, omp};
+    omp->parallel(
+        [](void* data) {
+          const auto* tm = static_cast<const Team*>(data);
+          const int size = std::max(1, tm->omp->num_threads());
+          for (int t = tm->omp->thread_num(); t < tm->parts; t += size) (*tm->run)(t);
+        },
+        &team, static_cast<unsigned>(threads), 0);
+    return;
   }
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(part, t);
+  part(0);
   for (auto& th : pool) th.join();
 }
 
