@@ -19,6 +19,9 @@ the centers' own size.
 
 Rows go to bench/results/<device>.csv (op ``margin_ce``, variant ``center_update_<optimizer>``, mode ``step``) and
 one summary line per optimizer, with the ratios, to bench/results/<device>_center_update.jsonl.
+
+``--profile`` instead writes torch.profiler's table of one fused step per optimizer (after a warm-up step) to
+bench/results/center_update_profile_<device>.txt: where the fused step's time goes.
 """
 
 from __future__ import annotations
@@ -98,6 +101,30 @@ def peak(spec: dict) -> int:
     return harness.peak_cpu_subprocess("bench_center_update", spec)
 
 
+def profile(B: int, D: int, C: int, dtype: str, device: str, optimizers: list[str], backend: str) -> str:
+    """torch.profiler's table (self time, top 12 rows) of one fused step per optimizer, after a warm-up step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run_profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    row = harness.base_row("margin_ce", device)
+    out = [f"# one fused step (mdkernels.fuse_center_update), ArcFace, {dtype}, B={B} D={D} C={C}, torch.profiler",
+           f"# commit: {row['commit']}; device: {row['device']}; torch {row['torch']}; {row['date']}",
+           "# the update's own operations are the aten::add_/mul_/lerp_/addcmul_/addcdiv_/sqrt/div_ rows; the GEMMs",
+           "# aten::mm and aten::addmm_; the Generated...Backward rows' self time is the loss's C++ row sweeps"]  # fmt: skip
+    for name in optimizers:
+        step, _ = setup(dict(provider="fused_update", optimizer=name, B=B, D=D, C=C, dtype=dtype, device=device,
+                             backend=backend))  # fmt: skip
+        step()
+        with run_profiler(activities=activities) as prof:
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        out += [f"## {name}", prof.key_averages().table(sort_by=sort, row_limit=12)]
+    return "\n".join(out) + "\n"
+
+
 def run(B: int, D: int, C: int, dtype: str, device: str, optimizers: list[str], reps: int, backend: str) -> list:
     rows, summaries = [], []
     for name in optimizers:
@@ -141,7 +168,15 @@ def main(argv=None) -> None:
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     p.add_argument("--reps", type=int, default=5, help="CPU: timed repetitions per provider (interleaved)")
     p.add_argument("--no-record", action="store_true", help="print only: write nothing to bench/results/")
+    p.add_argument("--profile", action="store_true", help="profile one fused step per optimizer instead of timing")
     a = p.parse_args(argv)
+    if a.profile:
+        text = profile(a.B, a.D, a.C, a.dtype, a.device, a.optimizers, a.backend)
+        print(text)
+        if not a.no_record:
+            path = harness.RESULTS / f"center_update_profile_{harness.slug(harness.device_name(a.device))}.txt"
+            path.write_text(text)
+        return
     rows, summaries = run(a.B, a.D, a.C, a.dtype, a.device, a.optimizers, a.reps, a.backend)
     if not a.no_record:
         harness.append_rows(rows, a.device)
