@@ -111,8 +111,9 @@ def profile(B: int, D: int, C: int, dtype: str, device: str, optimizers: list[st
     row = harness.base_row("margin_ce", device)
     out = [f"# one fused step (mdkernels.fuse_center_update), ArcFace, {dtype}, B={B} D={D} C={C}, torch.profiler",
            f"# commit: {row['commit']}; device: {row['device']}; torch {row['torch']}; {row['date']}",
-           "# the update's own operations are the aten::add_/mul_/lerp_/addcmul_/addcdiv_/sqrt/div_ rows; the GEMMs",
-           "# aten::mm and aten::addmm_; the Generated...Backward rows' self time is the loss's C++ row sweeps"]  # fmt: skip
+           "# the update's own operations: the aten::add_/mul_/lerp_/addcmul_/addcdiv_/sqrt/div_ rows (a few of",
+           "# them the forward's); the GEMMs: aten::mm and aten::addmm_; the Generated...Backward rows' self time:",
+           "# the loss's C++ row sweeps and its Python"]  # fmt: skip
     for name in optimizers:
         step, _ = setup(dict(provider="fused_update", optimizer=name, B=B, D=D, C=C, dtype=dtype, device=device,
                              backend=backend))  # fmt: skip

@@ -615,7 +615,8 @@ def test_cpu_sweeps_same_bits_on_any_team():
     )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in {"openmp": {}, "team of 1": {"OMP_THREAD_LIMIT": "1"}, "std": {"MDK_CPU_THREADS": "std"}}.items():
+        runs = {"openmp": {}, "team of 1": {"OMP_THREAD_LIMIT": "1"}, "std": {"MDK_CPU_THREADS": "std"}}
+        for name, extra in runs.items():
             path = os.path.join(tmp, name.replace(" ", "_") + ".pt")
             env = {k: v for k, v in os.environ.items() if k != "MDK_CPU_THREADS"}
             res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=tmp,
