@@ -81,29 +81,35 @@ def test_the_recorded_full_check_covers_todays_launch_space():
 def test_the_representatives_stand_for_every_batch_and_embedding_size():
     """The launch space compiles one (B, D) per tile (tiles.shape_representatives): true only while the launchers'
     tiles depend on B only through B < 64 and on D only through next_pow2(D) and D % 16. Walked here over every B in
-    1..8192 and every D in 64..1024, for every kernel, dtype path, K class and arch; and top-k's tile over every k in
+    1..8192 and every D in 64..1024, for every kernel (the center gradient with and without the fused update), dtype
+    path, K class and arch; and top-k's tile over every k in
     1..256."""
     code = """
 import torch, triton
+# triton's next_power_of_2 goes through its constexpr wrapper (4 us a call): the same integers, without it (the
+# walk makes about 3 million tile_config calls)
+triton.next_power_of_2 = lambda n: 1 << (int(n) - 1).bit_length()
 from mdkernels.ops._common import tiles as T
 from mdkernels.ops.cosine_topk import triton_backend as topk
+assert [T.triton.next_power_of_2(n) for n in (1, 2, 3, 16, 17, 500, 1024)] == [1, 2, 4, 16, 32, 512, 1024]
 bad = []
 for arch in T.GPU_ARCHS:
     for dtype, op in T.GPU_DTYPE_PATHS:
-        for kernel in ("forward", "center_grad", "kd_forward", "kd_center_grad"):
+        for kernel, update in (("forward", False), ("center_grad", False), ("center_grad", True),
+                               ("kd_forward", False), ("kd_center_grad", False)):  # fmt: skip
             for K in T.SUBCENTER_REPRESENTATIVES if not kernel.startswith("kd") else (1,):
                 want = {}
                 for B in range(1, 8193):
                     rb, _ = T.tile_representative(B, 500)
-                    got = T.tile_config(kernel, dtype, B, 500, K, arch=arch, op_dtype=op)
+                    got = T.tile_config(kernel, dtype, B, 500, K, arch=arch, op_dtype=op, update=update)
                     if want.setdefault(rb, got) != got:
-                        bad.append((arch, dtype, op, kernel, K, "B", B))
+                        bad.append((arch, dtype, op, kernel, update, K, "B", B))
                 want = {}
                 for D in range(64, 1025):
                     _, rd = T.tile_representative(1000, D)
-                    got = T.tile_config(kernel, dtype, 1000, D, K, arch=arch, op_dtype=op)
+                    got = T.tile_config(kernel, dtype, 1000, D, K, arch=arch, op_dtype=op, update=update)
                     if want.setdefault(rd, got) != got:
-                        bad.append((arch, dtype, op, kernel, K, "D", D))
+                        bad.append((arch, dtype, op, kernel, update, K, "D", D))
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         for k in range(1, 257):
             rep = [r for r in topk.K_REPRESENTATIVES if triton.next_power_of_2(r) == triton.next_power_of_2(k)][0]

@@ -37,13 +37,16 @@ from mdkernels import reference as R
 from mdkernels.ops._common import probe, tiles
 from mdkernels.ops._common.env import simulate_gpu, simulated
 
-# "here", and on a CPU a simulated H100 beside it (not twice where the process already simulates one: the dry run);
-# the simulated one in the full tier only (its kernels are the interpreter's at the GPU's tiles: slow here)
-SIMULATED_H100 = pytest.param("simulated-h100", marks=pytest.mark.slow)
-WHERE = ["here"] + ([] if HAS_CUDA or simulated() is not None else [SIMULATED_H100])
-
 REPO = Path(__file__).resolve().parents[1]
+GPU_CHECK = REPO / "bench" / "gpu_check.sh"
 needs_emulator = pytest.mark.skipif(_cuda_ext.emu is None, reason="CUDA module (and its emulator) not built")
+
+# "here", and on a CPU a simulated H100 beside it, in the full tier only (its kernels are the interpreter's at the
+# GPU's tiles: slow here); not where the process already simulates one, and not where test_gpu_check_dry_run runs
+# (its step 5 runs these tests in a process that simulates the H100: here they would run twice)
+SIMULATED_H100 = pytest.param("simulated-h100", marks=pytest.mark.slow)
+_DRY_RUN_COVERS = GPU_CHECK.exists() and _cuda_ext.emu is not None
+WHERE = ["here"] + ([] if HAS_CUDA or simulated() is not None or _DRY_RUN_COVERS else [SIMULATED_H100])
 needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason="needs Triton (GPU or interpreter)")
 
 
@@ -448,9 +451,6 @@ print("ok")
 
 
 # ---- bench/gpu_check.sh, dry ------------------------------------------------------------------------------------
-GPU_CHECK = REPO / "bench" / "gpu_check.sh"
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not GPU_CHECK.exists(), reason="needs the source tree")
 @needs_emulator
@@ -473,6 +473,9 @@ def test_gpu_check_dry_run(tmp_path):
     by_step = {step: [t for t in tests if t.split()[0].startswith(step) and t.split()[1] == "PASSED"]
                for step in ("3_gpu_tests", "4_graph", "5_")}  # fmt: skip
     assert len(by_step["3_gpu_tests"]) >= 50 and by_step["4_graph"] and len(by_step["5_"]) >= 8, by_step
+    for name in ("test_autocast_runs_16_bit_operands_on_fp32_centers", "test_pml_layout_is_read_in_place"):
+        # WHERE leaves their simulated-H100 cases to this step
+        assert any(f"::{name}[here-" in t for t in by_step["5_"]), (name, by_step["5_"])
     rows = (out / "results.csv").read_text()
     assert "Fake H100 (dry run)" in rows and ",mdk_cuda," in rows and ",mdk_triton," in rows
     import csv
