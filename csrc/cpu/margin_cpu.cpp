@@ -15,9 +15,14 @@
 // LLVM's runtimes export the same GOMP_parallel entry point), found at import through the loader's list of
 // loaded objects: after a GEMM its threads still spin, waiting for work, so fresh std::threads would share the
 // cores with them (measured: a 2-core sweep slower than a 1-core one). MDK_CPU_THREADS=std forces std::thread.
+#include <pybind11/pybind11.h>
+#if defined(__has_include)
+#if __has_include(<link.h>) && __has_include(<dlfcn.h>)  // ELF systems (Linux); elsewhere std::thread only
+#define MDK_CPU_FIND_OPENMP 1
 #include <dlfcn.h>
 #include <link.h>
-#include <pybind11/pybind11.h>
+#endif
+#endif
 
 #include <cstdint>
 #include <cstdlib>
@@ -41,6 +46,7 @@ bool use_avx2() {
 #endif
 }
 
+#if defined(MDK_CPU_FIND_OPENMP)
 // The path of the loaded OpenMP runtime: one under torch's lib/ first, else the first loaded.
 std::string loaded_openmp() {
   std::pair<std::string, std::string> found;  // (under torch, any)
@@ -61,13 +67,18 @@ std::string loaded_openmp() {
   return found.first.empty() ? found.second : found.first;
 }
 
+#endif
+
 const char* env(const char* name) { return std::getenv(name) ? std::getenv(name) : ""; }
 
 std::string openmp_path;  // what import found ("" where none, or MDK_CPU_THREADS=std)
 
 const mdk_cpu::OpenMP* find_openmp() {
-  static mdk_cpu::OpenMP o{};
   if (std::string(env("MDK_CPU_THREADS")) == "std") return nullptr;
+#if !defined(MDK_CPU_FIND_OPENMP)
+  return nullptr;
+#else
+  static mdk_cpu::OpenMP o{};
   const std::string path = loaded_openmp();
   if (path.empty()) return nullptr;
   void* h = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);  // already loaded: no new copy, a handle to it
@@ -78,6 +89,7 @@ const mdk_cpu::OpenMP* find_openmp() {
   if (!o.parallel || !o.thread_num || !o.num_threads) return nullptr;
   openmp_path = path;
   return &o;
+#endif
 }
 
 const mdk_cpu::OpenMP* the_openmp = nullptr;
