@@ -150,7 +150,7 @@ def test_margin_kd_with_trainable_centers_has_one_gradient(backend):
 @pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "triton"])
 def test_cosine_topk_holds_one_chunk_whatever_the_gallery(backend):
     """The torch path's chunk cap at a gallery 43x the chunk. (Triton's tile per program: test_cosine_topk.py's
-    test_no_query_by_gallery_tensor, the same promise at a gallery the interpreter walks in a third of the time.)"""
+    test_no_query_by_gallery_tensor, the same promise at a smaller gallery the interpreter walks faster.)"""
     Q, G, k = 48, 120_000, 10  # Q x G = 5.8M scores; a torch chunk is 2^21
     g = torch.Generator().manual_seed(0)
     queries, gallery = torch.randn(Q, 8, generator=g), torch.randn(G, 8, generator=g)

@@ -35,11 +35,13 @@ namespace py = pybind11;
 
 namespace {
 
+const char* env(const char* name) { return std::getenv(name) ? std::getenv(name) : ""; }
+
 bool use_avx2() {
 #if defined(MDK_CPU_HAVE_AVX2)
   // MDK_CPU_ISA=base forces the default-target build (tests run it on AVX2 machines too)
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         std::string(std::getenv("MDK_CPU_ISA") ? std::getenv("MDK_CPU_ISA") : "") != "base";
+                         std::string(env("MDK_CPU_ISA")) != "base";
   return ok;
 #else
   return false;
@@ -68,8 +70,6 @@ std::string loaded_openmp() {
 }
 
 #endif
-
-const char* env(const char* name) { return std::getenv(name) ? std::getenv(name) : ""; }
 
 std::string openmp_path;  // what import found ("" where none, or MDK_CPU_THREADS=std)
 
